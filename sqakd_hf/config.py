@@ -1,0 +1,138 @@
+"""`QuantConfig`: what to quantize and how; lands in config.json as ``quantization_config``."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .quantizers import METHODS
+
+QUANT_METHOD = "sqakd"
+ALLOWED_BITS = tuple(range(1, 9)) + (32,)
+GRANULARITIES = ("per_channel", "per_tensor")
+
+BitsOverride = Union[int, Mapping[str, int]]
+
+
+def _check_bits(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        raise ValueError(f"{field} must be an integer in 1..8, or 32 to keep full precision; got {value!r}")
+    return value
+
+
+def _check_pattern(field: str, pattern: Any) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{field} entries must be non-empty strings (regular expressions); got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{field} entry {pattern!r} is not a valid regular expression: {e}") from None
+    return pattern
+
+
+class QuantConfig(QuantizationConfigMixin):
+    """Configuration of a SQAKD fake-quantized model.
+
+    Args:
+        method: quantizer family: ``"lsq"``, ``"pact"``, ``"dorefa"``, ``"ewgs"`` or ``"minmax"``
+            (a non-learned absmax/min-max baseline).
+        weight_bits / act_bits: 1..8, or 32 to leave that side full precision.
+        weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
+        ewgs_delta: EWGS's gradient-scaling factor (latent on [0, 1], as in the paper); EWGS only.
+        modules_to_not_convert: regular expressions (``re.search`` on the qualified module name) of
+            layers kept full precision. ``None`` (default) keeps the first layer (stem conv / patch
+            embedding) and the classifier head full precision, as in the paper; a list replaces
+            that rule (use ``[]`` to quantize everything).
+        layer_bits: mixed precision, ``{pattern: bits}`` or ``{pattern: {"weight_bits": w, "act_bits": a}}``;
+            the first matching pattern wins.
+        packed: set by the exporter: the checkpoint holds packed integer codes, not FP master weights.
+    """
+
+    def __init__(
+        self,
+        method: str = "lsq",
+        weight_bits: int = 4,
+        act_bits: int = 4,
+        weight_granularity: str = "per_channel",
+        ewgs_delta: float = 1e-3,
+        modules_to_not_convert: Optional[List[str]] = None,
+        layer_bits: Optional[Dict[str, BitsOverride]] = None,
+        packed: bool = False,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise ValueError(
+                f"QuantConfig got unknown field(s) {sorted(kwargs)}; allowed: {', '.join(self._fields())}"
+            )
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r} for QuantConfig; got {quant_method!r}")
+        self.quant_method = QUANT_METHOD
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        self.method = method
+        self.weight_bits = _check_bits("weight_bits", weight_bits)
+        self.act_bits = _check_bits("act_bits", act_bits)
+        if weight_granularity not in GRANULARITIES:
+            raise ValueError(f"weight_granularity must be one of {', '.join(GRANULARITIES)}; got {weight_granularity!r}")
+        self.weight_granularity = weight_granularity
+        if isinstance(ewgs_delta, bool) or not isinstance(ewgs_delta, (int, float)) or ewgs_delta < 0:
+            raise ValueError(f"ewgs_delta must be a number >= 0 (0 = straight-through); got {ewgs_delta!r}")
+        self.ewgs_delta = float(ewgs_delta)
+        if modules_to_not_convert is not None:
+            if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
+                raise ValueError(
+                    f"modules_to_not_convert must be a list of name patterns or None; got {modules_to_not_convert!r}"
+                )
+            modules_to_not_convert = [_check_pattern("modules_to_not_convert", p) for p in modules_to_not_convert]
+        self.modules_to_not_convert = modules_to_not_convert
+        self.layer_bits = self._normalise_layer_bits(layer_bits or {})
+        if not isinstance(packed, bool):
+            raise ValueError(f"packed must be a bool; got {packed!r}")
+        self.packed = packed
+
+    @staticmethod
+    def _fields() -> List[str]:
+        return [
+            "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta",
+            "modules_to_not_convert", "layer_bits", "packed", "quant_method",
+        ]
+
+    @staticmethod
+    def _normalise_layer_bits(layer_bits: Mapping[str, BitsOverride]) -> Dict[str, Dict[str, int]]:
+        if not isinstance(layer_bits, Mapping):
+            raise ValueError(f"layer_bits must be a mapping pattern -> bits; got {layer_bits!r}")
+        out: Dict[str, Dict[str, int]] = {}
+        for pattern, bits in layer_bits.items():
+            _check_pattern("layer_bits", pattern)
+            if isinstance(bits, Mapping):
+                unknown = set(bits) - {"weight_bits", "act_bits"}
+                if unknown or not bits:
+                    raise ValueError(
+                        f"layer_bits[{pattern!r}] takes keys 'weight_bits' and/or 'act_bits'; got {dict(bits)!r}"
+                    )
+                out[pattern] = {k: _check_bits(f"layer_bits[{pattern!r}].{k}", v) for k, v in bits.items()}
+            else:
+                b = _check_bits(f"layer_bits[{pattern!r}]", bits)
+                out[pattern] = {"weight_bits": b, "act_bits": b}
+        return out
+
+    def bits_for(self, name: str) -> Dict[str, int]:
+        """``{"weight_bits", "act_bits"}`` for the module called ``name`` (overrides applied)."""
+        bits = {"weight_bits": self.weight_bits, "act_bits": self.act_bits}
+        for pattern, override in self.layer_bits.items():
+            if re.search(pattern, name):
+                bits.update(override)
+                break
+        return bits
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: copy.deepcopy(getattr(self, k)) for k in self._fields()}
+
+    @property
+    def short_name(self) -> str:
+        """E.g. ``lsq-W4A4``."""
+        return f"{self.method}-W{self.weight_bits}A{self.act_bits}"

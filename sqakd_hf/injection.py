@@ -1,0 +1,201 @@
+"""`quantize_model`: insert fake-quant layers into any ``nn.Module``, in place."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .modules import WRAPPERS, QuantLayer, wrapper_for
+from .quantizers import Quantizer, build_quantizer
+
+logger = logging.getLogger(__name__)
+
+_LINEAR_LIKE = tuple(WRAPPERS)
+
+
+@dataclass
+class LayerEntry:
+    name: str
+    kind: str
+    weight_bits: int = 32
+    act_bits: int = 32
+    reason: str = ""
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_model` wrapped and what it kept full precision (and why)."""
+
+    method: str
+    quantized: List[LayerEntry] = field(default_factory=list)
+    kept_fp: List[LayerEntry] = field(default_factory=list)
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{e.name} ({e.reason})" for e in self.kept_fp) or "none"
+        return f"sqakd: quantized {len(self.quantized)} layers with {self.method}; kept full precision: {kept}"
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<60} {'type':<14} {'W':>3} {'A':>3}  note"]
+        for e in self.quantized:
+            rows.append(f"{e.name:<60} {e.kind:<14} {e.weight_bits:>3} {e.act_bits:>3}")
+        for e in self.kept_fp:
+            rows.append(f"{e.name:<60} {e.kind:<14} {'fp':>3} {'fp':>3}  {e.reason}")
+        return "\n".join(rows)
+
+
+def _module_name_map(model: nn.Module) -> Dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _call_getter(model: nn.Module, getter: str) -> Optional[nn.Module]:
+    fn = getattr(model, getter, None)
+    if fn is None:
+        return None
+    try:
+        out = fn()
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    return out if isinstance(out, nn.Module) else None
+
+
+def _default_fp_layers(model: nn.Module, candidates: List[str]) -> Dict[str, str]:
+    """The paper's rule: first layer (stem/patch embedding) and classifier head stay FP."""
+    names = _module_name_map(model)
+    keep: Dict[str, str] = {}
+    if not candidates:
+        return keep
+    if not isinstance(_call_getter(model, "get_input_embeddings"), nn.Embedding):
+        keep[candidates[0]] = "first layer, kept full precision by default"
+    head = _call_getter(model, "get_output_embeddings")
+    if head is None:
+        timm_model = getattr(model, "timm_model", model)  # transformers' TimmWrapper
+        head = _call_getter(timm_model, "get_classifier")
+        if head is not None and names.get(id(head)) not in candidates:
+            head = next((m for m in head.modules() if names.get(id(m)) in candidates), None) if head else None
+    head_name = names.get(id(head)) if head is not None else candidates[-1]
+    if head_name in candidates:
+        keep[head_name] = "classifier head, kept full precision by default"
+    return keep
+
+
+def _match_patterns(patterns: List[str], names: List[str], field_name: str) -> None:
+    for p in patterns:
+        if not any(re.search(p, n) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"{field_name} pattern {p!r} matches no quantizable layer; quantizable layers are: {shown}"
+            )
+
+
+def _build_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bits: Dict[str, int]) -> Tuple[Quantizer, Quantizer]:
+    weight = layer.weight
+    per_channel = config.weight_granularity == "per_channel"
+    shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
+    with torch.device(weight.device):
+        wq = build_quantizer(config.method, bits["weight_bits"], "weight", shape, cls.channel_axis, config.ewgs_delta)
+        aq = build_quantizer(config.method, bits["act_bits"], "act", (), 0, config.ewgs_delta)
+    return wq.to(weight.dtype), aq.to(weight.dtype)
+
+
+def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = None, **kwargs) -> nn.Module:
+    """Replace every Linear / Conv2d / Conv1D of ``model`` by its fake-quant wrapper, in place.
+
+    ``config`` is a :class:`QuantConfig` (or its dict; keyword arguments build one).
+    Returns ``model``; the report of what was quantized and kept full precision is
+    logged and stored as ``model.sqakd_report``, the config as ``model.sqakd_config``.
+    Raises ``ValueError`` if nothing would be quantized or a pattern matches no layer.
+    """
+    if config is None:
+        config = QuantConfig(**kwargs)
+    elif isinstance(config, dict):
+        config = QuantConfig(**{**config, **kwargs})
+    elif kwargs:
+        raise ValueError("pass either a QuantConfig or keyword arguments, not both")
+    if any(isinstance(m, QuantLayer) for m in model.modules()):
+        raise ValueError("model is already quantized (it contains fake-quant layers); start from the FP model")
+
+    report = QuantizationReport(method=config.method)
+    candidates: List[str] = []
+    for name, module in model.named_modules():
+        if wrapper_for(module) is not None:
+            candidates.append(name)
+        elif isinstance(module, _LINEAR_LIKE):
+            report.kept_fp.append(
+                LayerEntry(name, type(module).__name__, reason=f"unsupported subclass {type(module).__name__}")
+            )
+    parents = {id(m) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    if parents:  # nn.MultiheadAttention reads out_proj.weight directly, bypassing its forward
+        mha_out = {n + ".out_proj" for n, m in model.named_modules() if id(m) in parents}
+        for n in sorted(mha_out & set(candidates)):
+            candidates.remove(n)
+            report.kept_fp.append(LayerEntry(n, "Linear", reason="used functionally by nn.MultiheadAttention"))
+    if not candidates:
+        raise ValueError(
+            f"{type(model).__name__} has nothing to quantize: it contains no nn.Linear, nn.Conv2d or "
+            "transformers Conv1D layer"
+        )
+
+    if config.modules_to_not_convert is None:
+        keep = _default_fp_layers(model, candidates)
+    else:
+        _match_patterns(config.modules_to_not_convert, candidates, "modules_to_not_convert")
+        keep = {n: "matches modules_to_not_convert" for n in candidates
+                if any(re.search(p, n) for p in config.modules_to_not_convert)}
+    _match_patterns(list(config.layer_bits), candidates, "layer_bits")
+
+    for name in candidates:
+        layer = model.get_submodule(name)
+        kind = type(layer).__name__
+        bits = config.bits_for(name)
+        if name in keep or (bits["weight_bits"] == 32 and bits["act_bits"] == 32):
+            report.kept_fp.append(LayerEntry(name, kind, reason=keep.get(name, "32 bits requested")))
+            continue
+        cls = wrapper_for(layer)
+        wq, aq = _build_quantizers(layer, cls, config, bits)
+        _set_submodule(model, name, cls.from_float(layer, wq, aq))
+        report.quantized.append(LayerEntry(name, kind, bits["weight_bits"], bits["act_bits"]))
+
+    if not report.quantized:
+        raise ValueError(
+            f"nothing to quantize in {type(model).__name__}: all {len(candidates)} candidate layers are kept full "
+            "precision by modules_to_not_convert / layer_bits; pass modules_to_not_convert=[] to quantize them"
+        )
+    model.sqakd_config = config
+    model.sqakd_report = report
+    logger.info(report.summary())
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quant_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayer]]:
+    """``(name, layer)`` for every fake-quant layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            yield name, m
+
+
+def quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
+    """``(name, quantizer)`` for every quantizer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            yield name, m
+
+
+def quantizer_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Learnable quantizer parameters (steps, clip levels, intervals): their own optimizer group."""
+    return [p for _, q in quantizers(model) for p in q.quant_parameters()]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quant_layers(model))

@@ -1,0 +1,212 @@
+"""Model cards (README.md with YAML metadata) for SQAKD-quantized checkpoints.
+
+The Jinja template lives in ``sqakd_hf/templates/model_card_template.md``
+(shipped as package data); the repository's top-level
+``model_card_template.md`` is a symlink to it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from sqakd_hf.packing import storage_bits
+
+__all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH"]
+
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card_template.md"
+
+_BASE_TAGS = ("sqakd", "quantized", "knowledge-distillation", "qat")
+# "name" or "owner/name" with Hub-legal characters; local paths ("./x", "/x", "a/b/c") do not match.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass
+class ModelCardInfo:
+    """Everything the model card says about a quantized student."""
+
+    base_model: str | None
+    method: str
+    weight_bits: int
+    act_bits: int
+    fp_modules: list[str] = field(default_factory=list)
+    model_class: str = "AutoModelForImageClassification"
+    library: str = "transformers"
+    repo_id: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    checkpoint_bytes: int | None = None
+    teacher_bytes: int | None = None
+    packed: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    license: str | None = None
+    pipeline_tag: str | None = None
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and _HUB_ID.match(name) is not None and not name.endswith((".", "-"))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_num(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def _metric_table(
+    metrics: dict[str, dict[str, float]],
+) -> tuple[list[str], list[dict[str, Any]], bool]:
+    """Return (columns, rows, show_delta); teacher and student columns come first."""
+    columns = [c for c in ("teacher", "student") if c in metrics]
+    columns += [c for c in metrics if c not in columns]
+    names: list[str] = []
+    for col in columns:
+        names += [n for n in metrics[col] if n not in names]
+    show_delta = "teacher" in metrics and "student" in metrics
+    rows = []
+    for name in names:
+        values = [_fmt_num(metrics[c][name]) if name in metrics[c] else "–" for c in columns]
+        delta = "–"
+        if show_delta and name in metrics["teacher"] and name in metrics["student"]:
+            d = float(metrics["student"][name]) - float(metrics["teacher"][name])
+            delta = f"{d:+.4f}"
+        rows.append({"name": name, "cells": values, "delta": delta})
+    return columns, rows, show_delta
+
+
+def _load_snippet(info: ModelCardInfo) -> tuple[str, str]:
+    """Return (explanatory sentence, python code) for loading the checkpoint."""
+    target = info.repo_id or "path/to/this/checkpoint"
+    if info.library == "timm":
+        note = (
+            "Import `sqakd_hf` first: it provides the loader that rebuilds the timm model with "
+            "its quantizers and restores the low-bit weights, which plain `timm.create_model` "
+            "cannot do."
+        )
+        code = f'import sqakd_hf\n\nmodel = sqakd_hf.from_pretrained_timm("{target}")\nmodel.eval()'
+    else:
+        note = (
+            "Import `sqakd_hf` before calling `from_pretrained`: without that import transformers "
+            'does not know the quantization method `"sqakd"` in `config.json` and would load plain '
+            "full-precision weights."
+        )
+        code = (
+            "import sqakd_hf  # registers the \"sqakd\" quantization method with transformers\n"
+            f"from transformers import {info.model_class}\n\n"
+            f'model = {info.model_class}.from_pretrained("{target}")\nmodel.eval()'
+        )
+    return note, code
+
+
+def _tags(info: ModelCardInfo) -> list[str]:
+    tags = [*_BASE_TAGS[:2], f"{info.weight_bits}-bit", *_BASE_TAGS[2:],
+            f"w{info.weight_bits}a{info.act_bits}", info.method, info.library, *info.tags]
+    if info.pipeline_tag:
+        tags.append(info.pipeline_tag)
+    seen: list[str] = []
+    for t in tags:
+        if t and t not in seen:
+            seen.append(t)
+    return seen
+
+
+def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> ModelCard:
+    """Render a Hub model card for an SQAKD-quantized student.
+
+    The YAML header records the teacher as ``base_model`` with
+    ``base_model_relation: quantized`` (only when ``info.base_model`` looks like a
+    Hub repo id; local paths are mentioned in the body only, as the Hub rejects
+    them in metadata). ``template_path`` defaults to the packaged template.
+    """
+    if info.library not in ("transformers", "timm"):
+        raise ValueError(f"library must be 'transformers' or 'timm', got {info.library!r}")
+    for name in ("weight_bits", "act_bits"):
+        bits = getattr(info, name)
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            raise ValueError(f"{name} must be a positive integer, got {bits!r}")
+
+    on_hub = _is_hub_id(info.base_model)
+    card_kwargs: dict[str, Any] = {}
+    if on_hub:
+        card_kwargs["base_model_relation"] = "quantized"
+    card_data = ModelCardData(
+        base_model=info.base_model if on_hub else None,
+        library_name=info.library,
+        license=info.license,
+        datasets=list(info.datasets) or None,
+        pipeline_tag=info.pipeline_tag,
+        tags=_tags(info),
+        **card_kwargs,
+    )
+
+    if info.base_model and on_hub:
+        base_link = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})"
+    elif info.base_model:
+        base_link = f"`{info.base_model}`"
+    else:
+        base_link = None
+
+    checkpoint_size = teacher_size = size_ratio = size_percent = None
+    if info.checkpoint_bytes:
+        checkpoint_size = _fmt_bytes(info.checkpoint_bytes)
+        if info.teacher_bytes:
+            teacher_size = _fmt_bytes(info.teacher_bytes)
+            size_ratio = f"{info.teacher_bytes / info.checkpoint_bytes:.2f}"
+            size_percent = f"{100 * info.checkpoint_bytes / info.teacher_bytes:.1f}"
+
+    columns, rows, show_delta = _metric_table(info.metrics or {})
+    note, snippet = _load_snippet(info)
+    name = info.repo_id.split("/")[-1] if info.repo_id else None
+    if name:
+        title = name
+    elif info.base_model:
+        title = f"{Path(info.base_model).name} (SQAKD W{info.weight_bits}A{info.act_bits})"
+    else:
+        title = f"SQAKD W{info.weight_bits}A{info.act_bits} quantized model"
+
+    training_rows = [
+        (k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in (info.training or {}).items()
+    ]
+    container = storage_bits(info.weight_bits) if info.weight_bits <= 8 else info.weight_bits
+    path = str(template_path) if template_path is not None else str(DEFAULT_TEMPLATE_PATH)
+    return ModelCard.from_template(
+        card_data,
+        template_path=path,
+        title=title,
+        base_model_link=base_link,
+        method=info.method,
+        weight_bits=info.weight_bits,
+        act_bits=info.act_bits,
+        fp_modules=list(info.fp_modules),
+        library=info.library,
+        model_class=info.model_class,
+        packed=info.packed,
+        storage_bits=container,
+        codes_per_byte=max(1, 8 // container),
+        checkpoint_size=checkpoint_size,
+        teacher_size=teacher_size,
+        size_ratio=size_ratio,
+        size_percent=size_percent,
+        metric_columns=columns,
+        metric_rows=rows,
+        show_delta=show_delta,
+        load_note=note,
+        load_snippet=snippet,
+        training_rows=training_rows,
+    )

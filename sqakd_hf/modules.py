@@ -1,0 +1,132 @@
+"""Fake-quant layers: Linear, Conv2d (grouped/depthwise too) and GPT-2's Conv1D.
+
+Each wrapped layer is a subclass of the layer it replaces, keeps its parameters
+under their original names (``weight``, ``bias``) so a teacher state dict loads
+unchanged, and carries two submodules: ``weight_quantizer`` and ``input_quantizer``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .quantizers import Quantizer
+
+try:  # timm's TF-"same"-padding conv (EfficientNet-TF ports)
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same
+except ImportError:  # pragma: no cover - timm is a dependency
+    Conv2dSame = None
+    pad_same = None
+
+
+class QuantLayer:
+    """Mixin for fake-quant layers; ``weight_quantizer`` and ``input_quantizer`` are modules."""
+
+    weight_quantizer: Quantizer
+    input_quantizer: Quantizer
+    #: axis of the output channel in ``weight`` (per-channel steps live there)
+    channel_axis: int = 0
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> "QuantLayer":
+        """Wrap ``layer`` sharing its parameters (no copy); works on meta tensors too."""
+        with torch.device("meta"):
+            new = cls._empty_like(layer)
+        for key, value in layer.__dict__.items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                new.__dict__.setdefault(key, value)
+        new.training = layer.training
+        for name, p in layer._parameters.items():
+            new._parameters[name] = p
+        for name, b in layer._buffers.items():
+            new._buffers[name] = b
+        new.weight_quantizer = weight_quantizer
+        new.input_quantizer = input_quantizer
+        return new
+
+    @classmethod
+    def _empty_like(cls, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    @classmethod
+    def quantizer_param_shape(cls, weight_shape: torch.Size) -> tuple:
+        """Broadcastable shape of one-value-per-output-channel parameters."""
+        shape = [1] * len(weight_shape)
+        shape[cls.channel_axis] = weight_shape[cls.channel_axis]
+        return tuple(shape)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    @classmethod
+    def _empty_like(cls, layer: nn.Linear) -> "QuantLinear":
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    @classmethod
+    def _empty_like(cls, layer: nn.Conv2d) -> "QuantConv2d":
+        return cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv1D(QuantLayer, Conv1D):
+    """GPT-2 style Conv1D: ``weight`` is (in, out), so output channels are axis 1."""
+
+    channel_axis = 1
+
+    @classmethod
+    def _empty_like(cls, layer: Conv1D) -> "QuantConv1D":
+        return cls(layer.nf, layer.nx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        xq = self.input_quantizer(x)
+        out = torch.addmm(self.bias, xq.reshape(-1, xq.size(-1)), self.quantized_weight())
+        return out.view(size_out)
+
+
+WRAPPERS: Dict[Type[nn.Module], Type[QuantLayer]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv2d: QuantConv2d,
+    Conv1D: QuantConv1D,
+}
+
+if Conv2dSame is not None:
+
+    class QuantConv2dSame(QuantConv2d):
+        """timm's Conv2dSame (dynamic TF 'same' padding) with fake-quant."""
+
+        def forward(self, x: Tensor) -> Tensor:
+            # zero padding is exactly representable on every grid, so quantize before padding
+            x = pad_same(self.input_quantizer(x), self.weight.shape[-2:], self.stride, self.dilation)
+            return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+        @classmethod
+        def _empty_like(cls, layer: nn.Conv2d) -> "QuantConv2dSame":
+            return cls(
+                layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+            )
+
+    WRAPPERS[Conv2dSame] = QuantConv2dSame
+
+
+def wrapper_for(layer: nn.Module) -> Optional[Type[QuantLayer]]:
+    """The fake-quant class for exactly this layer type, or None."""
+    return WRAPPERS.get(type(layer))

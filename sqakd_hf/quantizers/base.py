@@ -1,0 +1,261 @@
+"""The one interface every quantizer implements.
+
+A quantizer is an ``nn.Module`` that fake-quantizes one tensor: a layer's weight
+(``role="weight"``) or its input activation (``role="act"``). Its life cycle:
+
+1. built with its bit-width and the shape of its parameters (known before any
+   weight is loaded, so quantizers can live on a meta skeleton);
+2. initialised: weight quantizers from the weight (:meth:`init_from_weight`),
+   activation quantizers from statistics of calibration batches
+   (:meth:`observe` then :meth:`init_from_stats`); the statistics are sums,
+   minima and maxima, so they can be all-reduced across ranks first;
+3. trained: ``forward`` fakes the quantization, gradients reach the input and
+   the learnable parameters (listed by :meth:`quant_parameters`).
+
+:meth:`grid` exposes the integer grid as ``(scale, zero_point, qmin, qmax)`` with
+``value = scale * (code - zero_point)`` and codes ``0 .. 2**bits - 1``; the
+packed export relies on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+#: statistic name -> how to merge it across batches/ranks ("sum", "min" or "max")
+STAT_OPS: Dict[str, str] = {
+    "count": "sum",
+    "samples": "sum",
+    "sum": "sum",
+    "sum_sq": "sum",
+    "sum_abs": "sum",
+    "min": "min",
+    "max": "max",
+    "pct_sum": "sum",
+    "batches": "sum",
+}
+
+#: fraction of activation mass below the percentile PACT initialises its clip from
+PERCENTILE = 0.999
+_PCT_SAMPLE = 1 << 16
+
+
+class Quantizer(nn.Module):
+    """Base class: bit-width, signedness, grid bounds, calibration state."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        param_shape: Tuple[int, ...] = (),
+        channel_axis: int = 0,
+        delta: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        if role not in ("weight", "act"):
+            raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
+        self.bits = int(bits)
+        self.role = role
+        self.param_shape = tuple(param_shape)
+        self.channel_axis = channel_axis
+        # Python mirrors of the persistent buffers below (read in forward without a host sync)
+        self.signed = role == "weight"
+        self.initialized = False
+        self.register_buffer("signed_flag", torch.tensor(self.signed))
+        self.register_buffer("initialized_flag", torch.tensor(False))
+        self.delta: Optional[Tensor]
+        if delta is None:
+            self.delta = None
+        else:
+            self.register_buffer("delta", torch.tensor(float(delta)))
+        self._stats: Optional[Dict[str, Tensor]] = None
+        #: while True, forward records statistics and returns its input unchanged
+        self.observing = False
+
+    # ---- grid -------------------------------------------------------------------------------
+    @property
+    def binary(self) -> bool:
+        """1-bit signed tensors use {-1, +1} (sign times a scale), not the grid {-1, 0}."""
+        return self.bits == 1 and self.signed
+
+    @property
+    def qmin(self) -> int:
+        if self.binary:
+            return -1
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        if self.binary:
+            return 1
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def grid(self, w: Tensor) -> Tuple[Tensor, Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` such that ``forward(w) = scale * (code - zero_point)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no integer grid export")
+
+    def codes(self, w: Tensor) -> Tensor:
+        """Integer codes ``0 .. 2**bits - 1`` of a weight under the current parameters."""
+        scale, zero_point, _, _ = self.grid(w)
+        return torch.round(self(w).detach() / scale + zero_point).clamp_(0, self.levels).to(torch.uint8)
+
+    # ---- state ------------------------------------------------------------------------------
+    def set_signed(self, signed: bool) -> None:
+        self.signed = bool(signed)
+        self.signed_flag.fill_(self.signed)
+
+    def mark_initialized(self) -> None:
+        self.initialized = True
+        self.initialized_flag.fill_(True)
+
+    def sync_from_buffers(self) -> None:
+        """Refresh the Python mirrors after buffers were written behind our back (loading)."""
+        if self.signed_flag.device.type != "meta":
+            self.signed = bool(self.signed_flag.item())
+            self.initialized = bool(self.initialized_flag.item())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.sync_from_buffers()
+
+    def quant_parameters(self):
+        """The learnable quantizer parameters (their own optimizer group, no weight decay)."""
+        return [p for p in self.parameters(recurse=False)]
+
+    def extra_repr(self) -> str:
+        sign = "signed" if self.signed else "unsigned"
+        shape = f", per_channel{list(self.param_shape)}" if self.param_shape else ""
+        return f"{self.method}, bits={self.bits}, {self.role}, {sign}{shape}"
+
+    # ---- calibration ------------------------------------------------------------------------
+    def _reduce_dims(self, t: Tensor) -> Tuple[int, ...]:
+        """Dimensions to reduce to get one value per entry of ``param_shape``."""
+        if not self.param_shape:
+            return tuple(range(t.dim()))
+        axis = self.channel_axis % t.dim()
+        return tuple(d for d in range(t.dim()) if d != axis)
+
+    def _per_param(self, t: Tensor) -> Tensor:
+        """Reshape a per-channel reduction result to ``param_shape``."""
+        return t.reshape(self.param_shape) if self.param_shape else t.reshape(())
+
+    def init_from_weight(self, w: Tensor) -> None:
+        """Initialise from a weight tensor (weight quantizers)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Accumulate calibration statistics of one activation batch."""
+        x = x.detach().float()
+        flat = x.reshape(-1)
+        if flat.numel() > _PCT_SAMPLE:
+            flat_s = flat[:: flat.numel() // _PCT_SAMPLE]
+        else:
+            flat_s = flat
+        batch = {
+            "count": torch.tensor(float(flat.numel()), device=x.device),
+            "samples": torch.tensor(float(x.shape[0] if x.dim() > 1 else 1), device=x.device),
+            "sum": flat.sum(),
+            "sum_sq": flat.square().sum(),
+            "sum_abs": flat.abs().sum(),
+            "min": flat.min(),
+            "max": flat.max(),
+            "pct_sum": torch.quantile(flat_s.abs(), PERCENTILE),
+            "batches": torch.tensor(1.0, device=x.device),
+        }
+        if self._stats is None:
+            self._stats = batch
+        else:
+            self._stats = merge_stats(self._stats, batch)
+
+    def pop_stats(self) -> Optional[Dict[str, Tensor]]:
+        stats, self._stats = self._stats, None
+        return stats
+
+    @torch.no_grad()
+    def init_from_stats(self, stats: Dict[str, Tensor]) -> None:
+        """Decide signedness, then initialise the method's parameters from merged statistics."""
+        self.set_signed(bool(stats["min"] < 0))
+        self._init_act(ActStats(stats))
+        self.mark_initialized()
+
+    def _init_act(self, stats: "ActStats") -> None:
+        raise NotImplementedError
+
+    # ---- forward ----------------------------------------------------------------------------
+    def features_per_sample(self, x: Tensor) -> int:
+        """N in LSQ's gradient scale: elements per step, not counting the batch."""
+        if self.role == "weight":
+            return x.numel() // max(1, math.prod(self.param_shape)) if self.param_shape else x.numel()
+        return x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.initialized:
+            raise RuntimeError(
+                f"{type(self).__name__} ({self.role}) is not initialised: run "
+                "sqakd_hf.calibrate(model, batches) first (SQAKDTrainer does it for you)."
+            )
+        return self.quantize(x)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def merge_stats(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for k, op in STAT_OPS.items():
+        if op == "sum":
+            out[k] = a[k] + b[k]
+        elif op == "min":
+            out[k] = torch.minimum(a[k], b[k])
+        else:
+            out[k] = torch.maximum(a[k], b[k])
+    return out
+
+
+class ActStats:
+    """Derived views of merged activation statistics."""
+
+    def __init__(self, s: Dict[str, Tensor]) -> None:
+        self.raw = s
+        n = s["count"]
+        self.min = s["min"]
+        self.max = s["max"]
+        self.mean = s["sum"] / n
+        self.mean_abs = s["sum_abs"] / n
+        self.std = (s["sum_sq"] / n - self.mean.square()).clamp_min(0).sqrt()
+        self.percentile_abs = s["pct_sum"] / s["batches"]
+
+
+class FullPrecision(Quantizer):
+    """Placeholder for ``bits=32``: passes the tensor through, has no parameters."""
+
+    method = "fp"
+
+    def __init__(self, role: str = "weight", **_: object) -> None:
+        super().__init__(32, role)
+        self.mark_initialized()
+
+    def init_from_weight(self, w: Tensor) -> None:
+        pass
+
+    def _init_act(self, stats: ActStats) -> None:
+        pass
+
+    def observe(self, x: Tensor) -> None:
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x

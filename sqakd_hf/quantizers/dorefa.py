@@ -1,0 +1,59 @@
+"""DoReFa (Zhou et al., 2016): tanh-normalised weights, activations clipped to [0, 1]."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .base import ActStats, Quantizer
+from .functional import fake_quantize, round_delta
+
+
+class DoReFaQuantizer(Quantizer):
+    """No learnable parameters.
+
+    Weights: ``w_n = tanh(w) / (2 max|tanh(w)|) + 1/2``, ``w_q = 2 quantize_b(w_n) - 1``,
+    times a fixed per-layer magnitude (``max|w|``, or ``mean|w|`` at 1 bit) recorded
+    at initialisation so that a pretrained layer keeps its scale.
+    Activations: ``clip(x, 0, 1)`` then ``quantize_b`` (``clip(x, -1, 1)`` on a
+    signed grid). No tanh on activations.
+    """
+
+    method = "dorefa"
+
+    def __init__(self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), **kw) -> None:
+        super().__init__(bits, role, param_shape, **kw)
+        if role == "weight":
+            self.register_buffer("magnitude", torch.ones(self.param_shape))
+        else:
+            self.register_buffer("act_scale", torch.tensor(1.0 / self.levels))
+            self.register_buffer("act_zero", torch.tensor(-1.0))
+
+    @torch.no_grad()
+    def init_from_weight(self, w: Tensor) -> None:
+        a = w.detach().float().abs()
+        dims, keep = self._reduce_dims(w), bool(self.param_shape)
+        mag = a.mean(dim=dims, keepdim=keep) if self.bits == 1 else a.amax(dim=dims, keepdim=keep)
+        self.magnitude.copy_(self._per_param(mag))
+        self.mark_initialized()
+
+    def _init_act(self, stats: ActStats) -> None:
+        # unsigned: [0, 1] in `levels` steps; signed: [-1, 1], so twice the step
+        self.act_scale.fill_((2.0 if self.signed else 1.0) / self.levels)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        if self.role == "act":
+            zero = self.act_zero if self.signed else None
+            return fake_quantize(x, self.act_scale, 0, self.levels, zero=zero, delta=self.delta)
+        t = torch.tanh(x)
+        m = t.abs().amax(dim=self._reduce_dims(x), keepdim=bool(self.param_shape))
+        wn = t / (2 * m) + 0.5
+        q = round_delta(wn * self.levels, self.delta) / self.levels
+        return self.magnitude * (2 * q - 1)
+
+    def grid(self, w: Tensor):
+        # value = magnitude * (2 code / L - 1) = (2 magnitude / L) * (code - L / 2)
+        scale = 2 * self.magnitude / self.levels
+        return scale, torch.full_like(scale, self.levels / 2), 0, self.levels

@@ -1,0 +1,74 @@
+"""EWGS (Lee et al., 2021): a learnable interval [l, u] and element-wise gradient scaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import ActStats, Quantizer
+from .functional import fake_quantize, round_delta
+
+DEFAULT_DELTA = 1e-3
+_HALF_NORMAL_STD = math.sqrt(1 - 2 / math.pi)
+
+
+class EWGSQuantizer(Quantizer):
+    """Normalise into [0, 1] with a learnable interval, round, map back.
+
+    Weights: ``w_n = clip((w - l) / (u - l), 0, 1)``, ``w_q = s * (2 round((2^b - 1) w_n) / (2^b - 1) - 1)``
+    with a learnable output scale ``s``. Activations:
+    ``a_q = l + (u - l) * round((2^b - 1) a_n) / (2^b - 1)``.
+    Backward through the rounding: ``g * (1 + delta * sign(g) * (x_n - x_q))`` with
+    ``x_n`` on the [0, 1] scale as in the paper (``delta`` is a buffer the trainer
+    may update on a schedule).
+    """
+
+    method = "ewgs"
+
+    def __init__(
+        self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), delta: float | None = None, **kw
+    ) -> None:
+        super().__init__(bits, role, param_shape, delta=DEFAULT_DELTA if delta is None else delta, **kw)
+        self.lower = nn.Parameter(torch.full(self.param_shape, -1.0))
+        self.upper = nn.Parameter(torch.full(self.param_shape, 1.0))
+        if role == "weight":
+            self.out_scale = nn.Parameter(torch.ones(self.param_shape))
+
+    def _grid_delta(self) -> Tensor:
+        """The paper's delta (latent on [0, 1]) expressed for a latent in grid units."""
+        return self.delta / self.levels
+
+    @torch.no_grad()
+    def init_from_weight(self, w: Tensor) -> None:
+        w = w.detach().float()
+        std = self._per_param(w.std(dim=self._reduce_dims(w), keepdim=bool(self.param_shape)))
+        self.lower.copy_(-3 * std)
+        self.upper.copy_(3 * std)
+        self.out_scale.copy_(3 * std)
+        self.mark_initialized()
+
+    def _init_act(self, stats: ActStats) -> None:
+        if self.signed:
+            lo = torch.maximum(stats.min, stats.mean - 3 * stats.std)
+            hi = torch.minimum(stats.max, stats.mean + 3 * stats.std)
+        else:
+            lo = stats.min
+            hi = torch.minimum(stats.max, 3 * stats.std / _HALF_NORMAL_STD)
+        hi = torch.maximum(hi, lo + 1e-4)
+        self.lower.copy_(lo.reshape(self.lower.shape))
+        self.upper.copy_(hi.reshape(self.upper.shape))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        width = (self.upper - self.lower).clamp_min(1e-8)
+        if self.role == "act":
+            return fake_quantize(x, width / self.levels, 0, self.levels, zero=self.lower, delta=self._grid_delta())
+        wn = ((x - self.lower) / width).clamp(0, 1)
+        q = round_delta(wn * self.levels, self._grid_delta()) / self.levels
+        return self.out_scale * (2 * q - 1)
+
+    def grid(self, w: Tensor):
+        scale = 2 * self.out_scale.detach() / self.levels
+        return scale, torch.full_like(scale, self.levels / 2), 0, self.levels

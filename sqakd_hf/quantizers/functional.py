@@ -1,0 +1,129 @@
+"""Autograd primitives shared by every quantizer (METHOD.md §3).
+
+Two functions carry the whole "normalise/clip, then round" form:
+
+* :func:`round_delta` rounds a latent tensor that is already expressed in grid
+  units; its backward is the shared rule ``g * (1 + delta * sign(g) * (x - round(x)))``
+  (``delta = 0`` is the straight-through estimator, ``delta > 0`` is EWGS).
+* :func:`fake_quantize` is the fused hot path for affine grids
+  ``out = zero + scale * clamp(round((x - zero) / scale), qmin, qmax)``. It saves
+  only its input (usually already kept alive by the previous op) and recomputes
+  the rest in backward, so it adds no activation-sized tensor to the graph.
+  Gradients follow the chain rule of that formula with the delta rule on the
+  rounding; ``scale_grad="pact"`` replaces the step gradient by PACT's rule
+  (only clipped elements contribute).
+
+Neither function syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _round_or_sign(xn: Tensor, binary: bool) -> Tensor:
+    """Round to the integer grid, or to {-1, +1} for binary (1-bit signed) grids."""
+    if binary:
+        return torch.where(xn >= 0, 1.0, -1.0).to(xn.dtype)
+    return torch.round(xn)
+
+
+def _delta_factor(grad: Tensor, diff: Tensor, delta: Tensor) -> Tensor:
+    """The shared backward factor ``1 + delta * sign(g) * (x_n - x_q)``."""
+    return torch.addcmul(torch.ones_like(diff), delta * torch.sign(grad), diff)
+
+
+class _RoundDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, delta: Optional[Tensor], binary: bool) -> Tensor:
+        out = _round_or_sign(x, binary)
+        if delta is not None:
+            ctx.save_for_backward(x - out, delta)
+        ctx.use_delta = delta is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if not ctx.use_delta:
+            return grad, None, None
+        diff, delta = ctx.saved_tensors
+        return grad * _delta_factor(grad, diff, delta), None, None
+
+
+def round_delta(x: Tensor, delta: Optional[Tensor] = None, binary: bool = False) -> Tensor:
+    """Round ``x`` (grid units) with the delta backward rule; STE when ``delta`` is None."""
+    return _RoundDelta.apply(x, delta, binary)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmin, qmax, delta, binary, pact):
+        xn = x - zero if zero is not None else x
+        xn = xn / scale
+        q = _round_or_sign(xn, binary).clamp_(qmin, qmax)
+        out = q.mul_(scale)
+        if zero is not None:
+            out = out.add_(zero)
+        ctx.save_for_backward(x, scale, zero, delta)
+        ctx.qrange = (qmin, qmax)
+        ctx.binary = binary
+        ctx.pact = pact
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero, delta = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        xn = x - zero if zero is not None else x
+        xn = xn / scale
+        inside = (xn >= qmin) & (xn <= qmax)
+        q = _round_or_sign(xn, ctx.binary).clamp_(qmin, qmax)
+        # d out / d x_n (divided by scale): the rounding's backward, zero outside the clip range
+        if delta is not None:
+            dround = _delta_factor(grad, xn - q, delta).mul_(inside)
+        else:
+            dround = inside.to(grad.dtype)
+        grad_x = grad * dround if need_x else None
+        grad_s = grad_z = None
+        if need_s:
+            if ctx.pact:
+                # PACT: the clip bound moves the output only where x was clipped
+                term = torch.where(inside, 0.0, q)
+            else:
+                # chain rule of zero + s * R(clamp((x - zero) / s)): q - R'(.) * x_n, q outside
+                term = q - dround * xn
+            grad_s = (grad * term).sum_to_size(scale.shape)
+        if need_z and zero is not None:
+            grad_z = (grad * (1.0 - dround)).sum_to_size(zero.shape)
+        return grad_x, grad_s, grad_z, None, None, None, None, None
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    qmin: float,
+    qmax: float,
+    *,
+    zero: Optional[Tensor] = None,
+    delta: Optional[Tensor] = None,
+    binary: bool = False,
+    scale_grad: str = "chain",
+) -> Tensor:
+    """Fake-quantize ``x`` onto ``zero + scale * {qmin, ..., qmax}``.
+
+    ``scale`` and ``zero`` broadcast against ``x`` (per-tensor or per-channel);
+    their gradients are reduced to their own shapes. ``binary`` uses the grid
+    {-1, +1} (sign) instead of rounding. ``scale_grad`` is ``"chain"`` (LSQ,
+    EWGS: exact chain rule with the rounding's backward) or ``"pact"``.
+    """
+    return _FakeQuantize.apply(x, scale, zero, float(qmin), float(qmax), delta, binary, scale_grad == "pact")
+
+
+def grad_scale(t: Tensor, factor: float) -> Tensor:
+    """Identity in forward; multiplies the gradient reaching ``t`` by ``factor`` (LSQ's g)."""
+    scaled = t * factor
+    return (t - scaled).detach() + scaled

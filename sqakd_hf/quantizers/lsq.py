@@ -1,0 +1,54 @@
+"""LSQ (Esser et al., 2020): a learned step size per tensor or per output channel."""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import ActStats, Quantizer
+from .functional import fake_quantize, grad_scale
+
+_EPS = 1e-8
+
+
+class LSQQuantizer(Quantizer):
+    """``x_q = clamp(round(x / s), qmin, qmax) * s`` with a learnable step ``s``.
+
+    The step's gradient is the chain rule of that formula (``round(x/s) - x/s``
+    inside the range, the clip bound outside) times ``g = 1 / sqrt(N * Qp)``,
+    with N the elements per step, not counting the batch.
+    """
+
+    method = "lsq"
+
+    def __init__(self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), **kw) -> None:
+        super().__init__(bits, role, param_shape, **kw)
+        self.scale = nn.Parameter(torch.ones(self.param_shape))
+
+    def _step_from_mean_abs(self, mean_abs: Tensor) -> Tensor:
+        if self.binary:  # the L2-optimal scale of sign(w)
+            return mean_abs
+        return 2.0 * mean_abs / math.sqrt(self.qmax)
+
+    @torch.no_grad()
+    def init_from_weight(self, w: Tensor) -> None:
+        mean_abs = w.detach().float().abs().mean(dim=self._reduce_dims(w), keepdim=bool(self.param_shape))
+        self.scale.copy_(self._per_param(self._step_from_mean_abs(mean_abs)).clamp_min(_EPS))
+        self.mark_initialized()
+
+    def _init_act(self, stats: ActStats) -> None:
+        self.scale.copy_(self._step_from_mean_abs(stats.mean_abs).clamp_min(_EPS).reshape(self.scale.shape))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        g = 1.0 / math.sqrt(self.features_per_sample(x) * self.qmax)
+        s = grad_scale(self.scale, g).clamp_min(_EPS)
+        return fake_quantize(x, s, self.qmin, self.qmax, delta=self.delta, binary=self.binary)
+
+    def grid(self, w: Tensor):
+        s = self.scale.detach()
+        if self.binary:  # value = s * (2 * code - 1)
+            return 2 * s, torch.full_like(s, 0.5), 0, 1
+        return s, torch.full_like(s, -self.qmin), self.qmin, self.qmax

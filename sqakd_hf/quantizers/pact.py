@@ -1,0 +1,45 @@
+"""PACT (Choi et al., 2018): a learnable clipping level alpha for activations.
+
+PACT's weights are quantized as in DoReFa (see :mod:`.dorefa`); the registry
+builds a :class:`DoReFaQuantizer` for them.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import ActStats, Quantizer
+from .functional import fake_quantize
+
+DEFAULT_ALPHA = 6.0
+
+
+class PACTQuantizer(Quantizer):
+    """``y = clip(x, 0, alpha)`` quantized uniformly on ``[0, alpha]`` (``[-alpha, alpha]`` if signed).
+
+    Backward: STE for x inside the clip range; ``d alpha = g`` where ``x >= alpha``
+    (``-g`` where ``x <= -alpha`` on a signed grid), zero elsewhere.
+    """
+
+    method = "pact"
+
+    def __init__(self, bits: int, role: str = "act", param_shape: Tuple[int, ...] = (), **kw) -> None:
+        if role != "act":
+            raise ValueError("PACT quantizes activations; PACT weights use DoReFaQuantizer")
+        super().__init__(bits, role, param_shape, **kw)
+        self.alpha = nn.Parameter(torch.full(self.param_shape, DEFAULT_ALPHA))
+
+    def init_from_weight(self, w: Tensor) -> None:
+        raise TypeError("PACTQuantizer quantizes activations only")
+
+    def _init_act(self, stats: ActStats) -> None:
+        alpha = stats.percentile_abs
+        alpha = torch.where(alpha > 0, alpha, torch.full_like(alpha, DEFAULT_ALPHA))
+        self.alpha.copy_(alpha.reshape(self.alpha.shape))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        s = self.alpha.abs().clamp_min(1e-8) / self.qmax
+        return fake_quantize(x, s, self.qmin, self.qmax, delta=self.delta, binary=self.binary, scale_grad="pact")

@@ -1,0 +1,159 @@
+"""Tests for sqakd_hf.model_card (Hub model card rendering)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from sqakd_hf.model_card import DEFAULT_TEMPLATE_PATH, ModelCardInfo, render_model_card
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_TAGS = {"sqakd", "quantized", "knowledge-distillation", "qat"}
+
+
+def _info(**overrides) -> ModelCardInfo:
+    kwargs = dict(
+        base_model="google/vit-base-patch16-224",
+        method="lsq",
+        weight_bits=4,
+        act_bits=8,
+        fp_modules=["vit.embeddings.patch_embeddings.projection", "classifier"],
+        model_class="AutoModelForImageClassification",
+        library="transformers",
+        repo_id="someone/vit-base-w4a8-sqakd",
+        metrics={
+            "teacher": {"accuracy": 0.9731, "top5": 0.9988},
+            "student": {"accuracy": 0.9612, "top5": 0.9975},
+        },
+        checkpoint_bytes=50_000_000,
+        teacher_bytes=200_000_000,
+        packed=True,
+        training={"lr": 1e-4, "epochs": 3, "temperature": 4.0},
+        tags=["vision"],
+        datasets=["beans"],
+        license="apache-2.0",
+        pipeline_tag="image-classification",
+    )
+    kwargs.update(overrides)
+    return ModelCardInfo(**kwargs)
+
+
+def _reparse(card: ModelCard) -> ModelCard:
+    return ModelCard(card.content)
+
+
+def test_template_symlink_points_to_packaged_template() -> None:
+    top = REPO_ROOT / "model_card_template.md"
+    assert top.is_symlink()
+    assert top.resolve() == DEFAULT_TEMPLATE_PATH.resolve()
+    assert DEFAULT_TEMPLATE_PATH.is_file()
+
+
+def test_metadata_header() -> None:
+    card = _reparse(render_model_card(_info()))
+    data = card.data
+    assert data.base_model == "google/vit-base-patch16-224"
+    assert data.base_model_relation == "quantized"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["beans"]
+    assert BASE_TAGS | {"4-bit", "vision", "image-classification"} <= set(data.tags)
+    assert len(data.tags) == len(set(data.tags))
+
+
+def test_body_with_metrics() -> None:
+    text = _reparse(render_model_card(_info())).text
+    assert "W4A8" in text
+    assert "`lsq`" in text
+    assert "`vit.embeddings.patch_embeddings.projection`, `classifier`" in text
+    assert "https://huggingface.co/google/vit-base-patch16-224" in text
+    # metrics table: teacher vs student with deltas
+    assert re.search(r"\| Metric \| teacher \| student \|", text)
+    assert "| accuracy | 0.9731 | 0.9612 | -0.0119 |" in text
+    assert "| top5 | 0.9988 | 0.9975 | -0.0013 |" in text
+    # size vs teacher
+    assert "50.00 MB vs 200.00 MB for the teacher (4.00x smaller, 25.0% of the teacher)" in text
+    assert "bit-packed, 2 per byte" in text
+    # training hyper-parameters
+    assert "| lr | 0.0001 |" in text
+    assert "| epochs | 3 |" in text
+
+
+def test_loading_snippet_imports_sqakd_hf_first() -> None:
+    text = render_model_card(_info()).text
+    code = text.split("```python", 1)[1].split("```", 1)[0]
+    assert "import sqakd_hf" in code
+    assert code.index("import sqakd_hf") < code.index("from_pretrained")
+    assert 'AutoModelForImageClassification.from_pretrained("someone/vit-base-w4a8-sqakd")' in code
+    assert 'quantization method `"sqakd"`' in text  # the one-sentence explanation
+
+
+def test_citation() -> None:
+    text = render_model_card(_info()).text
+    assert "```bibtex" in text
+    assert "@inproceedings{zhao2024sqakd" in text
+    assert "Self-Supervised Quantization-Aware Knowledge Distillation" in text
+    assert "Zhao, Kaiqi and Zhao, Ming" in text
+    assert "AISTATS" in text and "2024" in text and "2403.11106" in text
+
+
+def test_without_metrics_sizes_or_training() -> None:
+    info = _info(metrics={}, checkpoint_bytes=None, teacher_bytes=None, training={}, packed=False)
+    card = _reparse(render_model_card(info))
+    assert card.data.base_model == "google/vit-base-patch16-224"
+    assert card.data.base_model_relation == "quantized"
+    assert "## Evaluation" not in card.text
+    assert "| Metric |" not in card.text
+    assert "Checkpoint size" not in card.text
+    assert "## Training hyper-parameters" not in card.text
+    assert "not bit-packed" in card.text
+    assert "## How to load" in card.text and "## Citation" in card.text
+
+
+def test_size_without_teacher_size() -> None:
+    text = render_model_card(_info(teacher_bytes=None)).text
+    assert "**Checkpoint size:** 50.00 MB" in text
+    assert "smaller" not in text
+
+
+def test_student_only_metrics_have_no_delta() -> None:
+    text = render_model_card(_info(metrics={"student": {"accuracy": 0.5}})).text
+    assert "| accuracy | 0.5000 |" in text
+    assert "Δ" not in text
+
+
+def test_timm_snippet() -> None:
+    info = _info(library="timm", model_class="timm", base_model="timm/resnet18.a1_in1k",
+                 repo_id="someone/resnet18-w2a2", weight_bits=2, act_bits=2)
+    card = _reparse(render_model_card(info))
+    assert card.data.library_name == "timm"
+    assert "2-bit" in card.data.tags
+    code = card.text.split("```python", 1)[1].split("```", 1)[0]
+    assert code.index("import sqakd_hf") < code.index("from_pretrained")
+    assert 'sqakd_hf.from_pretrained_timm("someone/resnet18-w2a2")' in code
+    assert "4 per byte" in card.text
+
+
+def test_local_teacher_path_not_in_metadata() -> None:
+    card = _reparse(render_model_card(_info(base_model="/tmp/teacher_ckpt", repo_id=None)))
+    assert card.data.base_model is None
+    assert getattr(card.data, "base_model_relation", None) is None
+    assert "`/tmp/teacher_ckpt`" in card.text
+    assert 'from_pretrained("path/to/this/checkpoint")' in card.text
+
+
+def test_custom_template(tmp_path: Path) -> None:
+    tpl = tmp_path / "t.md"
+    tpl.write_text("---\n{{ card_data }}\n---\n\nCustom W{{ weight_bits }}A{{ act_bits }}\n")
+    card = render_model_card(_info(), template_path=str(tpl))
+    assert card.text.strip() == "Custom W4A8"
+    assert card.data.base_model_relation == "quantized"
+
+
+def test_invalid_library() -> None:
+    with pytest.raises(ValueError, match="library"):
+        render_model_card(_info(library="onnx"))
