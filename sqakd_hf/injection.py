@@ -76,10 +76,12 @@ def _default_fp_layers(model: nn.Module, candidates: List[str]) -> Dict[str, str
     if head is None:
         timm_model = getattr(model, "timm_model", model)  # transformers' TimmWrapper
         head = _call_getter(timm_model, "get_classifier")
-        if head is not None and names.get(id(head)) not in candidates:
-            head = next((m for m in head.modules() if names.get(id(m)) in candidates), None) if head else None
-    head_name = names.get(id(head)) if head is not None else candidates[-1]
-    if head_name in candidates:
+    if head is None:  # no declared head: the last quantizable layer in registration order
+        head_name = candidates[-1]
+    else:  # the declared head, or the last quantizable layer inside it (none for an Identity head)
+        inside = [names[id(m)] for m in head.modules() if names.get(id(m)) in candidates]
+        head_name = inside[-1] if inside else None
+    if head_name is not None:
         keep[head_name] = "classifier head, kept full precision by default"
     return keep
 

@@ -126,6 +126,13 @@ if Conv2dSame is not None:
 
     WRAPPERS[Conv2dSame] = QuantConv2dSame
 
+try:  # timm's Linear only adds a TorchScript dtype cast to nn.Linear
+    from timm.layers import Linear as TimmLinear
+
+    WRAPPERS[TimmLinear] = QuantLinear
+except ImportError:  # pragma: no cover
+    pass
+
 
 def wrapper_for(layer: nn.Module) -> Optional[Type[QuantLayer]]:
     """The fake-quant class for exactly this layer type, or None."""

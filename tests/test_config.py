@@ -1,0 +1,58 @@
+import json
+
+import pytest
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from sqakd_hf import QuantConfig
+
+
+def test_round_trip_exact_and_json_safe():
+    cfg = QuantConfig(
+        method="ewgs", weight_bits=2, act_bits=4, weight_granularity="per_tensor", ewgs_delta=0.01,
+        modules_to_not_convert=["^conv1$", "fc"], layer_bits={"layer4": 8, "attn": {"act_bits": 8}},
+    )
+    d = cfg.to_dict()
+    assert d["quant_method"] == "sqakd"
+    assert d["layer_bits"] == {"layer4": {"weight_bits": 8, "act_bits": 8}, "attn": {"act_bits": 8}}
+    again = QuantConfig(**json.loads(json.dumps(d)))
+    assert again.to_dict() == d
+    assert QuantConfig.from_dict(d).to_dict() == d
+    assert isinstance(cfg, QuantizationConfigMixin)
+
+
+def test_bits_for_applies_first_matching_override():
+    cfg = QuantConfig(weight_bits=4, act_bits=4, layer_bits={"attn": {"act_bits": 8}, "attn.q": 2})
+    assert cfg.bits_for("blocks.0.attn.qkv") == {"weight_bits": 4, "act_bits": 8}
+    assert cfg.bits_for("blocks.0.mlp.fc1") == {"weight_bits": 4, "act_bits": 4}
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"weight_bits": 0}, "weight_bits"),
+        ({"act_bits": 9}, "act_bits"),
+        ({"act_bits": 16}, "act_bits"),
+        ({"weight_bits": 4.0}, "weight_bits"),
+        ({"method": "gptq"}, "method"),
+        ({"weight_granularity": "per_group"}, "weight_granularity"),
+        ({"ewgs_delta": -1}, "ewgs_delta"),
+        ({"modules_to_not_convert": "fc"}, "modules_to_not_convert"),
+        ({"modules_to_not_convert": ["("]}, "modules_to_not_convert"),
+        ({"layer_bits": {"fc": 3.5}}, "layer_bits"),
+        ({"layer_bits": {"fc": {"bits": 4}}}, "layer_bits"),
+        ({"quant_method": "gptq"}, "quant_method"),
+        ({"wbits": 4}, "unknown field"),
+    ],
+)
+def test_bad_values_name_the_field_and_allowed_values(kwargs, field):
+    with pytest.raises(ValueError, match=field) as e:
+        QuantConfig(**kwargs)
+    msg = str(e.value)
+    if "bits" in field and field != "layer_bits":
+        assert "1..8" in msg and "32" in msg
+    if field == "method":
+        assert "lsq" in msg and "ewgs" in msg
+
+
+def test_short_name():
+    assert QuantConfig(method="pact", weight_bits=2, act_bits=2).short_name == "pact-W2A2"
