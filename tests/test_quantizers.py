@@ -270,3 +270,22 @@ def test_uninitialised_quantizer_fails_clearly_and_fp_passthrough():
 def test_unknown_method_error():
     with pytest.raises(ValueError, match="unknown quantization method 'foo'.*lsq"):
         build_quantizer("foo", 4, "weight")
+
+
+@pytest.mark.parametrize("scale_shape, scale_grad", [((), "chain"), ((), "pact"), ((6, 1, 1), "chain"), ((1, 1, 5), "chain")])
+def test_fused_fast_path_matches_general_formula(scale_shape, scale_grad):
+    """The single-allocation STE path must give the same values and gradients as the general one
+    (forced here with delta = 0, which is STE through the general code)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 4, 5) * 2
+    g = torch.randn(6, 4, 5)
+    s0 = torch.rand(scale_shape) * 0.3 + 0.1
+    results = []
+    for delta in (None, torch.tensor(0.0)):
+        x = x0.clone().requires_grad_()
+        s = s0.clone().requires_grad_()
+        y = fake_quantize(x, s, -4, 3, delta=delta, scale_grad=scale_grad)
+        y.backward(g)
+        results.append((y.detach(), x.grad, s.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

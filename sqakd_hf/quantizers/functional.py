@@ -58,9 +58,36 @@ def round_delta(x: Tensor, delta: Optional[Tensor] = None, binary: bool = False)
     return _RoundDelta.apply(x, delta, binary)
 
 
+def _fast_path(x: Tensor, scale: Tensor, zero: Optional[Tensor], delta: Optional[Tensor], binary: bool) -> bool:
+    """Per-tensor, integer-zero, STE case: the common activation case, served by fused kernels."""
+    full = x.dtype in (torch.float32, torch.float64) or x.is_cuda  # CPU half-precision dots lose precision
+    per_channel_ok = scale.numel() == 1 or sum(d != 1 for d in scale.shape) == 1
+    return zero is None and delta is None and not binary and per_channel_ok and full
+
+
+def _dot_per_scale(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """``(a * b).sum_to_size(scale.shape)`` without the elementwise temporary (BLAS dots)."""
+    if scale.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(scale.shape)
+    axis = next(i for i, d in enumerate(scale.shape) if d != 1)
+    c = scale.shape[axis]
+    rows = a.movedim(axis, 0).reshape(c, 1, -1)
+    cols = b.movedim(axis, 0).reshape(c, -1, 1)
+    return torch.bmm(rows, cols).reshape(scale.shape)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero, qmin, qmax, delta, binary, pact):
+        ctx.qrange = (qmin, qmax)
+        ctx.binary = binary
+        ctx.pact = pact
+        ctx.fast = _fast_path(x, scale, zero, delta, binary)
+        if ctx.fast:
+            # one allocation, then in-place passes (fresh allocations dominate CPU time here)
+            out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+            ctx.save_for_backward(x, scale, out)
+            return out
         xn = x - zero if zero is not None else x
         xn = xn / scale
         q = _round_or_sign(xn, binary).clamp_(qmin, qmax)
@@ -68,13 +95,12 @@ class _FakeQuantize(torch.autograd.Function):
         if zero is not None:
             out = out.add_(zero)
         ctx.save_for_backward(x, scale, zero, delta)
-        ctx.qrange = (qmin, qmax)
-        ctx.binary = binary
-        ctx.pact = pact
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fast:
+            return _FakeQuantize._fast_backward(ctx, grad)
         x, scale, zero, delta = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
@@ -100,6 +126,21 @@ class _FakeQuantize(torch.autograd.Function):
         if need_z and zero is not None:
             grad_z = (grad * (1.0 - dround)).sum_to_size(zero.shape)
         return grad_x, grad_s, grad_z, None, None, None, None, None
+
+    @staticmethod
+    def _fast_backward(ctx, grad):
+        """Same formulas as the general path with one allocation: with out = s * q,
+        sum g (q - x_n [inside]) = (g . out - g[inside] . x) / s and, for PACT,
+        sum g q [outside] = (g . out - g[inside] . out) / s."""
+        x, scale, out = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        grad_x = torch.clamp(x, scale * qmin, scale * qmax)
+        grad_x = grad_x.eq_(x).mul_(grad)  # eq_ writes 1.0 inside the clip range, 0.0 outside
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            other = out if ctx.pact else x
+            grad_s = (_dot_per_scale(grad, out, scale) - _dot_per_scale(grad_x, other, scale)) / scale
+        return grad_x, grad_s, None, None, None, None, None, None
 
 
 def fake_quantize(
