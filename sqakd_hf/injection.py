@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .config import QuantConfig
 from .modules import WRAPPERS, QuantLayer, wrapper_for
@@ -170,6 +171,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
         )
     model.sqakd_config = config
     model.sqakd_report = report
+    if isinstance(getattr(model, "config", None), PretrainedConfig):
+        model.config.quantization_config = config  # save_pretrained records it; from_pretrained restores the model
     logger.info(report.summary())
     return model
 

@@ -1,0 +1,141 @@
+"""Distillation losses (METHOD.md §2).
+
+:func:`kd_kl_loss` is SQAKD's objective, ``T^2 * KL(p_t || softmax(z_s / T))`` summed over
+classes and averaged over samples (or non-padding tokens). Its per-position core,
+:func:`kd_kl_per_position`, is an autograd function that keeps no vocabulary-sized tensor
+alive between forward and backward: it saves only the two logit tensors (which exist anyway),
+works through rows in chunks of bounded size, and recomputes the softmaxes in backward.
+Its backward is made of differentiable operations, so double backward (Hessian-vector
+products, used by the EWGS delta schedule) works.
+
+:func:`hidden_state_loss` is the objective for models without logits (MSE or cosine on the
+last hidden state): a different objective, not a KL divergence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: elements per chunk of rows (fp32 temporaries of at most ~64 MiB each)
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(rows: int, width: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, width))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32 for half/bfloat16 logits, else the logits' own (fp32 or fp64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+class _KDKL(torch.autograd.Function):
+    """Per-row ``sum_c p_t (log p_t - log q_s)`` with ``p = softmax(z / T)`` over the last dim."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        s2 = student.reshape(-1, student.shape[-1])
+        t2 = teacher.reshape(-1, teacher.shape[-1])
+        acc = _acc_dtype(student)
+        out = torch.empty(s2.shape[0], dtype=acc, device=student.device)
+        for sl in _chunks(s2.shape[0], s2.shape[1]):
+            log_q = F.log_softmax(s2[sl].to(acc) / temperature, dim=-1)
+            log_p = F.log_softmax(t2[sl].to(acc) / temperature, dim=-1)
+            out[sl] = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+            del log_q, log_p
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature = temperature
+        return out.reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        student, teacher = ctx.saved_tensors
+        T = ctx.temperature
+        acc = _acc_dtype(student)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): plain differentiable ops, no chunking
+            q = torch.softmax(student.to(acc) / T, dim=-1)
+            p = torch.softmax(teacher.to(acc) / T, dim=-1)
+            grad = (q - p) * (grad_out.unsqueeze(-1) / T)
+            return grad.to(student.dtype), None, None
+        width = student.shape[-1]
+        s2 = student.reshape(-1, width)
+        t2 = teacher.reshape(-1, width)
+        g2 = grad_out.reshape(-1, 1)
+        grad = torch.empty_like(s2)
+        for sl in _chunks(s2.shape[0], width):
+            q = torch.softmax(s2[sl].to(acc) / T, dim=-1)
+            q.sub_(torch.softmax(t2[sl].to(acc) / T, dim=-1)).mul_(g2[sl] / T)
+            grad[sl] = q
+            del q
+        return grad.reshape(student.shape), None, None
+
+
+def kd_kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """``KL(softmax(t / T) || softmax(s / T))`` for every position (all dims but the last, the classes).
+
+    Returns fp32 (fp64 for fp64 logits) of shape ``logits.shape[:-1]``, without the ``T^2`` factor. The teacher is a
+    constant target: no gradient flows to ``teacher_logits``.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    return _KDKL.apply(student_logits, teacher_logits.detach(), float(temperature))
+
+
+def _masked_mean(per_position: Tensor, mask: Optional[Tensor]) -> Tensor:
+    if mask is None:
+        return per_position.mean()
+    if mask.shape != per_position.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the positions' shape {tuple(per_position.shape)}")
+    m = mask.to(per_position.dtype)
+    return (per_position * m).sum() / m.sum().clamp_min(1.0)
+
+
+def kd_kl_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, mask: Optional[Tensor] = None
+) -> Tensor:
+    """SQAKD's loss: ``T^2 * mean_i sum_c p_t[i,c] (log p_t[i,c] - log_softmax(z_s / T)[i,c])``.
+
+    Classes are the last dimension; the mean runs over all other positions (samples, or
+    tokens of sequence outputs), restricted to ``mask != 0`` when a padding mask of shape
+    ``logits.shape[:-1]`` is given. Gradient w.r.t. the student logits:
+    ``(T / n) (softmax(z_s / T) - p_t)`` for the ``n`` counted positions.
+    """
+    per_position = kd_kl_per_position(student_logits, teacher_logits, temperature)
+    return (float(temperature) ** 2) * _masked_mean(per_position, mask)
+
+
+def hidden_state_per_position(student_hidden: Tensor, teacher_hidden: Tensor, kind: str = "mse") -> Tensor:
+    """Per-position distance of hidden states (last dim = features): ``mean_d (s - t)^2`` or ``1 - cos(s, t)``."""
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"student and teacher hidden states differ in shape: {tuple(student_hidden.shape)} vs "
+            f"{tuple(teacher_hidden.shape)}"
+        )
+    s = student_hidden.float()
+    t = teacher_hidden.detach().float()
+    if kind == "mse":
+        return (s - t).square().mean(-1)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    raise ValueError(f"kind must be 'mse' or 'cosine'; got {kind!r}")
+
+
+def hidden_state_loss(
+    student_hidden: Tensor, teacher_hidden: Tensor, kind: str = "mse", mask: Optional[Tensor] = None
+) -> Tensor:
+    """Hidden-state matching for models without logits, averaged over (non-padding) positions.
+
+    ``"mse"``: mean squared error per feature; ``"cosine"``: ``1 - cosine similarity`` per position.
+    """
+    return _masked_mean(hidden_state_per_position(student_hidden, teacher_hidden, kind), mask)
