@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .data import (
     DIGITS,
+    UNLABELED,
     Columns,
     DataError,
     column_names,
@@ -50,10 +51,12 @@ from .recipe_args import (
     _check_keys,
     _coerce,
     _field_types,
+    format_recipe_help,
     parse_overrides,
     parse_recipe,
     read_recipe_file,
     recipe_parser,
+    runtime_defaults,
 )
 
 logger = logging.getLogger("sqakd_hf.cli")
@@ -212,8 +215,8 @@ def load_and_check_data(data: DataArguments, info, need_train: bool = True, keep
         train_cols = resolve_columns(train, data, modality, what)
         if not keep_train_labels:
             train_cols.label = None
-        elif train_cols.label is not None:
-            label_id_map(train, train_cols.label, info.id2label)
+        elif train_cols.label is not None and label_id_map(train, train_cols.label, info.id2label) is UNLABELED:
+            train_cols.label = None
         train = limit_samples(train, data.max_train_samples)
     evals = eval_cols = label_map = None
     if data.eval_split:
@@ -224,6 +227,8 @@ def load_and_check_data(data: DataArguments, info, need_train: bool = True, keep
             eval_cols.label = None
         if eval_cols.label is not None:
             label_map = label_id_map(evals, eval_cols.label, info.id2label)
+            if label_map is UNLABELED:
+                eval_cols.label, label_map = None, None
         evals = limit_samples(evals, data.max_eval_samples)
     return RawData(train, evals, train_cols, eval_cols, label_map)
 
@@ -266,10 +271,21 @@ def _setup_distributed(recipe: Recipe) -> None:
     """DDP on CPU (``accelerate launch --multi_gpu`` / ``torchrun``) needs the gloo backend."""
     import torch
 
+    from transformers.training_args import ParallelMode
+
     training = recipe.training
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and training.ddp_backend is None:
-        training.ddp_backend = "gloo"
+    if not torch.cuda.is_available():
+        training.dataloader_pin_memory = False
     _ = training.device  # initialises the process group under a launcher
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and training.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise RecipeError(
+            f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but the training arguments are not set up for "
+            "distributed training; on a machine without GPUs set use_cpu: true and ddp_backend: gloo "
+            "(sqakd-hf train does this unless the recipe sets them)"
+        )
+    if training.world_size > 1:
+        print(f"sqakd-hf: process {training.process_index}/{training.world_size} on {training.device}", flush=True)
 
 
 def _barrier() -> None:
@@ -521,12 +537,12 @@ def cmd_train(argv: List[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sqakd-hf train RECIPE.yaml [--key value ...]\n\nRecipe keys (YAML) and overrides "
               "(--key value); see the dataclass help below.\n")
-        recipe_parser().print_help()
+        print(format_recipe_help())
         return 0 if argv else 2
     path, overrides = _split_recipe_arg(argv)
     if path is None:
         raise RecipeError("train needs a recipe: sqakd-hf train RECIPE.yaml [--key value ...]")
-    recipe = parse_recipe(path, overrides)
+    recipe = parse_recipe(path, overrides, defaults=runtime_defaults())
     run_train(recipe)
     return 0
 
@@ -534,7 +550,7 @@ def cmd_train(argv: List[str]) -> int:
 def cmd_eval(argv: List[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: sqakd-hf eval [RECIPE.yaml] [--model_path DIR] [--key value ...]\n")
-        recipe_parser(EVAL_GROUPS).print_help()
+        print(format_recipe_help(EVAL_GROUPS))
         return 0
     path, overrides = _split_recipe_arg(argv)
     eval_args, model_args, data = parse_eval_args(path, overrides)

@@ -65,6 +65,8 @@ _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": 
                   ".txt": "text", ".arrow": "arrow"}
 
 AnyDataset = Any  # datasets.Dataset | datasets.IterableDataset
+#: returned by :func:`label_id_map` when the label column does not describe the teacher's classes
+UNLABELED: Dict[Any, int] = {}
 
 
 class DataError(InputError):
@@ -349,8 +351,9 @@ def label_id_map(ds: AnyDataset, label_col: str, id2label: Optional[Mapping[int,
     """How dataset labels map to the model's class ids.
 
     ``None``: use the values as they are (ints; no class names to compare). A dict maps dataset
-    values (ClassLabel ids or strings) to model ids by class name. Raises :class:`DataError`
-    when the names differ or string labels cannot be mapped.
+    values (ClassLabel ids or strings) to model ids by class name; :data:`UNLABELED` (checked with
+    ``is``) means none of the dataset's classes is the teacher's: drop the labels. Raises
+    :class:`DataError` when only some names differ or string labels cannot be mapped.
     """
     import datasets
 
@@ -362,6 +365,11 @@ def label_id_map(ds: AnyDataset, label_col: str, id2label: Optional[Mapping[int,
             return None
         by_name = {v: k for k, v in model_names.items()}
         missing = [n for n in feat.names if n not in by_name]
+        if len(missing) == len(feat.names):
+            logger.warning(
+                "sqakd: none of the classes of label column %r (%s) are the teacher's classes; treating the data as "
+                "unlabeled (no accuracy is reported)", label_col, ", ".join(feat.names[:5]))
+            return UNLABELED
         if missing:
             raise DataError(f"label column {label_col!r} has classes {missing} that the teacher does not know "
                             f"(its classes: {', '.join(model_names.values())}); set label_column to a matching "
@@ -510,7 +518,9 @@ def prepare_text_dataset(
 
     if isinstance(ds, datasets.Dataset):
         kwargs["desc"] = "Tokenizing"
-    return ds.map(tokenize, **kwargs)
+    ds = ds.map(tokenize, **kwargs)
+    # empty texts (e.g. blank lines of a corpus) give no tokens for models without special tokens
+    return ds.filter(lambda e: len(e["input_ids"]) > 0)
 
 
 def text_collator(tokenizer: Any) -> Callable:

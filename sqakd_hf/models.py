@@ -221,11 +221,8 @@ def load_teacher_and_student(
         cls = getattr(transformers, info.auto_class)
         student = cls.from_pretrained(info.name, quantization_config=quant_config, revision=args.revision,
                                       cache_dir=args.cache_dir)
-    student.requires_grad_(True)
+    student.requires_grad_(True)  # a copy of a frozen teacher would otherwise train only its quantizers
     student.train()
-    report = getattr(student, "sqakd_report", None)
-    if report is not None:
-        logger.info(report.summary())
     return teacher, student
 
 

@@ -65,7 +65,8 @@ def train_teacher(train_ds, epochs: int, batch_size: int = 64, lr: float = 3e-3,
     model = timm.create_model(TEACHER_ARCH, num_classes=10)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, IMAGE_SIZE, IMAGE_SIZE), mean=DIGITS_MEAN,
                                 std=DIGITS_STD, crop_pct=1.0, num_classes=10)
-    x, y = train_ds["pixel_values"], train_ds["labels"]
+    columns = train_ds.with_format("torch")[:]
+    x, y = columns["pixel_values"], columns["labels"]
     per_epoch = math.ceil(len(x) / batch_size)
     total = min(epochs * per_epoch, max_steps) if max_steps else epochs * per_epoch
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -88,7 +89,26 @@ def train_teacher(train_ds, epochs: int, batch_size: int = 64, lr: float = 3e-3,
                 step += 1
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
+    _refresh_batchnorm(model, x, batch_size)
     return model.eval()
+
+
+@torch.no_grad()
+def _refresh_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Recompute BatchNorm running statistics of the final weights (exact averages over the training
+    images); after a short, fast-moving run the running averages lag behind the weights."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(x), batch_size):
+        model(x[i : i + batch_size])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
 
 
 def save_timm_teacher(model: nn.Module, directory: Path) -> Path:

@@ -38,9 +38,11 @@ __all__ = [
     "TASKS",
     "recipe_parser",
     "parse_recipe",
+    "runtime_defaults",
     "read_recipe_file",
     "parse_overrides",
     "valid_keys_message",
+    "format_recipe_help",
 ]
 
 LIBRARIES = ("auto", "transformers", "timm")
@@ -285,6 +287,27 @@ def _optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
 
+def format_recipe_help(groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> str:
+    """Every recipe key with its type, default and help, by group."""
+    types = _field_types(groups)
+    lines: List[str] = []
+    for name, cls in groups:
+        lines.append(f"\n{name} ({cls.__name__}):")
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            tp = _base_type(types.get(f.name, f.type))
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            default = f.default if f.default is not dataclasses.MISSING else (
+                "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+            default = getattr(default, "value", default)
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            lines.append(f"  --{f.name} ({tname}, default {default!r})")
+            if help_text:
+                lines.append(f"      {help_text}")
+    return "\n".join(lines)
+
+
 def valid_keys_message(groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> str:
     lines = []
     for name, cls in groups:
@@ -405,13 +428,29 @@ def parse_overrides(tokens: Sequence[str], groups: Sequence[Tuple[str, type]] = 
     return out
 
 
+def runtime_defaults() -> Dict[str, Any]:
+    """Training defaults that depend on the machine, applied unless the recipe sets them: without a
+    GPU, ``use_cpu`` (so a 2-process launch is CPU DDP) and, under a launcher, the gloo backend.
+    They must be known when ``TrainingArguments`` is built (it sets up its devices then)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    defaults: Dict[str, Any] = {"use_cpu": True}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        defaults["ddp_backend"] = "gloo"
+    return defaults
+
+
 def parse_recipe(
     path: Optional[Union[str, os.PathLike]] = None,
     overrides: Union[Sequence[str], Mapping[str, Any], None] = None,
+    defaults: Optional[Mapping[str, Any]] = None,
 ) -> Recipe:
     """Read the YAML recipe at ``path`` (optional), apply ``overrides`` (``--key value`` tokens or a
-    mapping), and build every argument group. Raises :class:`RecipeError` on unknown keys (listing the
-    valid ones), uncoercible values, or values the dataclasses reject."""
+    mapping), and build every argument group; ``defaults`` fill keys that neither sets (the CLI passes
+    :func:`runtime_defaults`). Raises :class:`RecipeError` on unknown keys (listing the valid ones),
+    uncoercible values, or values the dataclasses reject."""
     groups = ARGUMENT_GROUPS
     values: Dict[str, Any] = {}
     if path is not None:
@@ -424,6 +463,8 @@ def parse_recipe(
         else:
             extra = parse_overrides(overrides, groups)
         values.update(extra)
+    for k, v in (defaults or {}).items():
+        values.setdefault(k, v)
     types = _field_types(groups)
     values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
     try:

@@ -32,8 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import has_length
 
 from .calibration import LABEL_KEYS, calibrate
@@ -41,6 +40,14 @@ from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_d
 from .injection import is_quantized, quantizer_parameters, quantizers
 from .losses import hidden_state_per_position, kd_kl_per_position
 from .training_args import SQAKDTrainingArguments
+
+try:
+    from transformers.trainer_optimizer import is_optimizer_factory
+except ImportError:  # older transformers 5.x: no optimizer factories
+
+    def is_optimizer_factory(optimizer_cls: Any) -> bool:
+        return False
+
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +185,11 @@ class SQAKDTrainer(Trainer):
             )
         if teacher_model is None:
             raise ValueError("SQAKDTrainer needs teacher_model: the full-precision model the student distills from")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "SQAKDTrainer computes its own loss (KD, plus ce_weight * the model's label loss): compute_loss_func "
+                "would be ignored; subclass SQAKDTrainer and override compute_loss instead"
+            )
         if model is not None:
             self._check_student(model, args)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
@@ -188,6 +200,9 @@ class SQAKDTrainer(Trainer):
         if is_quantized(teacher):
             raise ValueError("teacher_model contains fake-quant layers: the teacher must be the full-precision model")
         super().__init__(model, args, *trainer_args, **kwargs)
+        # our compute_loss never hands num_items_in_batch to the model: keep the Trainer from counting label
+        # tokens for it and (in transformers < 5.2x) from skipping its division by the accumulation steps
+        self.model_accepts_loss_kwargs = False
         if model is None:  # model_init
             self._check_student(self.model, args)
         self.teacher = self._prepare_teacher(teacher)
@@ -222,6 +237,8 @@ class SQAKDTrainer(Trainer):
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.requires_grad_(False)
         teacher.eval()
+        if getattr(getattr(teacher, "config", None), "use_cache", None):
+            teacher.config.use_cache = False  # no KV cache to build on every training forward
         if self.args.device.type == "cuda" and (self.args.bf16 or self.args.fp16):
             teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -285,12 +302,21 @@ class SQAKDTrainer(Trainer):
             "output space (same number of labels / vocabulary size / hidden size)."
         )
 
+    def _shifts_labels(self) -> bool:
+        """Causal LMs predict token i+1 at position i (for label accuracy / CE, not for the KD loss)."""
+        shifts = getattr(self, "_loss_shifts_labels", None)  # transformers >= 5.2x
+        if shifts is None:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            shifts = type(_core(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return bool(shifts)
+
     def _cross_entropy(self, d: _Distill) -> Tensor:
         loss = d.outputs.get("loss") if isinstance(d.outputs, Mapping) else None
         if loss is not None:
             return loss
         logits, labels = d.student, d.labels
-        if logits.dim() == 3 and self._loss_shifts_labels:
+        if logits.dim() == 3 and self._shifts_labels():
             logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
@@ -454,14 +480,16 @@ class SQAKDTrainer(Trainer):
         every rank draws the same samples and takes every ``world_size``-th, so the all-reduced
         statistics do not depend on the number of processes or on accumulation.
         """
-        import datasets
-
+        try:
+            import datasets
+        except ImportError:  # datasets is optional for the Trainer: plain torch datasets work too
+            datasets = None
         args = self.args
         per_device = max(1, self._train_batch_size)
         world, rank = max(1, args.world_size), args.process_index
         total = args.calibration_batches * per_device * args.gradient_accumulation_steps * world
         collator = self.data_collator
-        if isinstance(dataset, datasets.Dataset):
+        if datasets is not None and isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="calibration")
         else:
             collator = self._get_collator_with_removed_columns(self.data_collator, description="calibration")
@@ -549,7 +577,7 @@ class SQAKDTrainer(Trainer):
         if d.labels is not None and self.args.distill_target == "logits":
             pred, labels = d.student.argmax(-1), d.labels
             if pred.dim() == 2 and labels.shape == pred.shape:
-                if self._loss_shifts_labels:
+                if self._shifts_labels():
                     pred, labels = pred[:, :-1], labels[:, 1:]
                 valid = (labels != -100).float()
                 correct = per_sample((pred == labels).float() * valid)

@@ -1,0 +1,244 @@
+"""The ``sqakd-hf`` command: ``train`` end to end (train, save, reload, ``eval``) on a local digits
+imagefolder with a timm teacher and on a csv text dataset with a tiny BERT teacher; a real 2-process
+``accelerate launch`` (DDP over gloo on CPU); output-folder rules; every bad input rejected before
+any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cli_fixtures import (
+    free_port,
+    image_recipe,
+    save_bert_teacher,
+    save_timm_teacher,
+    write_digits_imagefolder,
+    write_recipe,
+    write_text_csv,
+)
+from sqakd_hf import from_pretrained_timm, is_quantized
+from sqakd_hf.cli import METRICS_FILE, RUN_RECORD, main
+from sqakd_hf.hub import load_quantized
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "text"
+    write_text_csv(text / "train.csv", 48)
+    write_text_csv(text / "test.csv", 16, seed=1)
+    return SimpleNamespace(
+        imgs=write_digits_imagefolder(root / "digits", n_train=64, n_test=24),
+        timm_teacher=save_timm_teacher(root / "timm-teacher"),
+        bert_teacher=save_bert_teacher(root / "bert-teacher"),
+        text=text,
+    )
+
+
+def _batch(assets, n: int = 8) -> torch.Tensor:
+    from sqakd_hf.data import load_digits_splits
+
+    return load_digits_splits(image_size=32)["test"][:n]["pixel_values"]
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+def test_train_timm_imagefolder_save_reload_eval(assets, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", **image_recipe(tmp_path, assets.timm_teacher, assets.imgs))
+    assert main(["train", str(recipe), "--learning_rate", "5e-4"]) == 0
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors", RUN_RECORD, METRICS_FILE, "packed"} <= set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "README.md"} <= set(os.listdir(out / "packed"))
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["teacher"] == str(assets.timm_teacher) and record["recipe"]["learning_rate"] == 5e-4
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert set(metrics["student"]) == {"kd_loss", "teacher_agreement", "accuracy"}
+    assert "accuracy" in metrics["teacher"]
+    printed = capsys.readouterr().out
+    assert "SQAKD lsq-W4A4 student" in printed and "student accuracy" in printed
+
+    # reload: training form (timm-native loader) and packed form give the same function
+    trained = from_pretrained_timm(out)
+    packed = load_quantized(out / "packed")
+    assert is_quantized(trained) and is_quantized(packed)
+    x = _batch(assets)
+    with torch.no_grad():
+        a, b = trained(x), packed(x)
+    assert torch.allclose(a, b, atol=1e-2 * float(a.abs().max()) + 1e-4)
+    card = (out / "packed" / "README.md").read_text()
+    assert "lsq" in card and "W4A4" in card.replace(" ", "")
+
+    # eval of the saved model: the teacher is found from the run record; numbers match the training run
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--model_path", str(out), "--dataset_name", str(assets.imgs), "--eval_split", "test",
+                 "--output_file", str(result)]) == 0
+    evaluated = json.loads(result.read_text())
+    assert evaluated["student"]["accuracy"] == pytest.approx(metrics["student"]["accuracy"])
+    assert evaluated["student"]["teacher_agreement"] == pytest.approx(metrics["student"]["teacher_agreement"])
+    assert evaluated["teacher"]["accuracy"] == pytest.approx(metrics["teacher"]["accuracy"])
+    # eval from the recipe, of the packed form
+    assert main(["eval", str(recipe), "--model_path", str(out / "packed")]) == 0
+    assert "teacher agreement" in capsys.readouterr().out
+
+
+def test_train_bert_on_csv_text_then_reload_with_transformers(assets, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe = write_recipe(
+        tmp_path / "text.yaml", teacher=str(assets.bert_teacher), dataset_name=str(assets.text),
+        train_split="train", eval_split="test", max_length=16, output_dir=str(tmp_path / "bert-out"),
+        max_steps=2, per_device_train_batch_size=8, save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    assert main(["train", str(recipe), "--weight_bits", "8", "--act_bits", "8", "--method", "pact"]) == 0
+    out = tmp_path / "bert-out"
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert {"kd_loss", "teacher_agreement", "accuracy"} <= set(metrics["student"])
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    packed = AutoModelForSequenceClassification.from_pretrained(out / "packed")
+    assert is_quantized(model) and is_quantized(packed)
+    assert model.config.quantization_config.method == "pact" and packed.config.quantization_config.packed
+    tok = AutoTokenizer.from_pretrained(out / "packed")
+    enc = tok(["the movie was great", "awful plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**enc).logits, packed(**enc).logits
+    assert torch.allclose(a, b, atol=1e-2 * float(a.abs().max()) + 1e-4)
+    assert main(["eval", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    assert "Evaluation on" in printed and "teacher" in printed
+
+
+def test_accelerate_launch_two_processes(assets, tmp_path):
+    """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config."""
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, per_device_train_batch_size=8)
+    recipe = write_recipe(tmp_path / "ddp.yaml", **values)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+           "-m", "sqakd_hf", "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "sqakd-hf: process 0/2" in output and "sqakd-hf: process 1/2" in output  # both ranks ran
+    assert output.count("SQAKD lsq-W4A4 student") == 1  # the summary is printed by rank 0 only
+    out = tmp_path / "out"
+    state = json.loads((out / METRICS_FILE).read_text())
+    assert "teacher_agreement" in state["student"]
+    model = from_pretrained_timm(out)
+    packed = load_quantized(out / "packed")
+    x = _batch(assets)
+    with torch.no_grad():
+        a, b = model(x), packed(x)
+    assert torch.allclose(a, b, atol=1e-2 * float(a.abs().max()) + 1e-4)
+
+
+def test_output_dir_rules_resume_and_overwrite(assets, tmp_path, capsys):
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, save_strategy="steps",
+                          save_steps=2, eval_split=None, save_packed=False)
+    recipe = write_recipe(tmp_path / "r.yaml", **values)
+    out = tmp_path / "out"
+    assert main(["train", str(recipe)]) == 0
+    assert (out / "checkpoint-2").is_dir()
+    capsys.readouterr()
+
+    # the same run again: refused, with the two ways forward
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds this run" in err and "--resume_from_checkpoint true" in err
+    assert "--overwrite_output_dir true" in err
+    # a different run into the same folder: refused, naming what differs
+    assert main(["train", str(recipe), "--weight_bits", "2"]) == 2
+    assert "holds a different run (weight_bits: 4 -> 2)" in capsys.readouterr().err
+    # resuming with different quantization settings: refused
+    assert main(["train", str(recipe), "--weight_bits", "2", "--resume_from_checkpoint", "true"]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    # resuming the same run for more steps
+    assert main(["train", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "3"]) == 0
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text()) if (out / "checkpoint-3").is_dir() \
+        else None
+    assert state is None or state["global_step"] == 3
+    # overwrite_output_dir: a different run may replace it
+    assert main(["train", str(recipe), "--weight_bits", "2", "--overwrite_output_dir", "true"]) == 0
+    assert json.loads((out / RUN_RECORD).read_text())["recipe"]["weight_bits"] == 2
+    # a folder with foreign files
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["train", str(recipe), "--output_dir", str(foreign)]) == 2
+    assert "is not empty (notes.txt) and holds no sqakd-hf run" in capsys.readouterr().err
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+# ---- bad input: a clear error before any work ---------------------------------------------------------------
+BAD_INPUTS = {
+    "unknown recipe key": ({"learning_rat": 0.1},
+                           ["unknown key 'learning_rat' (did you mean 'learning_rate'?)", "Valid keys:",
+                            "quantization (QuantArguments): method, weight_bits"]),
+    "missing teacher folder": ({"teacher": "{tmp}/no-teacher"}, ["no such folder"]),
+    "missing dataset": ({"dataset_name": "{tmp}/no-data"}, ["dataset_name", "no such file or directory"]),
+    "missing column": ({"image_column": "photo"},
+                       ["image_column 'photo' does not exist", "available columns: image (image), label (label)"]),
+    "missing label column": ({"label_column": "target"}, ["label_column 'target' does not exist"]),
+    "text data for an image model": ({"dataset_name": "{text}"},
+                                     ["has no image column: it looks like a text dataset (text columns: text)",
+                                      "Available columns: text (text), label (other)"]),
+    "image data for a text model": ({"teacher": "{bert}"},
+                                    ["has no text column: it looks like an image dataset (image columns: image)"]),
+    "unknown split": ({"eval_split": "validation"}, ["cannot load split 'validation'"]),
+    "task mismatch": ({"task": "text-classification"}, ["task 'text-classification' does not match the teacher"]),
+    "bad bits": ({"weight_bits": 16}, ["weight_bits must be an integer in 1..8"]),
+    "bad method": ({"method": "foo"}, ["method must be one of"]),
+    "streaming without max_steps": ({"streaming": True, "max_steps": -1}, ["streaming: true needs max_steps > 0"]),
+    "resume without checkpoint": ({"resume_from_checkpoint": "true"}, ["holds no checkpoint-* folder"]),
+    "eval strategy without eval split": ({"eval_split": None, "eval_strategy": "steps"},
+                                         ["eval_strategy 'steps' needs an eval_split"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_rejected_before_any_work(case, assets, tmp_path, capsys):
+    change, expected = BAD_INPUTS[case]
+    subst = {"tmp": str(tmp_path), "text": str(assets.text), "bert": str(assets.bert_teacher)}
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs)
+    values.update({k: (v.format(**subst) if isinstance(v, str) else v) for k, v in change.items()})
+    values = {k: v for k, v in values.items() if v is not None}
+    recipe = write_recipe(tmp_path / "bad.yaml", **values)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "sqakd-hf train: error: " in err
+    for text in expected:
+        assert text in err, err
+    assert not (tmp_path / "out" / RUN_RECORD).exists()  # nothing started
+    assert "Traceback" not in err
+
+
+def test_missing_recipe_and_bad_overrides(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file" in capsys.readouterr().err
+    recipe = write_recipe(tmp_path / "r.yaml", teacher="x", dataset_name="y", output_dir=str(tmp_path / "o"))
+    assert main(["train", str(recipe), "--weight_bits", "abc"]) == 2
+    assert "weight_bits: cannot read 'abc' as int" in capsys.readouterr().err
+    assert main(["train", str(recipe), "--num_epochs", "3"]) == 2
+    assert "unknown key 'num_epochs' (did you mean 'num_train_epochs'?)" in capsys.readouterr().err
+    assert main(["train", str(recipe), "stray"]) == 2
+    assert "overrides are written --key value" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert main(["eval", "--dataset_name", str(tmp_path)]) == 2
+    assert "no model to evaluate" in capsys.readouterr().err
+
+
+def test_help_and_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "sqakd_hf", "--help"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "sqakd-hf <command>" in proc.stdout and "quickstart" in proc.stdout
+    assert main(["train", "--help"]) == 0
