@@ -3,7 +3,9 @@ PTQ / labeled-QAT / SQAKD protocol run side by side on one quantized copy of a t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 import os
@@ -101,10 +103,14 @@ def predict_logits(model: nn.Module, batches: Sequence[Dict[str, Tensor]]) -> Te
     return torch.cat(outs).float()
 
 
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
 def metrics(student: Tensor, teacher: Tensor, labels: Tensor) -> Dict[str, float]:
     """Accuracy, teacher agreement (argmax match) and KD loss (``T^2 KL``, mean over samples)."""
     return {
-        "accuracy": (student.argmax(-1) == labels).float().mean().item(),
+        "accuracy": accuracy(student, labels),
         "teacher_agreement": (student.argmax(-1) == teacher.argmax(-1)).float().mean().item(),
         "kd_loss": (kd_kl_per_position(student, teacher, TEMPERATURE) * TEMPERATURE**2).mean().item(),
     }
@@ -188,19 +194,28 @@ def three_ways(
         sqakd = SQAKDTrainer(model=student, teacher_model=teacher, args=_args(budget, tmp, 1.0, 0.0),
                              train_dataset=train_unlabeled, data_collator=collator)
         sqakd.prepare_student()  # calibration on unlabeled data: the PTQ model
-        results["ptq"] = metrics(predict_logits(student, test_batches), teacher_logits, labels)
+        ptq_logits = predict_logits(student, test_batches)
+        results["ptq"] = metrics(ptq_logits, teacher_logits, labels)
         qat_student = copy.deepcopy(student)  # same calibrated start
         torch.manual_seed(budget.seed)
         qat = SQAKDTrainer(model=qat_student, teacher_model=teacher, args=_args(budget, tmp, 0.0, 1.0),
                            train_dataset=train_labeled, data_collator=collator)
+        preds = {"ptq": ptq_logits.argmax(-1)}
         for name, trainer in (("qat", qat), ("sqakd", sqakd)):
-            with Timer() as t:
+            with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
                 trainer.train()
-            results[name] = {**metrics(predict_logits(trainer.model, test_batches), teacher_logits, labels),
-                             "train_s": t.s}
+            logits = predict_logits(trainer.model, test_batches)
+            preds[name] = logits.argmax(-1)
+            results[name] = {**metrics(logits, teacher_logits, labels), "train_s": t.s}
+    correct = {k: (v == labels).float() for k, v in preds.items()}
+    results["paired"] = {"sqakd_minus_qat": paired_difference(correct["sqakd"], correct["qat"]),
+                         "sqakd_minus_ptq": paired_difference(correct["sqakd"], correct["ptq"])}
     return results
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` measured on ``n`` samples."""
-    return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+def paired_difference(a: Tensor, b: Tensor) -> Dict[str, float]:
+    """Accuracy difference of two models on the same samples (0/1 correctness vectors) and its
+    standard error over samples (paired: only samples where they disagree add variance)."""
+    d = a - b
+    se = d.std(unbiased=True).item() / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"delta": d.mean().item(), "se": se}

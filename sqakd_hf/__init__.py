@@ -14,6 +14,7 @@ from .hf_quantizer import SQAKDHfQuantizer
 from .export import SQAKDCheckpointError, pack_model, save_packed
 from .timm_io import from_pretrained_timm, save_pretrained_timm
 from .hub import PushToHubError, model_card_info, push_to_hub, write_model_card
+from .data import load_digits_splits
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "model_card_info",
     "write_model_card",
     "push_to_hub",
+    "load_digits_splits",
     "SQAKDCheckpointError",
     "PushToHubError",
 ]

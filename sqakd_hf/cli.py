@@ -149,8 +149,6 @@ def check_output_dir(recipe: Recipe) -> Optional[str]:
                 )
         return str(resume)
     if not existing or recipe.run.overwrite_output_dir:
-        if existing:
-            logger.warning("sqakd: overwrite_output_dir: writing over the run in %s", out)
         return None
     shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
     if record is None:
@@ -163,6 +161,25 @@ def check_output_dir(recipe: Recipe) -> Optional[str]:
         f"output_dir {out} {why}. Nothing is overwritten silently: pass --overwrite_output_dir true to replace "
         "it, --resume_from_checkpoint true to continue from its last checkpoint, or choose another --output_dir."
     )
+
+
+def clear_previous_run(out: Path) -> List[str]:
+    """``overwrite_output_dir``: remove the replaced run's checkpoints and packed model (only when the
+    folder holds a sqakd-hf run record; other files are never deleted). Returns what was removed."""
+    import shutil
+
+    if _read_record(out) is None:
+        return []
+    removed = []
+    for child in sorted(out.iterdir()):
+        if child.is_dir() and (child.name.startswith("checkpoint-") or child.name == PACKED_SUBDIR):
+            shutil.rmtree(child)
+            removed.append(child.name)
+    for name in (METRICS_FILE, RUN_RECORD):
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def write_run_record(recipe: Recipe, teacher: str) -> None:
@@ -215,8 +232,9 @@ def load_and_check_data(data: DataArguments, info, need_train: bool = True, keep
         train_cols = resolve_columns(train, data, modality, what)
         if not keep_train_labels:
             train_cols.label = None
-        elif train_cols.label is not None and label_id_map(train, train_cols.label, info.id2label) is UNLABELED:
-            train_cols.label = None
+        elif train_cols.label is None or label_id_map(train, train_cols.label, info.id2label) is UNLABELED:
+            raise DataError(f"ce_weight > 0 needs labels that match the teacher's classes, but {what} has none "
+                            "(set label_column, or ce_weight: 0 for label-free SQAKD)")
         train = limit_samples(train, data.max_train_samples)
     evals = eval_cols = label_map = None
     if data.eval_split:
@@ -321,18 +339,23 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     push, training.push_to_hub = training.push_to_hub, False  # we push the packed model + card ourselves
     _setup_distributed(recipe)
 
-    with training.main_process_first(desc="loading the data"):
-        raw = load_and_check_data(recipe.data, info, keep_train_labels=training.ce_weight > 0,
-                                  cache_dir=recipe.model.cache_dir)
-        processor = load_processor(recipe.model.teacher, info)
+    # checks run on every rank (identically) before any rank waits on another
+    raw = load_and_check_data(recipe.data, info, keep_train_labels=training.ce_weight > 0,
+                              cache_dir=recipe.model.cache_dir)
+    processor = load_processor(recipe.model.teacher, info)
+    _barrier()  # every rank passed every check
+    with training.main_process_first(desc="loading the models and preparing the data"):
         teacher, student = load_teacher_and_student(info, quant_config, recipe.model)
         train_map = (label_id_map(raw.train, raw.train_columns.label, info.id2label)
                      if raw.train_columns.label is not None else None)
         train_ds, eval_ds, collator = preprocess(raw, recipe.data, info, teacher, processor, train_map)
     if info.modality == "image":
         training.remove_unused_columns = False  # images are transformed on the fly from their raw column
-    _barrier()  # every rank passed every check
     if training.should_save:
+        if recipe.run.overwrite_output_dir and resume is None and Path(training.output_dir).is_dir():
+            removed = clear_previous_run(Path(training.output_dir))
+            if removed:
+                logger.warning("sqakd: overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
         write_run_record(recipe, info.name)
 
     from .trainer import SQAKDTrainer
@@ -461,7 +484,7 @@ def run_eval(eval_args: EvalArguments, model_args: ModelArguments, data: DataArg
     import torch
 
     from .hub import load_quantized
-    from .models import inspect_checkpoint, inspect_teacher, load_processor, load_teacher
+    from .models import inspect_checkpoint, inspect_teacher, load_fp_teacher, load_processor
 
     if not eval_args.model_path:
         raise RecipeError("no model to evaluate: pass --model_path DIR (or a recipe whose output_dir holds one)")
@@ -485,9 +508,8 @@ def run_eval(eval_args: EvalArguments, model_args: ModelArguments, data: DataArg
     raw = load_and_check_data(data, info, need_train=False, cache_dir=model_args.cache_dir)
     processor = load_processor(str(path), info, fallback=model_args.teacher)
     student = load_quantized(path)
-    teacher = load_teacher(teacher_info, model_args) if teacher_info is not None else None
-    _, eval_ds, collator = preprocess(raw, data, info, teacher if teacher is not None and info.library == "timm"
-                                      else student, processor)
+    teacher = load_fp_teacher(teacher_info, model_args) if teacher_info is not None else None
+    _, eval_ds, collator = preprocess(raw, data, info, student, processor)
     device = torch.device(eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from .evaluation import evaluate_models
 

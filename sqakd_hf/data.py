@@ -85,8 +85,12 @@ def load_digits_splits(
     ``with_labels``. Returned with torch formatting.
     """
     import datasets
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # pragma: no cover - scikit-learn is in the demo/test extras
+        raise ImportError("the digits dataset needs scikit-learn: pip install 'sqakd-hf[demo]'") from None
 
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer; got {image_size!r}")
@@ -361,6 +365,11 @@ def label_id_map(ds: AnyDataset, label_col: str, id2label: Optional[Mapping[int,
     model_names = {int(k): str(v) for k, v in (id2label or {}).items()}
     generic = all(v == f"LABEL_{k}" for k, v in model_names.items())
     if isinstance(feat, datasets.ClassLabel):
+        if model_names and generic and feat.num_classes != len(model_names):
+            logger.warning(
+                "sqakd: label column %r has %d classes, the teacher %d; treating the data as unlabeled (no accuracy "
+                "is reported)", label_col, feat.num_classes, len(model_names))
+            return UNLABELED
         if not model_names or generic:
             return None
         by_name = {v: k for k, v in model_names.items()}

@@ -30,7 +30,7 @@ __all__ = [
     "inspect_teacher",
     "inspect_checkpoint",
     "load_teacher_and_student",
-    "load_teacher",
+    "load_fp_teacher",
     "load_processor",
     "task_from_architecture",
 ]
@@ -184,7 +184,7 @@ def _timm_source(info: TeacherInfo) -> str:
     return name if name.startswith("hf-hub:") else f"hf-hub:{name}"
 
 
-def load_teacher(info: TeacherInfo, args: Optional[ModelArguments] = None) -> nn.Module:
+def load_fp_teacher(info: TeacherInfo, args: Optional[ModelArguments] = None) -> nn.Module:
     """The full-precision teacher (eval mode)."""
     args = args or ModelArguments(teacher=info.name)
     try:
@@ -212,7 +212,7 @@ def load_teacher_and_student(
     calibration (``SQAKDTrainer`` does it on the first batches).
     """
     args = args or ModelArguments(teacher=info.name)
-    teacher = load_teacher(info, args)
+    teacher = load_fp_teacher(info, args)
     if info.library == "timm":
         student = quantize_model(copy.deepcopy(teacher), quant_config)
     else:

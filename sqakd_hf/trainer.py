@@ -456,7 +456,7 @@ class SQAKDTrainer(Trainer):
                 raise ValueError("the student's quantizers are not calibrated and there is no dataset to calibrate on")
             return
         self._check_train_dataset(dataset)
-        batches = self._calibration_batches(dataset)
+        batches = self._calibration_batches(dataset, first_only=not needs_calibration)
         core = _core(self.model)
         if needs_calibration:
             calibrate(core, [self._model_call_input(core, b) for b in batches])
@@ -473,7 +473,7 @@ class SQAKDTrainer(Trainer):
         key = next((k for k in POSITIONAL_KEYS if k in inputs), next(iter(inputs)))
         return inputs[key]
 
-    def _calibration_batches(self, dataset: Any) -> List[Dict[str, Any]]:
+    def _calibration_batches(self, dataset: Any, first_only: bool = False) -> List[Dict[str, Any]]:
         """This rank's share of ``calibration_batches`` global batches of seeded-random samples.
 
         A global batch is one optimizer step's data (per-device batch x accumulation x processes);
@@ -503,6 +503,8 @@ class SQAKDTrainer(Trainer):
         if count == 0:
             raise ValueError("the calibration data is empty: SQAKD needs (unlabeled) training inputs")
         mine = list(range(rank, count, world)) or [rank % count]
+        if first_only:  # only the output check needs data
+            mine = mine[:per_device]
         pick = [samples[i] for i in mine] if samples is not None else [dataset[order[i]] for i in mine]
         batches = [collator(pick[i : i + per_device]) for i in range(0, len(pick), per_device)]
         return [self._prepare_inputs(b) for b in batches]

@@ -24,6 +24,7 @@ from cli_fixtures import (
     write_recipe,
     write_text_csv,
 )
+from hub_fixtures import local_hub  # noqa: F401  (pytest fixture: a Hub-protocol server on 127.0.0.1)
 from sqakd_hf import from_pretrained_timm, is_quantized
 from sqakd_hf.cli import METRICS_FILE, RUN_RECORD, main
 from sqakd_hf.hub import load_quantized
@@ -116,6 +117,45 @@ def test_train_bert_on_csv_text_then_reload_with_transformers(assets, tmp_path, 
     assert "Evaluation on" in printed and "teacher" in printed
 
 
+def test_train_streaming_data(assets, tmp_path):
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, streaming=True, max_steps=2, save_packed=False)
+    assert main(["train", str(write_recipe(tmp_path / "s.yaml", **values))]) == 0
+    metrics = json.loads((tmp_path / "out" / METRICS_FILE).read_text())
+    assert "teacher_agreement" in metrics["student"]
+    assert is_quantized(from_pretrained_timm(tmp_path / "out"))
+
+
+def test_evaluation_metrics_are_exact_on_known_cases(assets):
+    """A model against itself agrees 100% with KD loss 0; accuracy counts labels."""
+    import timm
+
+    from sqakd_hf.data import image_collator, load_digits_splits
+    from sqakd_hf.evaluation import evaluate_models
+
+    model = timm.create_model(f"local-dir:{assets.timm_teacher}", pretrained=True).eval()
+    test = load_digits_splits(image_size=32)["test"].select(range(40))
+    m = evaluate_models(model, model, test, image_collator, batch_size=16, progress=False)
+    assert m["student"]["teacher_agreement"] == 1.0 and m["student"]["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        pred = model(test[:]["pixel_values"]).argmax(1)
+    assert m["teacher"]["accuracy"] == pytest.approx(float((pred == test[:]["labels"]).float().mean()))
+
+
+def test_train_then_push_to_hub(assets, tmp_path, local_hub):
+    """push_to_hub / hub_model_id: the packed model and its model card go to the (local) Hub."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=1, push_to_hub=True,
+                          hub_model_id="testuser/digits-lsq-w4a4")
+    assert main(["train", str(write_recipe(tmp_path / "push.yaml", **values))]) == 0
+    files = set(HfApi().list_repo_files("testuser/digits-lsq-w4a4"))
+    assert {"config.json", "model.safetensors", "README.md"} <= files
+    card = Path(hf_hub_download("testuser/digits-lsq-w4a4", "README.md")).read_text()
+    assert "W4A4" in card.replace(" ", "") and "accuracy" in card.lower()
+    downloaded = load_quantized(snapshot_download("testuser/digits-lsq-w4a4"))
+    assert is_quantized(downloaded)
+
+
 def test_accelerate_launch_two_processes(assets, tmp_path):
     """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config."""
     values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, per_device_train_batch_size=8)
@@ -163,12 +203,11 @@ def test_output_dir_rules_resume_and_overwrite(assets, tmp_path, capsys):
     assert "holds a different run" in capsys.readouterr().err
     # resuming the same run for more steps
     assert main(["train", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "3"]) == 0
-    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text()) if (out / "checkpoint-3").is_dir() \
-        else None
-    assert state is None or state["global_step"] == 3
-    # overwrite_output_dir: a different run may replace it
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    # overwrite_output_dir: a different run replaces it (its checkpoints go, so no resume can mix them)
     assert main(["train", str(recipe), "--weight_bits", "2", "--overwrite_output_dir", "true"]) == 0
     assert json.loads((out / RUN_RECORD).read_text())["recipe"]["weight_bits"] == 2
+    assert not (out / "checkpoint-3").exists() and (out / "checkpoint-2").is_dir()
     # a folder with foreign files
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -199,6 +238,7 @@ BAD_INPUTS = {
     "bad method": ({"method": "foo"}, ["method must be one of"]),
     "streaming without max_steps": ({"streaming": True, "max_steps": -1}, ["streaming: true needs max_steps > 0"]),
     "resume without checkpoint": ({"resume_from_checkpoint": "true"}, ["holds no checkpoint-* folder"]),
+    "ce_weight without labels": ({"ce_weight": 0.5, "use_labels": False}, ["ce_weight > 0 needs labels"]),
     "eval strategy without eval split": ({"eval_split": None, "eval_strategy": "steps"},
                                          ["eval_strategy 'steps' needs an eval_split"]),
 }
@@ -237,8 +277,15 @@ def test_missing_recipe_and_bad_overrides(tmp_path, capsys):
     assert "no model to evaluate" in capsys.readouterr().err
 
 
-def test_help_and_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "sqakd_hf", "--help"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0 and "sqakd-hf <command>" in proc.stdout and "quickstart" in proc.stdout
+def test_help(capsys):
+    """(``python -m sqakd_hf`` itself runs in the accelerate test.)"""
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "sqakd-hf <command>" in out and "quickstart" in out and "accelerate launch" in out
     assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--teacher (str, default None)" in out and "--weight_bits (int, default 4)" in out
+    assert "--temperature (float, default 4.0)" in out
+    assert main(["eval", "--help"]) == 0
+    assert "--model_path" in capsys.readouterr().out
+    assert main([]) == 2

@@ -216,5 +216,7 @@ def test_label_names_are_matched_to_the_teacher(imgs):
     mapping = label_id_map(ds, "label", reversed_names)
     assert mapping == {i: 9 - int(n) for i, n in enumerate(ds.features["label"].names)}
     assert label_id_map(ds, "label", {i: f"class{i}" for i in range(10)}) is UNLABELED  # unrelated folders
+    assert label_id_map(ds, "label", {0: "LABEL_0", 1: "LABEL_1"}) is UNLABELED  # 10 classes vs 2: not its labels
+    assert label_id_map(ds, "label", {i: f"LABEL_{i}" for i in range(10)}) is None  # same count, no names: as is
     with pytest.raises(DataError, match="has classes .* that the teacher does not know"):
         label_id_map(ds, "label", {0: "0", 1: "1", 2: "cat"})

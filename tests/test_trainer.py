@@ -165,6 +165,12 @@ def test_other_misuse_is_reported(digits_teacher, tmp_path):
                      args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="needs teacher_model"):
         SQAKDTrainer(model=student_of(digits_teacher), args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="compute_loss_func would be ignored"):
+        SQAKDTrainer(model=student_of(digits_teacher), teacher_model=copy.deepcopy(digits_teacher),
+                     args=make_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+    frozen = student_of(digits_teacher).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SQAKDTrainer(model=frozen, teacher_model=copy.deepcopy(digits_teacher), args=make_args(tmp_path))
     student = student_of(digits_teacher)
     with pytest.raises(ValueError, match="must be the full-precision model"):
         SQAKDTrainer(model=student, teacher_model=student_of(digits_teacher), args=make_args(tmp_path))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, calibrate, kd_kl_loss, quantize_model
+from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, kd_kl_loss, quantize_model
 
 SEQ = 32
 
