@@ -38,7 +38,10 @@ from transformers.trainer_utils import has_length
 from .calibration import LABEL_KEYS, calibrate
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .injection import is_quantized, quantizer_parameters, quantizers
+from .hub import push_to_hub as push_quantized_to_hub
+from .hub import write_model_card
 from .losses import hidden_state_per_position, kd_kl_per_position
+from .timm_io import save_pretrained_timm
 from .training_args import SQAKDTrainingArguments
 
 try:
@@ -195,6 +198,8 @@ class SQAKDTrainer(Trainer):
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         self._check_train_dataset(train_dataset)
         teacher = load_teacher(teacher_model, model)
+        #: what the model card names as base_model: the teacher's path / Hub id, or the teacher itself
+        self.teacher_ref: Any = teacher_model if isinstance(teacher_model, (str, os.PathLike)) else teacher
         if teacher is model:
             raise ValueError("teacher_model is the student itself: pass a separate full-precision copy")
         if is_quantized(teacher):
@@ -590,3 +595,76 @@ class SQAKDTrainer(Trainer):
         stats = torch.stack([per_sample(per * w), per_sample(w), agree, agree_n, correct, labeled], dim=1)
         stats = self.accelerator.gather_for_metrics(stats).double().sum(0).cpu()
         self._eval_totals = stats if self._eval_totals is None else self._eval_totals + stats
+
+    # ---- saving and sharing ----------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[Dict[str, Tensor]] = None) -> None:
+        """Training form. transformers models: the stock path (config.json carries quantization_config);
+        timm-native students: timm's layout plus quantization_config, so ``from_pretrained_timm`` reads it."""
+        model = _core(self.model)
+        if isinstance(model, PreTrainedModel) or not isinstance(getattr(model, "pretrained_cfg", None), dict):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        save_pretrained_timm(model, output_dir)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+
+    def _card_metrics(self) -> Dict[str, Dict[str, float]]:
+        """The student's latest evaluation metrics, as the model card reports them."""
+        latest = next((h for h in reversed(self.state.log_history) if "eval_kd_loss" in h), None)
+        if latest is None:
+            return {}
+        keys = ("eval_accuracy", "eval_teacher_agreement", "eval_kd_loss")
+        return {"student": {k[len("eval_"):]: float(latest[k]) for k in keys if k in latest}}
+
+    def _card_training(self) -> Dict[str, Any]:
+        a = self.args
+        return {
+            "temperature": a.temperature, "kd_weight": a.kd_weight, "ce_weight": a.ce_weight,
+            "learning_rate": a.learning_rate, "quantizer_learning_rate": a.effective_quantizer_learning_rate,
+            "epochs": a.num_train_epochs, "global_steps": self.state.global_step,
+        }
+
+    def create_model_card(
+        self,
+        language: Optional[str] = None,
+        license: Optional[str] = None,
+        tags: Union[str, List[str], None] = None,
+        model_name: Optional[str] = None,
+        finetuned_from: Optional[str] = None,
+        tasks: Union[str, List[str], None] = None,
+        dataset_tags: Union[str, List[str], None] = None,
+        dataset: Union[str, List[str], None] = None,
+        dataset_args: Union[str, List[str], None] = None,
+    ) -> None:
+        """Render sqakd_hf's model card (teacher as base_model, bits, metrics) into ``output_dir/README.md``
+        instead of the Trainer's generic card."""
+        if not self.is_world_process_zero():
+            return
+        as_list = lambda v: [v] if isinstance(v, str) else list(v or [])  # noqa: E731
+        write_model_card(
+            _core(self.model), self.args.output_dir, teacher=finetuned_from or self.teacher_ref,
+            metrics=self._card_metrics(), training=self._card_training(), repo_id=self.args.hub_model_id,
+            license=license, tags=as_list(tags), datasets=as_list(dataset_tags or dataset),
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ):
+        """Save the training form to ``output_dir`` (with the model card), then upload the packed
+        low-bit form and the card to ``args.hub_model_id`` (default: the output folder's name)."""
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        card_keys = ("license", "tags", "finetuned_from", "dataset_tags", "dataset")
+        self.create_model_card(**{k: kwargs[k] for k in card_keys if k in kwargs})
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(self.args.output_dir))
+        return push_quantized_to_hub(
+            _core(self.model), repo_id, commit_message=commit_message, private=self.args.hub_private_repo,
+            token=token or self.args.hub_token, revision=revision, teacher=self.teacher_ref,
+            metrics=self._card_metrics(), training=self._card_training(),
+        )
