@@ -26,7 +26,6 @@ from .data import (
     UNLABELED,
     Columns,
     DataError,
-    column_names,
     dataset_length,
     ensure_pad_token,
     image_collator,
@@ -599,6 +598,9 @@ def cmd_quickstart(argv: List[str]) -> int:
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="allow an output_dir that holds something other than an earlier quickstart")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_threads", type=int, default=1,
+                        help="torch CPU threads (default 1: fastest for this tiny model on a shared CPU; 0 = torch's "
+                             "default)")
     args = parser.parse_args(argv)
     try:
         bits = [int(b) for b in str(args.bits).split(",") if b.strip()]
@@ -606,7 +608,7 @@ def cmd_quickstart(argv: List[str]) -> int:
         raise RecipeError(f"--bits must be comma-separated integers like 4,2; got {args.bits!r}") from None
     run_quickstart(output_dir=args.output_dir, method=args.method, bits=bits, epochs=args.epochs,
                    teacher_epochs=args.teacher_epochs, fast=args.fast, overwrite=args.overwrite_output_dir,
-                   seed=args.seed)
+                   seed=args.seed, num_threads=args.num_threads)
     return 0
 
 

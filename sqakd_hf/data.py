@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ __all__ = [
     "text_collator",
     "image_collator",
     "limit_samples",
+    "ensure_pad_token",
+    "dataset_length",
+    "UNLABELED",
 ]
 
 #: ``dataset_name`` of the built-in scikit-learn digits (no download)
@@ -553,9 +556,3 @@ def dataset_length(ds: AnyDataset) -> Optional[int]:
         return len(ds)
     except TypeError:
         return None
-
-
-def as_list(value: Union[str, Sequence[str], None]) -> List[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)

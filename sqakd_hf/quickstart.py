@@ -167,11 +167,15 @@ def run_quickstart(
     overwrite: bool = False,
     seed: int = 0,
     batch_size: int = 64,
+    num_threads: Optional[int] = 1,
 ) -> List[QuickstartRow]:
     """Run the quickstart (see the module docstring); returns the table rows.
 
     Full mode: teacher 4 epochs, each student 4 epochs. ``fast``: teacher 1 epoch, each student
     12 steps (mechanics only, for tests). ``epochs`` / ``teacher_epochs`` override either.
+    ``num_threads``: torch CPU threads (default 1: the model is tiny, and on a shared 2-core CPU
+    multi-threaded small kernels stall when another process holds a core; measured 28 s with 1
+    thread vs 7.5 min with 2 under load). ``None``/0 keeps torch's setting.
     """
     from .config import QuantConfig
     from .evaluation import evaluate_models
@@ -182,6 +186,8 @@ def run_quickstart(
     from .training_args import SQAKDTrainingArguments
 
     start = time.perf_counter()
+    if num_threads and not torch.cuda.is_available():
+        torch.set_num_threads(num_threads)
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
     configs = []

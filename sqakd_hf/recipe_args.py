@@ -329,9 +329,19 @@ def _check_keys(keys: Sequence[str], where: str, groups: Sequence[Tuple[str, typ
                       + valid_keys_message(groups))
 
 
+def _has_no_choice(tp: Any) -> bool:
+    """Strategy fields (an Enum with the value "no", e.g. SaveStrategy)."""
+    from enum import Enum
+
+    return any(isinstance(a, type) and issubclass(a, Enum) and "no" in {m.value for m in a}
+               for a in typing.get_args(tp))
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """YAML/CLI value -> the field's type where the field is a plain scalar (YAML reads ``1e-3`` as a string)."""
     base = _base_type(tp)
+    if value is False and _has_no_choice(tp):
+        return "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
     if isinstance(value, str):
         if value.lower() in ("null", "~") and _optional(tp):
             return None

@@ -37,7 +37,7 @@ from transformers.trainer_utils import has_length
 
 from .calibration import LABEL_KEYS, calibrate
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
-from .injection import is_quantized, quantizer_parameters, quantizers
+from .injection import is_quantized, quant_layers, quantizer_parameters, quantizers
 from .hub import push_to_hub as push_quantized_to_hub
 from .hub import write_model_card
 from .losses import hidden_state_per_position, kd_kl_per_position
@@ -230,6 +230,13 @@ class SQAKDTrainer(Trainer):
             raise ValueError(
                 "the student has no trainable parameters (requires_grad is False everywhere; was it copied from a "
                 "frozen teacher?): call student.requires_grad_(True)"
+            )
+        frozen = [n for n, layer in quant_layers(_core(model)) if not layer.weight.requires_grad]
+        if frozen:
+            logger.warning(
+                "%d quantized layers have frozen weights (requires_grad=False; copied from a frozen teacher?), e.g. "
+                "%s: only their quantizer parameters will train; call student.requires_grad_(True) to train them",
+                len(frozen), frozen[0],
             )
         if args.ewgs_delta_schedule == "hessian" and not ewgs_quantizers(_core(model)):
             raise ValueError("ewgs_delta_schedule='hessian' needs EWGS quantizers: use QuantConfig(method='ewgs', ...)")
@@ -603,6 +610,8 @@ class SQAKDTrainer(Trainer):
         model = _core(self.model)
         if isinstance(model, PreTrainedModel) or not isinstance(getattr(model, "pretrained_cfg", None), dict):
             return super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # one writer per checkpoint under DDP
+            return
         output_dir = output_dir or self.args.output_dir
         save_pretrained_timm(model, output_dir)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):

@@ -157,8 +157,6 @@ def test_parquet_unlabeled_text_and_string_labels(tmp_path):
 
 
 def test_empty_texts_are_dropped_and_streaming_text(tmp_path):
-    from transformers import GPT2TokenizerFast  # noqa: F401  (only the tokenizer class matters here)
-
     ds = datasets.Dataset.from_list([{"text": "good movie"}, {"text": ""}, {"text": "bad plot"}])
 
     class NoSpecials:

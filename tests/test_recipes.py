@@ -116,8 +116,11 @@ def test_yaml_and_overrides(tmp_path):
     assert r.quant.modules_to_not_convert == ["conv1", "fc"]
     assert r.quant.to_quant_config().layer_bits == {"fc": {"weight_bits": 8, "act_bits": 8}}
     assert r.data.max_train_samples is None
-    # YAML reads 1e-3 as a string: it is converted to the field's type
+    # YAML reads 1e-3 as a string and an unquoted `no` as false: both become what the field means
     assert parse_recipe(path).training.learning_rate == 1e-3
+    (tmp_path / "no.yaml").write_text("teacher: t\nsave_strategy: no\nfp16: no\n")
+    no = parse_recipe(tmp_path / "no.yaml")
+    assert no.training.save_strategy.value == "no" and no.training.fp16 is False
     assert parse_recipe(path, {"weight_bits": 8}).quant.weight_bits == 8
 
 

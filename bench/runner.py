@@ -1,0 +1,75 @@
+"""The benchmark's sections and their sizes per mode; importable, so worker processes can run them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict
+
+import torch
+
+SECTIONS = ("vision", "text", "cost", "size")
+METHODS = ("lsq", "pact", "dorefa", "ewgs")
+
+
+def presets(mode: str, seed: int) -> Dict[str, Any]:
+    """Sizes of every section for ``quick`` / ``full`` / ``micro`` (a seconds-long smoke run)."""
+    from .common import Budget
+    from .quality_text import TextSetup
+    from .quality_vision import VisionSetup
+
+    if mode == "full":
+        return {
+            "vision": VisionSetup(32, 270, Budget(135, 64, 1e-3, seed=seed), METHODS,
+                                  [(8, 8), (4, 4), (3, 3), (2, 2), (1, 2)]),
+            "text": TextSetup(128, 0, 0, 222, 1e-4, Budget(60, 16, 5e-5, weight_decay=0.01, seed=seed),
+                              [(8, 8), (4, 8), (4, 4)]),
+            "cost": {"batch_size": 16, "seq_len": 128, "reps": 5},
+            "size": [8, 4, 2, 1],
+        }
+    if mode == "quick":
+        return {
+            "vision": VisionSetup(16, 90, Budget(30, 64, 1e-3, seed=seed), METHODS, [(8, 8), (4, 4), (2, 2), (1, 4)]),
+            "text": TextSetup(64, 320, 200, 40, 3e-4, Budget(12, 16, 5e-5, weight_decay=0.01, seed=seed),
+                              [(8, 8), (4, 8)]),
+            "cost": {"batch_size": 8, "seq_len": 128, "reps": 3},
+            "size": [8, 4, 2, 1],
+        }
+    return {  # micro: mechanics only
+        "vision": VisionSetup(8, 2, Budget(2, 32, 1e-3, calibration_batches=1, seed=seed), ("lsq",), [(4, 4)],
+                              test_limit=64),
+        "text": TextSetup(16, 40, 20, 2, 3e-4, Budget(2, 8, 5e-5, calibration_batches=1, seed=seed), [(8, 8)]),
+        "cost": {"batch_size": 2, "seq_len": 16, "reps": 1},
+        "size": [4],
+    }
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def setup(threads: int, verbose: bool) -> None:
+    if not verbose:  # before torch/transformers/torchao imports log their deprecation notices
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        from .common import quiet
+
+        quiet()
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, log: Callable[[str], None] = log):
+    """Run one section (``vision``, ``text``, ``cost``, ``size``); returns ``(result, seconds)``."""
+    setup(threads, verbose)
+    from . import common, cost, quality_text, quality_vision, size
+
+    cfg = presets(mode, seed)
+    jobs = {
+        "vision": lambda: quality_vision.run(cfg["vision"], log),
+        "text": lambda: quality_text.run(cfg["text"], log),
+        "cost": lambda: cost.run(**cfg["cost"], mode=mode, log=log),
+        "size": lambda: size.run(cfg["size"], log),
+    }
+    with common.Timer() as t:
+        result = jobs[name]()
+    log(f"[bench] {name} done in {t.s:.0f} s")
+    return result, t.s

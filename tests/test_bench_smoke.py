@@ -1,0 +1,34 @@
+"""Smoke test of the benchmark entry point: argument parsing and a seconds-long micro run."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+bench_main = pytest.importorskip("bench.__main__")
+
+
+def test_parse_modes_and_sections():
+    args = bench_main.parse(["--quick", "--sections", "vision,size", "--threads", "0"])
+    assert (args.mode, args.sections, args.threads) == ("quick", ["vision", "size"], 0)
+    assert bench_main.parse([]).mode == "full"
+    with pytest.raises(SystemExit):
+        bench_main.parse(["--sections", "vision,nope"])
+    with pytest.raises(SystemExit):
+        bench_main.parse(["--quick", "--micro"])
+
+
+def test_micro_vision_run_writes_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = bench_main.main(["--micro", "--sections", "vision", "--out", str(tmp_path), "--threads", "0",
+                           "--jobs", "1", "--verbose"], log=lambda msg: None)
+    run = json.loads((tmp_path / "results.json").read_text())["runs"]["micro"]
+    row = run["vision"]["rows"][0]
+    assert set(row) >= {"ptq", "qat", "sqakd", "paired"}
+    assert 0.0 <= row["sqakd"]["teacher_agreement"] <= 1.0
+    assert (tmp_path / "vision_accuracy_micro.png").stat().st_size > 0
+    assert "## micro run" in out.read_text()
