@@ -154,6 +154,12 @@ class Budget:
     calibration_batches: int = 4
     seed: int = 0
 
+    def describe(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "batch_size": self.batch_size, "optimizer": "AdamW (Trainer default)",
+                "lr": self.lr, "quantizer_lr": self.quantizer_lr or self.lr, "weight_decay": self.weight_decay,
+                "schedule": "cosine", "calibration_batches": self.calibration_batches, "temperature": TEMPERATURE,
+                "seed": self.seed}
+
 
 def _args(budget: Budget, out: str, kd_weight: float, ce_weight: float) -> SQAKDTrainingArguments:
     return SQAKDTrainingArguments(

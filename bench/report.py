@@ -8,6 +8,8 @@ side by side. The hand-written interpretation in ``bench/analysis.md`` (if any) 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +25,11 @@ def _pct(v: Optional[float]) -> str:
 
 def _pt(d: Dict[str, float]) -> str:
     return f"{100 * d['delta']:+.1f} ± {200 * d['se']:.1f}"
+
+
+def collapsed(row: Dict[str, Any], num_classes: int) -> bool:
+    """Both trained students below twice chance: the comparison says nothing about labels vs KD."""
+    return max(row["qat"]["accuracy"], row["sqakd"]["accuracy"]) < 2.0 / num_classes
 
 
 def verdict(d: Dict[str, float]) -> str:
@@ -55,23 +62,32 @@ def quality_table(section: Dict[str, Any]) -> List[str]:
 
 def answer(section: Dict[str, Any]) -> List[str]:
     """Per bit-width: how often SQAKD reaches labeled QAT, and its margin over PTQ."""
+    data = section["data"]
+    classes = data.get("num_classes") or len(data.get("classes", [])) or 10
     by_bits: Dict[str, List[Dict[str, Any]]] = {}
     for r in section["rows"]:
         by_bits.setdefault(r["bits"], []).append(r)
     lines = []
     for bits, rows in by_bits.items():
-        vs_qat = [r["paired"]["sqakd_minus_qat"] for r in rows]
+        dead = [r["method"] for r in rows if collapsed(r, classes)]
+        live = [r for r in rows if not collapsed(r, classes)]
+        verdicts = [verdict(r["paired"]["sqakd_minus_qat"]) for r in live]
+        counts = {v: verdicts.count(v) for v in ("beats", "ties", "loses")}
         vs_ptq = [100 * r["paired"]["sqakd_minus_ptq"]["delta"] for r in rows]
-        counts = {v: sum(verdict(d) == v for d in vs_qat) for v in ("beats", "ties", "loses")}
-        mean_qat = 100 * sum(d["delta"] for d in vs_qat) / len(vs_qat)
-        reached = counts["beats"] + counts["ties"]
-        detail = ", ".join(f"{r['method']} {_pt(r['paired']['sqakd_minus_qat'])}" for r in rows)
-        lines.append(
-            f"- **{bits}**: SQAKD reaches or beats labeled QAT for {reached}/{len(rows)} "
-            f"(beats {counts['beats']}, ties {counts['ties']}, loses {counts['loses']}; mean {mean_qat:+.1f} pt: "
-            f"{detail}). Over PTQ: mean {sum(vs_ptq) / len(vs_ptq):+.1f} pt (range {min(vs_ptq):+.1f} to "
-            f"{max(vs_ptq):+.1f})."
-        )
+        detail = ", ".join(f"{r['method']} {_pt(r['paired']['sqakd_minus_qat'])}" for r in live)
+        text = f"- **{bits}**: "
+        if live:
+            pairs = [r["paired"]["sqakd_minus_qat"] for r in live]
+            pooled = {"delta": sum(p["delta"] for p in pairs) / len(pairs),
+                      "se": math.sqrt(sum(p["se"] ** 2 for p in pairs)) / len(pairs)}
+            text += (f"SQAKD reaches (ties within 2 SE) or beats labeled QAT for {counts['beats'] + counts['ties']}/"
+                     f"{len(live)} (beats {counts['beats']}, ties {counts['ties']}, loses {counts['loses']}; "
+                     f"mean over methods {_pt(pooled)} pt; {detail}). ")
+        if dead:
+            text += f"Both QAT and SQAKD near chance for {', '.join(dead)} (no verdict). "
+        text += (f"Over PTQ: mean {sum(vs_ptq) / len(vs_ptq):+.1f} pt, median {statistics.median(vs_ptq):+.1f} "
+                 f"(range {min(vs_ptq):+.1f} to {max(vs_ptq):+.1f}).")
+        lines.append(text)
     return lines
 
 
@@ -127,8 +143,10 @@ def plot_quality(section: Dict[str, Any], title: str, path: Path) -> None:
     """Accuracy vs bit-width, one panel per method, PTQ / QAT / SQAKD lines, teacher dashed."""
     plt = _plt()
     methods = list(dict.fromkeys(r["method"] for r in section["rows"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False, sharey=True)
-    for ax, method in zip(axes[0], methods):
+    cols = min(2, len(methods))
+    rows_n = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False, sharey=True)
+    for ax, method in zip(axes.flat, methods):
         rows = [r for r in section["rows"] if r["method"] == method]
         xs = range(len(rows))
         for (way, label), style in zip(WAYS, ("s:", "o--", "D-")):
@@ -138,7 +156,8 @@ def plot_quality(section: Dict[str, Any], title: str, path: Path) -> None:
         ax.set_title(method)
         ax.set_xlabel("bit-width")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (%)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("held-out accuracy (%)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -207,27 +226,45 @@ def _run_markdown(mode: str, run: Dict[str, Any]) -> List[str]:
 
 
 def write(results_dir: Path, mode: str, run: Dict[str, Any]) -> Path:
-    """Store ``run`` under ``runs[mode]`` of results.json, draw its plots, regenerate results.md."""
+    """Store ``run`` under ``runs[mode]`` of results.json, then :func:`render`."""
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "results.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     runs = data.get("runs", {})
     runs[mode] = run
     path.write_text(json.dumps({"runs": runs}, indent=1, default=float) + "\n")
-    if run.get("vision"):
-        plot_quality(run["vision"], f"digits, timm test_resnet ({mode})", results_dir / f"vision_accuracy_{mode}.png")
-    if run.get("text"):
-        plot_quality(run["text"], f"BBC News, MiniLM-L6 ({mode})", results_dir / f"text_accuracy_{mode}.png")
-    if run.get("size"):
-        plot_size(run["size"], results_dir / f"size_{mode}.png")
+    return render(results_dir)
+
+
+def render(results_dir: Path) -> Path:
+    """Draw the plots and write results.md for every run stored in results.json."""
+    runs = json.loads((results_dir / "results.json").read_text())["runs"]
     lines = ["# SQAKD benchmark: label-free SQAKD vs PTQ vs labeled QAT, cost and size", "",
-             "Produced by `python -m bench` (`--quick` for the short run). Every comparison below ran side by "
-             "side in one process with fixed seeds.", ""]
-    for m in MODES:
-        if m in runs:
-            lines += _run_markdown(m, runs[m])
+             "Produced by `python -m bench` (`--quick` for the short run; `python -m bench.report` re-renders this "
+             "file and the plots from results.json). Within each section every comparison ran side by side in one "
+             "process with fixed seeds.", ""]
+    for mode in MODES:
+        run = runs.get(mode)
+        if not run:
+            continue
+        if run.get("vision"):
+            plot_quality(run["vision"], f"digits, timm test_resnet ({mode})",
+                         results_dir / f"vision_accuracy_{mode}.png")
+        if run.get("text"):
+            plot_quality(run["text"], f"BBC News, MiniLM-L6 ({mode})", results_dir / f"text_accuracy_{mode}.png")
+        if run.get("size"):
+            plot_size(run["size"], results_dir / f"size_{mode}.png")
+        lines += _run_markdown(mode, run)
     if ANALYSIS.is_file():
         lines += ["## Interpretation (hand-written, see `bench/analysis.md`)", "", ANALYSIS.read_text().strip(), ""]
     out = results_dir / "results.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description="re-render results.md and the plots")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    print(render(ap.parse_args().out))

@@ -37,8 +37,8 @@ def measure(name: str, fp: nn.Module, batch: Any, bits: Sequence[int], act_bits:
         total = sum(p.numel() for p in fp.parameters())
         rows: List[Dict[str, Any]] = []
         for b in bits:
-            q = calibrate(quantize_model(copy.deepcopy(fp), QuantConfig(method="lsq", weight_bits=b, act_bits=act_bits)),
-                          [batch])
+            cfg = QuantConfig(method="lsq", weight_bits=b, act_bits=act_bits)
+            q = calibrate(quantize_model(copy.deepcopy(fp), cfg), [batch])
             qparams = sum(layer.weight.numel() for _, layer in quant_layers(q))
             packed = _weights_bytes(save_packed(q, Path(tmp) / f"w{b}"))
             rows.append({"weight_bits": b, "packed_bytes": packed, "ratio_vs_fp32": fp_bytes / packed,
