@@ -89,7 +89,7 @@ def _fp_step_fn(model, batch, labels) -> Callable[[], None]:
     import torch
     import torch.nn.functional as F
 
-    from sqakd_hf.trainer import call_model, output_tensor
+    from sqakd_hf.model_io import call_model, output_tensor
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -106,7 +106,7 @@ def _fp_step_fn(model, batch, labels) -> Callable[[], None]:
 def _make_sqakd(teacher, batch, device: str):
     """A SQAKDTrainer on a calibrated W4A4 LSQ copy of ``teacher``; returns (step, trainer)."""
     from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, calibrate, quantize_model
-    from sqakd_hf.trainer import _core
+    from sqakd_hf.model_io import unwrap as _core
 
     student = quantize_model(copy.deepcopy(teacher).train(), QuantConfig(method="lsq", weight_bits=4, act_bits=4))
     calibrate(student, [batch if "pixel_values" not in batch else batch["pixel_values"]])

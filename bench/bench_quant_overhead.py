@@ -43,7 +43,7 @@ class _Naive(LSQQuantizer):
 
 
 def _make_naive(model: torch.nn.Module) -> torch.nn.Module:
-    for _, q in sqakd_hf.quantizers(model):
+    for _, q in sqakd_hf.named_quantizers(model):
         if isinstance(q, LSQQuantizer):
             q.__class__ = _Naive
     return model

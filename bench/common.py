@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
-from sqakd_hf.losses import kd_kl_per_position
-from sqakd_hf.trainer import call_model, output_tensor
+from sqakd_hf.training.losses import kd_kl_per_position
+from sqakd_hf.model_io import call_model, output_tensor
 
 TEMPERATURE = 4.0
 

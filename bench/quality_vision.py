@@ -10,7 +10,7 @@ import timm
 import torch
 
 from sqakd_hf import QuantConfig
-from sqakd_hf.data import image_collator, load_digits_splits
+from sqakd_hf.app.data import image_collator, load_digits_splits
 
 from .common import Budget, Timer, accuracy, batched, predict_logits, three_ways, train_supervised
 

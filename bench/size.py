@@ -1,4 +1,4 @@
-"""Size: bytes of the packed checkpoint (``sqakd_hf.export.save_packed``) at each weight bit-width
+"""Size: bytes of the packed checkpoint (``sqakd_hf.save_packed``) at each weight bit-width
 vs the FP32 safetensors checkpoint, for timm resnet18 and the MiniLM-L6 classifier."""
 
 from __future__ import annotations

@@ -1,55 +1,82 @@
 """sqakd-hf: label-free quantization-aware training by self-supervised distillation (SQAKD)
-for timm and transformers checkpoints."""
+for timm and transformers checkpoints.
 
-from .calibration import calibrate, refresh_quantizer_state
-from .config import QuantConfig
-from .injection import QuantizationReport, is_quantized, quant_layers, quantize_model, quantizer_parameters, quantizers
-from .modules import QuantConv1D, QuantConv2d, QuantLayer, QuantLinear
-from .quantizers import METHODS, Quantizer, build_quantizer
-from .losses import hidden_state_loss, kd_kl_loss, kd_kl_per_position
-from .trainer import SQAKDTrainer, load_teacher
-from .training_args import SQAKDTrainingArguments
-from . import hf_quantizer  # registers quant_method "sqakd" with transformers
-from .hf_quantizer import SQAKDHfQuantizer
-from .export import SQAKDCheckpointError, pack_model, save_packed
-from .timm_io import from_pretrained_timm, save_pretrained_timm
-from .hub import PushToHubError, model_card_info, push_to_hub, write_model_card
-from .data import load_digits_splits
+Importing the package registers ``quant_method: "sqakd"`` with transformers (before any
+``from_pretrained`` can need it) and makes the public API below available; heavy dependencies
+(torch, transformers, timm) load only when a name that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict
+
+from . import _registration
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "QuantConfig",
-    "quantize_model",
-    "calibrate",
-    "refresh_quantizer_state",
-    "QuantizationReport",
-    "is_quantized",
-    "quant_layers",
-    "quantizers",
-    "quantizer_parameters",
-    "QuantLayer",
-    "QuantLinear",
-    "QuantConv2d",
-    "QuantConv1D",
-    "Quantizer",
-    "build_quantizer",
-    "METHODS",
-    "SQAKDTrainer",
-    "SQAKDTrainingArguments",
-    "load_teacher",
-    "kd_kl_loss",
-    "kd_kl_per_position",
-    "hidden_state_loss",
-    "SQAKDHfQuantizer",
-    "pack_model",
-    "save_packed",
-    "from_pretrained_timm",
-    "save_pretrained_timm",
-    "model_card_info",
-    "write_model_card",
-    "push_to_hub",
-    "load_digits_splits",
-    "SQAKDCheckpointError",
-    "PushToHubError",
-]
+#: public name -> module that defines it
+_EXPORTS: Dict[str, str] = {
+    # core
+    "QuantConfig": ".config",
+    "quantize_model": ".injection",
+    "QuantizationReport": ".injection",
+    "is_quantized": ".injection",
+    "quant_layers": ".injection",
+    "named_quantizers": ".injection",
+    "quantizer_parameters": ".injection",
+    "get_quant_config": ".injection",
+    "calibrate": ".calibration",
+    "refresh_quantizer_state": ".calibration",
+    "QuantLayer": ".modules",
+    "QuantLinear": ".modules",
+    "QuantConv2d": ".modules",
+    "QuantConv1D": ".modules",
+    "Quantizer": ".quantizers",
+    "build_quantizer": ".quantizers",
+    "METHODS": ".quantizers",
+    # errors
+    "InputError": ".errors",
+    "SQAKDCheckpointError": ".errors",
+    "PushToHubError": ".errors",
+    # checkpoints
+    "pack_model": ".serialization.packed",
+    "save_packed": ".checkpoint",
+    "save_quantized": ".checkpoint",
+    "load_quantized": ".checkpoint",
+    "load_teacher": ".checkpoint",
+    "from_pretrained_timm": ".serialization.timm_layout",
+    "save_pretrained_timm": ".serialization.timm_layout",
+    "SQAKDHfQuantizer": ".integrations.hf_quantizer",
+    # training
+    "SQAKDTrainer": ".training.trainer",
+    "SQAKDTrainingArguments": ".training.args",
+    "kd_kl_loss": ".training.losses",
+    "kd_kl_per_position": ".training.losses",
+    "hidden_state_loss": ".training.losses",
+    "evaluate_models": ".training.metrics",
+    # sharing
+    "model_card_info": ".hub.card_info",
+    "write_model_card": ".hub.card_info",
+    "push_to_hub": ".hub.push",
+    # data
+    "load_digits_splits": ".app.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sqakd_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+_registration.install()

@@ -1,8 +1,8 @@
-"""``python -m sqakd_hf``: the ``sqakd-hf`` command line (see :mod:`sqakd_hf.cli`)."""
+"""``python -m sqakd_hf``: the ``sqakd-hf`` command line (see :mod:`sqakd_hf.app.cli`)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,32 +16,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .injection import quant_layers, quantizers
+from .injection import named_quantizers, quant_layers
+from .model_io import split_labels, to_device
 from .quantizers.base import STAT_OPS
 
 logger = logging.getLogger(__name__)
 
-#: batch keys that are targets, never model inputs during calibration
-LABEL_KEYS = ("labels", "label", "label_ids")
-
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def model_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on a batch: a tensor, a mapping of keyword inputs (labels dropped),
     or a ``(inputs, targets)`` tuple as produced by a ``TensorDataset`` loader."""
     if isinstance(batch, Mapping):
-        return model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
+        return model(**split_labels(batch)[0])
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
     return model(batch)
@@ -76,7 +64,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         raise ValueError("calibrate() needs a quantized model: call sqakd_hf.quantize_model(model, config) first")
     for _, layer in layers:
         layer.weight_quantizer.init_from_weight(layer.weight)
-    acts = [(n, q) for n, q in quantizers(model) if q.role == "act" and q.bits < 32]
+    acts = [(n, q) for n, q in named_quantizers(model) if q.role == "act" and q.bits < 32]
     was_training = model.training
     device = next(model.parameters()).device
     seen = 0
@@ -85,7 +73,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         for q in [q for _, q in acts]:
             q.observing = True
         for batch in itertools.islice(batches, num_batches):
-            model_forward(model, _to_device(batch, device))
+            model_forward(model, to_device(batch, device))
             seen += 1
     finally:
         for _, q in acts:
@@ -108,5 +96,5 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
 
 def refresh_quantizer_state(model: nn.Module) -> None:
     """Re-read quantizer flags (signedness, initialised) from their buffers after weights were loaded."""
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         q.sync_from_buffers()

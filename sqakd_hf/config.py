@@ -136,3 +136,20 @@ class QuantConfig(QuantizationConfigMixin):
     def short_name(self) -> str:
         """E.g. ``lsq-W4A4``."""
         return f"{self.method}-W{self.weight_bits}A{self.act_bits}"
+
+
+#: QuantConfig fields that describe storage, not the quantized function
+STORAGE_FIELDS = ("packed", "quant_method")
+
+
+def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:
+    """Raise ``ValueError`` naming every field in which ``requested`` contradicts ``saved``."""
+    a, b = saved.to_dict(), requested.to_dict()
+    diff = [k for k in a if k not in STORAGE_FIELDS and a[k] != b.get(k)]
+    if diff:
+        rows = "; ".join(f"{k}: {where} has {a[k]!r}, you passed {b.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"the quantization_config you passed contradicts the one {where} was quantized with ({rows}). "
+            "Drop the quantization_config argument to load the checkpoint as saved, or start from the "
+            "full-precision teacher to quantize it differently."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -96,7 +97,7 @@ def _match_patterns(patterns: List[str], names: List[str], field_name: str) -> N
             )
 
 
-def _build_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bits: Dict[str, int]) -> Tuple[Quantizer, Quantizer]:
+def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bits: Dict[str, int]) -> Tuple[Quantizer, Quantizer]:
     weight = layer.weight
     per_channel = config.weight_granularity == "per_channel"
     shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
@@ -160,7 +161,7 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             report.kept_fp.append(LayerEntry(name, kind, reason=keep.get(name, "32 bits requested")))
             continue
         cls = wrapper_for(layer)
-        wq, aq = _build_quantizers(layer, cls, config, bits)
+        wq, aq = build_layer_quantizers(layer, cls, config, bits)
         _set_submodule(model, name, cls.from_float(layer, wq, aq))
         report.quantized.append(LayerEntry(name, kind, bits["weight_bits"], bits["act_bits"]))
 
@@ -190,7 +191,7 @@ def quant_layers(model: nn.Module) -> Iterator[Tuple[str, QuantLayer]]:
             yield name, m
 
 
-def quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
+def named_quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
     """``(name, quantizer)`` for every quantizer of ``model``."""
     for name, m in model.named_modules():
         if isinstance(m, Quantizer):
@@ -199,8 +200,23 @@ def quantizers(model: nn.Module) -> Iterator[Tuple[str, Quantizer]]:
 
 def quantizer_parameters(model: nn.Module) -> List[nn.Parameter]:
     """Learnable quantizer parameters (steps, clip levels, intervals): their own optimizer group."""
-    return [p for _, q in quantizers(model) for p in q.quant_parameters()]
+    return [p for _, q in named_quantizers(model) for p in q.quant_parameters()]
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(True for _ in quant_layers(model))
+
+
+def get_quant_config(model: nn.Module) -> QuantConfig:
+    """The :class:`QuantConfig` of a quantized model (``model.sqakd_config`` or ``config.quantization_config``)."""
+    cfg = getattr(model, "sqakd_config", None)
+    if cfg is None:
+        cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(cfg, Mapping):
+        cfg = QuantConfig(**{k: v for k, v in cfg.items()})
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(
+            f"{type(model).__name__} is not an SQAKD-quantized model: quantize it with sqakd_hf.quantize_model(model, "
+            "config) or load it with from_pretrained(..., quantization_config=QuantConfig(...)) first"
+        )
+    return cfg

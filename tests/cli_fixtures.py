@@ -45,7 +45,7 @@ def save_timm_teacher(path: Path, seed: int = 0) -> Path:
     """A real timm ``test_resnet`` (10 classes, 32x32, random weights) saved in timm's Hub layout."""
     import timm
 
-    from sqakd_hf.quickstart import save_timm_teacher as save
+    from sqakd_hf.app.quickstart import save_timm_teacher as save
 
     torch.manual_seed(seed)
     model = timm.create_model("test_resnet", num_classes=10)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model, quantizers  # noqa: E402
+from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model, named_quantizers  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def digits_mlp() -> nn.Module:
 
 
 def quantizer_state(model: nn.Module) -> dict:
-    return {f"{n}.{k}": v.detach().clone().contiguous() for n, q in quantizers(model) for k, v in q.named_parameters()}
+    return {f"{n}.{k}": v.detach().clone().contiguous() for n, q in named_quantizers(model) for k, v in q.named_parameters()}
 
 
 class DumpCalibration(TrainerCallback):

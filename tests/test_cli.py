@@ -26,8 +26,8 @@ from cli_fixtures import (
 )
 from hub_fixtures import local_hub  # noqa: F401  (pytest fixture: a Hub-protocol server on 127.0.0.1)
 from sqakd_hf import from_pretrained_timm, is_quantized
-from sqakd_hf.cli import METRICS_FILE, RUN_RECORD, main
-from sqakd_hf.hub import load_quantized
+from sqakd_hf.app.cli import METRICS_FILE, RUN_RECORD, main
+from sqakd_hf.checkpoint import load_quantized
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def assets(tmp_path_factory):
 
 
 def _batch(assets, n: int = 8) -> torch.Tensor:
-    from sqakd_hf.data import load_digits_splits
+    from sqakd_hf.app.data import load_digits_splits
 
     return load_digits_splits(image_size=32)["test"][:n]["pixel_values"]
 
@@ -129,8 +129,8 @@ def test_evaluation_metrics_are_exact_on_known_cases(assets):
     """A model against itself agrees 100% with KD loss 0; accuracy counts labels."""
     import timm
 
-    from sqakd_hf.data import image_collator, load_digits_splits
-    from sqakd_hf.evaluation import evaluate_models
+    from sqakd_hf.app.data import image_collator, load_digits_splits
+    from sqakd_hf.training.metrics import evaluate_models
 
     model = timm.create_model(f"local-dir:{assets.timm_teacher}", pretrained=True).eval()
     test = load_digits_splits(image_size=32)["test"].select(range(40))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli_fixtures import save_timm_teacher, text_rows, tiny_bert_tokenizer, write_digits_imagefolder, write_text_csv
-from sqakd_hf.data import (
+from sqakd_hf.app.data import (
     DIGITS,
     UNLABELED,
     Columns,
@@ -27,7 +27,7 @@ from sqakd_hf.data import (
     text_collator,
     timm_image_transform,
 )
-from sqakd_hf.recipe_args import DataArguments
+from sqakd_hf.app.recipe import DataArguments
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sqakd_hf import QuantConfig, calibrate, from_pretrained_timm, pack_model, quant_layers, quantize_model, save_packed
-from sqakd_hf.export import PackedWeightQuantizer, SQAKDCheckpointError
+from sqakd_hf.errors import SQAKDCheckpointError
+from sqakd_hf.serialization.packed import PackedWeightQuantizer
 from test_hf_quantizer import FAMILIES, METHOD_OF, load_student, logits, save_teacher
 
 #: packed with fp_dtype=None: weights differ from the fake-quant weights by float rounding of

@@ -32,7 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import sqakd_hf
-from sqakd_hf import QuantConfig, SQAKDHfQuantizer, calibrate, quant_layers, quantizers
+from sqakd_hf import QuantConfig, SQAKDHfQuantizer, calibrate, quant_layers, named_quantizers
 from sqakd_hf.modules import QuantConv1D
 
 hf_logging.disable_progress_bar()
@@ -141,7 +141,7 @@ def test_student_from_fp_checkpoint_and_training_form_round_trip(name: str, tmp_
         wq = layer.weight_quantizer
         assert wq.initialized and all(torch.isfinite(p).all() for p in wq.parameters())
     # activation quantizers need data
-    acts = [q for _, q in quantizers(student) if q.role == "act" and q.bits < 32]
+    acts = [q for _, q in named_quantizers(student) if q.role == "act" and q.bits < 32]
     assert acts and not any(q.initialized for q in acts)
     with pytest.raises(RuntimeError, match="calibrate"):
         logits(student, family.batch())
@@ -163,7 +163,7 @@ def test_student_from_fp_checkpoint_and_training_form_round_trip(name: str, tmp_
     want = quantizer_state(student)
     got = quantizer_state(loaded)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    for (n1, q1), (n2, q2) in zip(quantizers(student), quantizers(loaded)):
+    for (n1, q1), (n2, q2) in zip(named_quantizers(student), named_quantizers(loaded)):
         assert (n1, q1.signed, q1.initialized) == (n2, q2.signed, q2.initialized)
 
 
@@ -227,4 +227,4 @@ def test_config_json_round_trips_and_registration() -> None:
     assert again.to_dict() == cfg.to_dict()
     quantizer = AutoHfQuantizer.from_config(cfg.to_dict(), pre_quantized=False)
     assert isinstance(quantizer, SQAKDHfQuantizer) and quantizer.is_serializable()
-    assert sqakd_hf.hf_quantizer.SQAKDHfQuantizer is SQAKDHfQuantizer
+    assert sqakd_hf.integrations.hf_quantizer.SQAKDHfQuantizer is SQAKDHfQuantizer

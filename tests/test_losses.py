@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sqakd_hf.losses as losses
-from sqakd_hf.losses import hidden_state_loss, kd_kl_loss, kd_kl_per_position
+import sqakd_hf.training.losses as losses
+from sqakd_hf.training.losses import hidden_state_loss, kd_kl_loss, kd_kl_per_position
 
 
 def _reference(zs: torch.Tensor, zt: torch.Tensor, T: float) -> torch.Tensor:

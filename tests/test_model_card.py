@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from sqakd_hf.model_card import DEFAULT_TEMPLATE_PATH, ModelCardInfo, render_model_card
+from sqakd_hf.hub.card import DEFAULT_TEMPLATE_PATH, ModelCardInfo, render_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_TAGS = {"sqakd", "quantized", "knowledge-distillation", "qat"}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sqakd_hf.packing import packed_num_bytes, pack_codes, storage_bits, unpack_codes
+from sqakd_hf.serialization.packing import packed_num_bytes, pack_codes, storage_bits, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

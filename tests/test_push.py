@@ -25,7 +25,7 @@ from sqakd_hf import (
     save_pretrained_timm,
     write_model_card,
 )
-from sqakd_hf.hub import PushToHubError
+from sqakd_hf.errors import PushToHubError
 from test_export import EXACT_RTOL, FP16_HEAD_RTOL, _rel_err
 from test_hf_quantizer import FAMILIES, load_student, logits, save_teacher
 

@@ -9,9 +9,9 @@ import json
 import torch
 
 from sqakd_hf import is_quantized
-from sqakd_hf.cli import main
-from sqakd_hf.data import load_digits_splits
-from sqakd_hf.hub import load_quantized
+from sqakd_hf.app.cli import main
+from sqakd_hf.app.data import load_digits_splits
+from sqakd_hf.checkpoint import load_quantized
 
 
 def test_quickstart_fast(tmp_path, capsys):

@@ -13,10 +13,10 @@ import yaml
 
 from cli_fixtures import save_timm_teacher, write_digits_imagefolder, write_recipe
 from sqakd_hf import QuantConfig, SQAKDTrainingArguments
-from sqakd_hf.cli import METRICS_FILE, main
-from sqakd_hf.data import DataError, load_split, resolve_columns
-from sqakd_hf.models import inspect_teacher
-from sqakd_hf.recipe_args import InputError, RecipeError, parse_overrides, parse_recipe
+from sqakd_hf.app.cli import METRICS_FILE, main
+from sqakd_hf.app.data import DataError, load_split, resolve_columns
+from sqakd_hf.app.models import inspect_teacher
+from sqakd_hf.app.recipe import InputError, RecipeError, parse_overrides, parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(p.name for p in RECIPES.glob("*.yaml"))

@@ -17,11 +17,12 @@ from sqakd_hf import (
     from_pretrained_timm,
     quant_layers,
     quantize_model,
-    quantizers,
+    named_quantizers,
     save_packed,
     save_pretrained_timm,
 )
-from sqakd_hf.export import PackedWeightQuantizer, SQAKDCheckpointError
+from sqakd_hf.errors import SQAKDCheckpointError
+from sqakd_hf.serialization.packed import PackedWeightQuantizer
 from test_export import EXACT_RTOL, FP16_HEAD_RTOL, _rel_err
 
 CONFIG = QuantConfig(method="ewgs", weight_bits=3, act_bits=3)
@@ -53,7 +54,7 @@ def test_training_form_round_trip(tmp_path: Path) -> None:
     assert torch.equal(_run(loaded, X), _run(student, X))
     assert student.state_dict().keys() == loaded.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), loaded.state_dict().values()))
-    for (_, a), (_, b) in zip(quantizers(student), quantizers(loaded)):
+    for (_, a), (_, b) in zip(named_quantizers(student), named_quantizers(loaded)):
         assert (a.signed, a.initialized) == (b.signed, b.initialized)
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import DigitsCNN, accuracy
 from torch import nn
 
-import sqakd_hf.trainer as trainer_mod
+import sqakd_hf.training.trainer as trainer_mod
 from sqakd_hf import (
     QuantConfig,
     SQAKDTrainer,
@@ -20,7 +20,7 @@ from sqakd_hf import (
     calibrate,
     quantize_model,
     quantizer_parameters,
-    quantizers,
+    named_quantizers,
 )
 
 
@@ -92,7 +92,7 @@ def test_calibration_matches_manual_calibration(digits, digits_teacher, tmp_path
     trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(digits_teacher),
                            args=make_args(tmp_path, calibration_batches=2), train_dataset=image_dataset(x_tr))
     trainer.prepare_student()
-    for (n, a), (_, b) in zip(quantizers(manual), quantizers(student)):
+    for (n, a), (_, b) in zip(named_quantizers(manual), named_quantizers(student)):
         for (pn, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
             assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-7), f"{n}.{pn}"
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, calibrate, kd_kl_loss, quantize_model
-from sqakd_hf.ewgs_schedule import estimate_ewgs_deltas, ewgs_quantizers
+from sqakd_hf.training.ewgs_schedule import estimate_ewgs_deltas, ewgs_quantizers
 
 
 def test_hutchinson_delta_matches_closed_form():

@@ -12,7 +12,7 @@ from conftest import DigitsCNN
 from safetensors.torch import load_file
 from torch import nn
 
-import sqakd_hf.trainer as trainer_mod
+import sqakd_hf.training.trainer as trainer_mod
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
 
 

@@ -193,7 +193,7 @@ def test_ewgs_token_level_with_hessian_schedule(text_batches, tmp_path):
     trainer = SQAKDTrainer(model=student, teacher_model=teacher, train_dataset=_lm_dataset(ids, mask), args=args)
     trainer.train()
     assert trainer._last_delta_step == 2 and trainer.ewgs_deltas
-    from sqakd_hf.ewgs_schedule import ewgs_quantizers
+    from sqakd_hf.training.ewgs_schedule import ewgs_quantizers
 
     deltas = [float(q.delta) for _, q in ewgs_quantizers(student)]
     assert all(d >= 0 and d == d for d in deltas) and any(d != 1e-3 for d in deltas)

@@ -14,11 +14,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from sqakd_hf.packing import storage_bits
+from ..serialization.packing import storage_bits
 
 __all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH"]
 
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card_template.md"
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "templates" / "model_card_template.md"
 
 _BASE_TAGS = ("sqakd", "quantized", "knowledge-distillation", "qat")
 # "name" or "owner/name" with Hub-legal characters; local paths ("./x", "/x", "a/b/c") do not match.

@@ -19,11 +19,12 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import export
-from .calibration import refresh_quantizer_state
-from .config import QuantConfig
-from .hf_quantizer import check_config_compatible
-from .injection import quant_layers, quantize_model
+from ..calibration import refresh_quantizer_state
+from ..config import QuantConfig, check_config_compatible
+from ..errors import SQAKDCheckpointError
+from ..injection import get_quant_config, quant_layers, quantize_model
+from .files import SAFE_WEIGHTS_NAME, atomic_save_directory, load_safetensors, write_safetensors
+from .packed import as_fp_dtype, check_not_packed, load_packed_state_dict, packed_state_dict
 
 __all__ = ["save_pretrained_timm", "from_pretrained_timm", "resolve_checkpoint_dir"]
 
@@ -50,7 +51,7 @@ def save_pretrained_timm(
     """Save a quantized timm model (or transformers' timm wrapper) in timm's Hub layout.
 
     ``packed=False`` writes the training form (FP master weights + all quantizer tensors),
-    ``packed=True`` the packed form (see :mod:`sqakd_hf.export`; ``fp_dtype`` as there); a model
+    ``packed=True`` the packed form (see :mod:`sqakd_hf.serialization.packed`; ``fp_dtype`` as there); a model
     loaded from a packed checkpoint is always saved packed.
     ``model_config`` adds top-level fields (e.g. ``label_names``). Atomic write. Returns the directory.
     """
@@ -62,16 +63,16 @@ def save_pretrained_timm(
             f"{type(timm_model).__name__} is not a timm model (no pretrained_cfg); for a plain nn.Module use "
             "sqakd_hf.pack_model(model) and write the tensors with safetensors.torch.save_file"
         )
-    config = export.get_quant_config(model)
+    config = get_quant_config(model)
     if packed or config.packed:  # a model loaded from a packed checkpoint has no master weights to save
-        state, config, metadata = export.packed_state_dict(model, export.as_fp_dtype(fp_dtype))
+        state, config, metadata = packed_state_dict(model, as_fp_dtype(fp_dtype))
     else:
         state, metadata = {k: v.detach() for k, v in model.state_dict().items()}, {"format": "pt"}
     state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in state.items()}
     dtype = next((p.dtype for p in timm_model.parameters() if p.is_floating_point()), torch.float32)
     extra = {**(model_config or {}), "quantization_config": config.to_dict(), "dtype": str(dtype).replace("torch.", "")}
-    with export.atomic_save_directory(save_directory) as staging:
-        export.write_safetensors(state, staging / export.SAFE_WEIGHTS_NAME, metadata)
+    with atomic_save_directory(save_directory) as staging:
+        write_safetensors(state, staging / SAFE_WEIGHTS_NAME, metadata)
         cfg_path = staging / "config.json"
         save_config_for_hf(timm_model, str(cfg_path), model_config=extra)
         cfg = json.loads(cfg_path.read_text())
@@ -98,17 +99,17 @@ def resolve_checkpoint_dir(path_or_repo_id: Union[str, os.PathLike], **hub_kwarg
 
 
 def _read_state(folder: Path) -> tuple:
-    index = folder / f"{export.SAFE_WEIGHTS_NAME}.index.json"
+    index = folder / f"{SAFE_WEIGHTS_NAME}.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / export.SAFE_WEIGHTS_NAME).is_file():
-        files = [export.SAFE_WEIGHTS_NAME]
+    elif (folder / SAFE_WEIGHTS_NAME).is_file():
+        files = [SAFE_WEIGHTS_NAME]
     else:
-        raise FileNotFoundError(f"no {export.SAFE_WEIGHTS_NAME} in {folder} (only safetensors checkpoints are read)")
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} in {folder} (only safetensors checkpoints are read)")
     state: Dict[str, Tensor] = {}
     metadata: Dict[str, str] = {}
     for name in files:
-        s, m = export.load_safetensors(folder / name)
+        s, m = load_safetensors(folder / name)
         state.update(s)
         metadata.update(m)
     state = {k[len(WRAPPER_PREFIX):] if k.startswith(WRAPPER_PREFIX) else k: v for k, v in state.items()}
@@ -178,13 +179,9 @@ def from_pretrained_timm(
         check_config_compatible(saved, quantization_config, where=str(path_or_repo_id))
     quantize_model(model, saved)
     if saved.packed:
-        export.load_packed_state_dict(model, state, metadata, source=source)
+        load_packed_state_dict(model, state, metadata, source=source)
     else:
-        if any(k.endswith(".weight_packed") for k in state):
-            raise export.SQAKDCheckpointError(
-                f"{source} holds packed weights but its quantization_config says packed=false; the config.json does "
-                "not belong to these weights"
-            )
+        check_not_packed(state, source)
         _load_strict(model, state, source)
     refresh_quantizer_state(model)
     return model.eval()
@@ -194,6 +191,6 @@ def _load_strict(model: nn.Module, state: Dict[str, Tensor], source: str) -> Non
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise export.SQAKDCheckpointError(
+        raise SQAKDCheckpointError(
             f"checkpoint {source} does not match the model built from its config.json: {err}"
         ) from None

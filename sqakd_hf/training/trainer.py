@@ -35,14 +35,16 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import has_length
 
-from .calibration import LABEL_KEYS, calibrate
+from ..calibration import calibrate
+from ..checkpoint import load_teacher, save_quantized
+from ..hub.card_info import write_model_card
+from ..hub.push import push_to_hub as push_quantized_to_hub
+from ..injection import is_quantized, quant_layers, quantizer_parameters, named_quantizers
+from ..model_io import LABEL_KEYS, POSITIONAL_KEYS, call_model, forward_params, output_tensor
+from ..model_io import unwrap as _core
+from .args import SQAKDTrainingArguments
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
-from .injection import is_quantized, quant_layers, quantizer_parameters, quantizers
-from .hub import push_to_hub as push_quantized_to_hub
-from .hub import write_model_card
 from .losses import hidden_state_per_position, kd_kl_per_position
-from .timm_io import save_pretrained_timm
-from .training_args import SQAKDTrainingArguments
 
 try:
     from transformers.trainer_optimizer import is_optimizer_factory
@@ -53,97 +55,6 @@ except ImportError:  # older transformers 5.x: no optimizer factories
 
 
 logger = logging.getLogger(__name__)
-
-#: batch keys fed positionally to models whose forward takes one tensor (timm-native modules)
-POSITIONAL_KEYS = ("pixel_values", "x", "input", "inputs", "input_ids")
-
-
-# ---- model calling helpers ------------------------------------------------------------------
-def _core(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel/compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _forward_params(model: nn.Module) -> Optional[set]:
-    """Names the forward accepts as keywords; None when it takes ``**kwargs``."""
-    params = inspect.signature(_core(model).forward).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
-
-
-def call_model(model: nn.Module, inputs: Mapping, **extra: Any) -> Any:
-    """Run ``model`` on a batch dict: as keywords when its forward accepts the keys (HF models),
-    else positionally on the one input tensor (timm-native ``forward(x)``)."""
-    accepted = _forward_params(model)
-    if accepted is None or all(k in accepted for k in inputs):
-        kwargs = dict(inputs)
-        for k, v in extra.items():
-            if accepted is None or k in accepted:
-                kwargs[k] = v
-        return model(**kwargs)
-    key = next((k for k in POSITIONAL_KEYS if k in inputs), None)
-    if key is None and len(inputs) == 1:
-        key = next(iter(inputs))
-    if key is None:
-        raise ValueError(
-            f"{type(_core(model)).__name__}.forward accepts none of the batch keys {sorted(inputs)} and there is no "
-            f"single input tensor to pass positionally (expected one of {', '.join(POSITIONAL_KEYS)})"
-        )
-    return model(inputs[key])
-
-
-def output_tensor(outputs: Any, target: str, who: str = "model") -> Tensor:
-    """The tensor to distill: logits (``target="logits"``) or the last hidden state."""
-    if isinstance(outputs, Tensor):
-        return outputs
-    if isinstance(outputs, Mapping):
-        if target == "logits":
-            if outputs.get("logits") is not None:
-                return outputs["logits"]
-            raise ValueError(
-                f"the {who}'s output has no `logits` (it has: {', '.join(k for k in outputs if outputs[k] is not None)});"
-                " for models without logits (e.g. embedding models) use distill_target='hidden_states'"
-            )
-        if outputs.get("last_hidden_state") is not None:
-            return outputs["last_hidden_state"]
-        if outputs.get("hidden_states") is not None:
-            return outputs["hidden_states"][-1]
-        raise ValueError(
-            f"the {who}'s output has neither `last_hidden_state` nor `hidden_states` "
-            f"(it has: {', '.join(k for k in outputs if outputs[k] is not None)})"
-        )
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
-        return outputs[0]
-    raise ValueError(f"cannot find a tensor to distill in the {who}'s output of type {type(outputs).__name__}")
-
-
-def load_teacher(teacher: Union[nn.Module, str, os.PathLike], student: Optional[nn.Module] = None) -> nn.Module:
-    """An ``nn.Module`` teacher as is; a path / Hub id loaded with the student's class
-    (transformers), ``timm.create_model`` (timm-native student) or ``AutoModel``."""
-    if isinstance(teacher, nn.Module):
-        return teacher
-    if not isinstance(teacher, (str, os.PathLike)):
-        raise TypeError(f"teacher_model must be an nn.Module, a local path or a Hub id; got {type(teacher).__name__}")
-    name = os.fspath(teacher)
-    core = _core(student) if student is not None else None
-    if isinstance(core, PreTrainedModel):
-        return type(core).from_pretrained(name)
-    if core is not None and hasattr(core, "pretrained_cfg"):  # timm-native
-        import timm
-
-        source = f"local-dir:{name}" if os.path.isdir(name) else f"hf-hub:{name}"
-        return timm.create_model(source, pretrained=True)
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(name)
-
 
 @dataclass
 class _Distill:
@@ -460,7 +371,7 @@ class SQAKDTrainer(Trainer):
         """Calibrate the student's quantizers if any is uninitialised, then check teacher/student
         outputs on the first batch. Runs on every rank (statistics are all-reduced)."""
         dataset = self.train_dataset if dataset is None else dataset
-        needs_calibration = not all(q.initialized for _, q in quantizers(_core(self.model)))
+        needs_calibration = not all(q.initialized for _, q in named_quantizers(_core(self.model)))
         if not needs_calibration and not force_check and self._checked_model_id == id(self.model):
             return
         if dataset is None:
@@ -479,7 +390,7 @@ class SQAKDTrainer(Trainer):
     def _model_call_input(model: nn.Module, batch: Mapping) -> Any:
         """What :func:`sqakd_hf.calibrate` should feed: the kwargs dict, or the one positional tensor."""
         inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        accepted = _forward_params(model)
+        accepted = forward_params(model)
         if accepted is None or all(k in accepted for k in inputs):
             return inputs
         key = next((k for k in POSITIONAL_KEYS if k in inputs), next(iter(inputs)))
@@ -613,9 +524,7 @@ class SQAKDTrainer(Trainer):
         if not self.args.should_save:  # one writer per checkpoint under DDP
             return
         output_dir = output_dir or self.args.output_dir
-        save_pretrained_timm(model, output_dir)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(output_dir)
+        save_quantized(model, output_dir, processor=self.processing_class)
 
     def _card_metrics(self) -> Dict[str, Dict[str, float]]:
         """The student's latest evaluation metrics, as the model card reports them."""

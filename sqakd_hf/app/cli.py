@@ -25,7 +25,6 @@ from .data import (
     DIGITS,
     UNLABELED,
     Columns,
-    DataError,
     dataset_length,
     ensure_pad_token,
     image_collator,
@@ -40,13 +39,12 @@ from .data import (
     text_collator,
     timm_image_transform,
 )
-from .recipe_args import (
+from ..errors import DataError, InputError, RecipeError
+from .recipe import (
     ARGUMENT_GROUPS,
     DataArguments,
-    InputError,
     ModelArguments,
     Recipe,
-    RecipeError,
     _check_keys,
     _coerce,
     _field_types,
@@ -184,7 +182,7 @@ def clear_previous_run(out: Path) -> List[str]:
 def write_run_record(recipe: Recipe, teacher: str) -> None:
     out = Path(recipe.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from . import __version__
+    from .. import __version__
 
     record = {"sqakd_hf_version": __version__, "teacher": teacher, "recipe": _jsonable(recipe.values)}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -357,7 +355,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
                 logger.warning("sqakd: overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
         write_run_record(recipe, info.name)
 
-    from .trainer import SQAKDTrainer
+    from ..training.trainer import SQAKDTrainer
 
     trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=training, train_dataset=train_ds,
                            eval_dataset=eval_ds, data_collator=collator, processing_class=processor)
@@ -371,7 +369,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     model = trainer.model
     metrics: Dict[str, Dict[str, float]] = {}
     if eval_ds is not None and trainer.is_world_process_zero():
-        from .evaluation import evaluate_models
+        from ..training.metrics import evaluate_models
 
         metrics = evaluate_models(model, teacher if recipe.run.eval_teacher else None, eval_ds, collator,
                                   batch_size=training.per_device_eval_batch_size, temperature=training.temperature,
@@ -379,7 +377,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
                                   desc="Evaluating teacher and student")
     if info.library == "timm":
         if trainer.is_world_process_zero():
-            from .timm_io import save_pretrained_timm
+            from ..serialization.timm_layout import save_pretrained_timm
 
             save_pretrained_timm(model, out)
     else:
@@ -391,7 +389,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
             _save_packed_with_card(model, packed_dir, processor, recipe, info, metrics)
         _print_summary(recipe, info, quant_config, out, packed_dir, metrics)
         if push:
-            from .hub import push_to_hub
+            from ..hub.push import push_to_hub
 
             repo_id = training.hub_model_id or out.resolve().name
             commit = push_to_hub(packed_dir, repo_id, token=training.hub_token, private=training.hub_private_repo)
@@ -413,8 +411,8 @@ def _training_summary(recipe: Recipe) -> Dict[str, Any]:
 
 
 def _save_packed_with_card(model, packed_dir: Path, processor, recipe: Recipe, info, metrics) -> None:
-    from .export import save_packed
-    from .hub import write_model_card
+    from ..checkpoint import save_packed
+    from ..hub.card_info import write_model_card
 
     save_packed(model, packed_dir, fp_dtype=recipe.run.packed_fp_dtype)
     if processor is not None:
@@ -482,7 +480,7 @@ def run_eval(eval_args: EvalArguments, model_args: ModelArguments, data: DataArg
     """Evaluate a saved quantized model (and its teacher, if known) on ``data``'s eval split."""
     import torch
 
-    from .hub import load_quantized
+    from ..checkpoint import load_quantized
     from .models import inspect_checkpoint, inspect_teacher, load_fp_teacher, load_processor
 
     if not eval_args.model_path:
@@ -510,7 +508,7 @@ def run_eval(eval_args: EvalArguments, model_args: ModelArguments, data: DataArg
     teacher = load_fp_teacher(teacher_info, model_args) if teacher_info is not None else None
     _, eval_ds, collator = preprocess(raw, data, info, student, processor)
     device = torch.device(eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from .evaluation import evaluate_models
+    from ..training.metrics import evaluate_models
 
     metrics = evaluate_models(student, teacher, eval_ds, collator, batch_size=eval_args.batch_size,
                               temperature=eval_args.temperature, device=device,
@@ -622,7 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from .. import __version__
 
         print(f"sqakd-hf {__version__}")
         return 0

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .config import QuantConfig
-from .quantizers import METHODS
-from .training_args import SQAKDTrainingArguments
+from ..config import QuantConfig
+from ..errors import InputError, RecipeError
+from ..quantizers import METHODS
+from ..training.args import SQAKDTrainingArguments
 
 __all__ = [
     "InputError",
@@ -55,14 +56,6 @@ TASKS: Dict[str, Tuple[str, str]] = {
     "masked-lm": ("AutoModelForMaskedLM", "text"),
     "feature-extraction": ("AutoModel", "text"),
 }
-
-
-class InputError(ValueError):
-    """Bad user input (recipe, data, paths), reported before any work starts."""
-
-
-class RecipeError(InputError):
-    """A recipe or command-line override that cannot be used as given."""
 
 
 @dataclass

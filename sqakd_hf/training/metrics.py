@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import LABEL_KEYS, _to_device
+from ..model_io import call_model, output_tensor, split_labels, to_device
 from .losses import hidden_state_per_position, kd_kl_per_position
-from .trainer import call_model, output_tensor
 
 __all__ = ["evaluate_models", "evaluate_model", "batches"]
 
@@ -26,11 +25,6 @@ def batches(dataset: Any, collator: Callable, batch_size: int) -> Iterable[Dict[
     """Collated batches of ``dataset`` in order (map-style or iterable)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
     return loader
-
-
-def _split(batch: Dict[str, Any]):
-    labels = next((batch[k] for k in LABEL_KEYS if batch.get(k) is not None), None)
-    return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, labels
 
 
 def _logits_or_hidden(model: nn.Module, inputs: Dict[str, Any], who: str):
@@ -70,7 +64,7 @@ def evaluate_models(
     has_logits = True
     try:
         for batch in tqdm(batches(dataset, collator, batch_size), desc=desc, disable=not progress, leave=False):
-            inputs, labels = _split(_to_device(batch, device))
+            inputs, labels = split_labels(to_device(batch, device))
             outs = {name: _logits_or_hidden(m, inputs, name) for name, m in models.items()}
             has_logits = all(is_logits for _, is_logits in outs.values())
             mask = inputs.get("attention_mask")

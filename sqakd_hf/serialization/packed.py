@@ -2,7 +2,7 @@
 
 File layout (``model.safetensors``): every quantized layer ``<name>`` stores
 
-* ``<name>.weight_packed``: ``uint8`` codes from :func:`sqakd_hf.packing.pack_codes`
+* ``<name>.weight_packed``: ``uint8`` codes from :func:`sqakd_hf.serialization.packing.pack_codes`
   (row-major order of the weight, first code in the low bits);
 * ``<name>.weight_scale`` / ``<name>.weight_zero_point``: the grid, one value per
   output channel (or one per tensor), with ``weight = scale * (code - zero_point)``.
@@ -22,54 +22,40 @@ fake-quant model it was packed from (up to float rounding of ``scale * (code - z
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import QuantConfig
-from .injection import quant_layers
+from ..config import QuantConfig
+from ..errors import SQAKDCheckpointError
+from ..injection import get_quant_config, quant_layers
+from ..quantizers import Quantizer
+from ..quantizers.functional import round_delta
+from .files import LAYERS_KEY, CheckpointHeader
 from .packing import pack_codes, packed_num_bytes, unpack_codes
-from .quantizers import Quantizer
-from .quantizers.functional import round_delta
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SQAKDCheckpointError",
     "PackedWeightQuantizer",
+    "packed_state_dict",
     "pack_model",
-    "save_packed",
-    "get_quant_config",
-    "read_checkpoint_header",
+    "as_fp_dtype",
     "prepare_packed_layers",
     "finish_packed_load",
     "load_packed_state_dict",
-    "atomic_save_directory",
+    "check_not_packed",
 ]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
 FORMAT_KEY, FORMAT_PACKED = "sqakd_format", "packed"
-LAYERS_KEY, FP_DTYPE_KEY = "sqakd_layers", "sqakd_fp_dtype"
+FP_DTYPE_KEY = "sqakd_fp_dtype"
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point")
 _FP16_MAX = torch.finfo(torch.float16).max
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class SQAKDCheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: corrupted file, or contents that contradict its config."""
 
 
 # ---- the quantizer of a loaded packed layer ------------------------------------------------------
@@ -107,21 +93,6 @@ class PackedWeightQuantizer(Quantizer):
 
 
 # ---- packing --------------------------------------------------------------------------------------
-def get_quant_config(model: nn.Module) -> QuantConfig:
-    """The :class:`QuantConfig` of a quantized model (``model.sqakd_config`` or ``config.quantization_config``)."""
-    cfg = getattr(model, "sqakd_config", None)
-    if cfg is None:
-        cfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(cfg, Mapping):
-        cfg = QuantConfig(**{k: v for k, v in cfg.items()})
-    if not isinstance(cfg, QuantConfig):
-        raise ValueError(
-            f"{type(model).__name__} is not an SQAKD-quantized model: quantize it with sqakd_hf.quantize_model(model, "
-            "config) or load it with from_pretrained(..., quantization_config=QuantConfig(...)) first"
-        )
-    return cfg
-
-
 def _tied_modules(model: nn.Module) -> set:
     """Names of modules whose ``weight`` is also another module's parameter (tied weights)."""
     owners: Dict[int, List[str]] = {}
@@ -220,144 +191,6 @@ def pack_model(
     """
     state, config, _ = packed_state_dict(model, as_fp_dtype(fp_dtype))
     return state, config
-
-
-# ---- atomic writes --------------------------------------------------------------------------------
-_STALE_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-
-
-@contextlib.contextmanager
-def atomic_save_directory(save_directory: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield an empty staging folder next to ``save_directory``; publish its files there on success.
-
-    A new ``save_directory`` appears by one rename. An existing one gets each file replaced by
-    ``os.replace`` (weights first, ``config.json`` last) and stale weight files of an earlier save
-    removed; other files are left alone. On any error nothing in ``save_directory`` changes.
-    """
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.sqakd-tmp-", dir=target.parent))
-    try:
-        yield staging
-        if not target.exists():
-            os.replace(staging, target)
-            return
-        names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", n))
-        for name in names:
-            dest = target / name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(staging / name, dest)
-        for name in os.listdir(target):
-            if name not in names and _STALE_WEIGHTS.match(name):
-                (target / name).unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _save_transformers_packed(model: nn.Module, directory: Path, state: Dict[str, Tensor],
-                              config: QuantConfig, metadata: Dict[str, str]) -> None:
-    """``save_pretrained`` with the packed state dict (transformers handles config, tied weights, key names)."""
-    from .hf_quantizer import SQAKDHfQuantizer
-
-    quantizer = SQAKDHfQuantizer(config, pre_quantized=True)
-    quantizer.packed_state = (state, metadata)
-    sentinel = object()
-    old_quantizer = model.__dict__.get("hf_quantizer", sentinel)
-    old_config = getattr(model.config, "quantization_config", sentinel)
-    model.hf_quantizer = quantizer
-    model.config.quantization_config = config
-    try:
-        model.save_pretrained(directory)
-    finally:
-        if old_quantizer is sentinel:
-            del model.hf_quantizer
-        else:
-            model.hf_quantizer = old_quantizer
-        if old_config is sentinel:
-            del model.config.quantization_config
-        else:
-            model.config.quantization_config = old_config
-
-
-def save_packed(
-    model: nn.Module,
-    save_directory: Union[str, os.PathLike],
-    *,
-    fp_dtype: Union[None, str, torch.dtype] = torch.float16,
-) -> Path:
-    """Write the packed form of ``model`` (``config.json`` + ``model.safetensors``) to ``save_directory``.
-
-    transformers models (including the timm wrapper) are written the way ``save_pretrained``
-    writes them, with ``quantization_config.packed = true``; other ``nn.Module`` s (timm) in
-    timm's Hub layout (see :func:`sqakd_hf.save_pretrained_timm`). The write is atomic
-    (see :func:`atomic_save_directory`). Returns the directory.
-    """
-    from transformers import PreTrainedModel
-
-    fp_dtype = as_fp_dtype(fp_dtype)
-    if not isinstance(model, PreTrainedModel):
-        from .timm_io import save_pretrained_timm
-
-        return save_pretrained_timm(model, save_directory, packed=True, fp_dtype=fp_dtype)
-    state, config, metadata = packed_state_dict(model, fp_dtype)
-    with atomic_save_directory(save_directory) as staging:
-        _save_transformers_packed(model, staging, state, config, metadata)
-    return Path(save_directory)
-
-
-# ---- reading checkpoints --------------------------------------------------------------------------
-@dataclass
-class CheckpointHeader:
-    """Names, shapes and dtypes of the tensors in one or more safetensors files, plus their metadata."""
-
-    shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
-    dtypes: Dict[str, str] = field(default_factory=dict)
-    metadata: Dict[str, str] = field(default_factory=dict)
-    files: Dict[str, str] = field(default_factory=dict)
-
-    @property
-    def packed_layers(self) -> Dict[str, dict]:
-        return json.loads(self.metadata.get(LAYERS_KEY, "{}"))
-
-
-def _corrupt(path: Union[str, Path], err: Exception) -> SQAKDCheckpointError:
-    return SQAKDCheckpointError(
-        f"cannot read checkpoint file {path}: it is corrupted or truncated ({err}). Delete it and save the model "
-        "again, or re-download it (from_pretrained(..., force_download=True) / huggingface_hub.snapshot_download"
-        "(..., force_download=True))."
-    )
-
-
-def read_checkpoint_header(files: Sequence[Union[str, Path]]) -> CheckpointHeader:
-    """Read the headers of safetensors ``files`` without loading tensors; corrupted files raise
-    :class:`SQAKDCheckpointError` naming the file and how to recover."""
-    header = CheckpointHeader()
-    for path in files:
-        if not str(path).endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header.metadata.update(f.metadata() or {})
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    header.shapes[key] = tuple(sl.get_shape())
-                    header.dtypes[key] = sl.get_dtype()
-                    header.files[key] = str(path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise _corrupt(path, err) from err
-    return header
-
-
-def load_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """All tensors and the metadata of one safetensors file; corruption raises :class:`SQAKDCheckpointError`."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise _corrupt(path, err) from err
 
 
 # ---- loading packed layers ------------------------------------------------------------------------
@@ -496,15 +329,10 @@ def load_packed_state_dict(model: nn.Module, state: Mapping[str, Tensor], metada
 _ST_DTYPES = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def write_safetensors(
-    state: Mapping[str, Tensor], path: Union[str, Path], metadata: Optional[Dict[str, str]] = None
-) -> None:
-    """``safetensors.torch.save_file`` that copies tensors sharing storage (safetensors refuses aliases)."""
-    out: Dict[str, Tensor] = {}
-    seen: set = set()
-    for k, v in state.items():
-        v = v.detach().cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        out[k] = v.clone() if (v.numel() and ptr in seen) else v
-        seen.add(ptr)
-    save_file(out, str(path), metadata=dict(metadata or {"format": "pt"}))
+def check_not_packed(keys, source: str) -> None:
+    """A training-form config (``packed=false``) over packed weights: the config.json does not belong to them."""
+    if any(k.endswith(".weight_packed") for k in keys):
+        raise SQAKDCheckpointError(
+            f"{source} holds packed weights but its quantization_config says packed=false; the config.json does not "
+            "belong to these weights"
+        )

@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .injection import quantizers
-from .quantizers.ewgs import EWGSQuantizer
+from ..injection import named_quantizers
+from ..quantizers.ewgs import EWGSQuantizer
 
 
 def ewgs_quantizers(model: nn.Module) -> List[Tuple[str, EWGSQuantizer]]:
     """``(name, quantizer)`` for every low-bit EWGS quantizer of ``model``."""
-    return [(n, q) for n, q in quantizers(model) if isinstance(q, EWGSQuantizer) and q.bits < 32]
+    return [(n, q) for n, q in named_quantizers(model) if isinstance(q, EWGSQuantizer) and q.bits < 32]
 
 
 def _latent_scale(q: EWGSQuantizer) -> Tensor:

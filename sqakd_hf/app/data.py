@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .recipe_args import DataArguments, InputError
+from ..errors import DataError, InputError
+from .recipe import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": 
 AnyDataset = Any  # datasets.Dataset | datasets.IterableDataset
 #: returned by :func:`label_id_map` when the label column does not describe the teacher's classes
 UNLABELED: Dict[Any, int] = {}
-
-
-class DataError(InputError):
-    """The data cannot be used as configured (missing file/split/column, wrong modality)."""
 
 
 # ---- the built-in digits ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DIGITS_MEAN, DIGITS_STD, image_collator, load_digits_splits
-from .recipe_args import InputError
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +177,13 @@ def run_quickstart(
     multi-threaded small kernels stall when another process holds a core; measured 28 s with 1
     thread vs 7.5 min with 2 under load). ``None``/0 keeps torch's setting.
     """
-    from .config import QuantConfig
-    from .evaluation import evaluate_models
-    from .export import save_packed
-    from .hub import load_quantized, write_model_card
-    from .injection import quantize_model
-    from .trainer import SQAKDTrainer
-    from .training_args import SQAKDTrainingArguments
+    from ..checkpoint import load_quantized, save_packed
+    from ..config import QuantConfig
+    from ..hub.card_info import write_model_card
+    from ..injection import quantize_model
+    from ..training.args import SQAKDTrainingArguments
+    from ..training.metrics import evaluate_models
+    from ..training.trainer import SQAKDTrainer
 
     start = time.perf_counter()
     if num_threads and not torch.cuda.is_available():

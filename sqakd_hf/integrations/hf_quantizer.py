@@ -8,7 +8,7 @@ and :class:`SQAKDHfQuantizer` with transformers, so that
   activation quantizers need :func:`sqakd_hf.calibrate`, which ``SQAKDTrainer`` runs);
 * ``save_pretrained`` writes the training form (FP master weights + every quantizer tensor);
 * ``from_pretrained(saved_dir)`` restores it exactly, or loads a packed checkpoint
-  (see :mod:`sqakd_hf.export`), with no calibration.
+  (see :mod:`sqakd_hf.serialization.packed`), with no calibration.
 """
 
 from __future__ import annotations
@@ -19,37 +19,28 @@ import re
 from typing import Any, Dict, Optional, Union
 
 import torch
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
+# the defining modules, not the package: registration may run while ``transformers.quantizers`` is still importing
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
 
-from . import export
-from .calibration import refresh_quantizer_state
-from .config import QUANT_METHOD, QuantConfig
-from .injection import _build_quantizers, quant_layers, quantize_model
+from ..calibration import refresh_quantizer_state
+from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
+from ..errors import SQAKDCheckpointError
+from ..injection import build_layer_quantizers, quant_layers, quantize_model
+from ..serialization import files, packed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SQAKDHfQuantizer", "check_config_compatible"]
+__all__ = ["SQAKDHfQuantizer"]
 
 #: checkpoint keys of quantizer tensors (absent from a full-precision teacher checkpoint)
 QUANTIZER_KEYS = r"(^|\.)(weight|input)_quantizer\."
-#: QuantConfig fields that describe storage, not the quantized function
-_STORAGE_FIELDS = ("packed", "quant_method")
-
-
-def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:
-    """Raise ``ValueError`` naming every field in which ``requested`` contradicts ``saved``."""
-    a, b = saved.to_dict(), requested.to_dict()
-    diff = [k for k in a if k not in _STORAGE_FIELDS and a[k] != b.get(k)]
-    if diff:
-        rows = "; ".join(f"{k}: {where} has {a[k]!r}, you passed {b.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"the quantization_config you passed contradicts the one {where} was quantized with ({rows}). "
-            "Drop the quantization_config argument to load the checkpoint as saved, or start from the "
-            "full-precision teacher to quantize it differently."
-        )
-
-
 def _as_config(cfg: Union[QuantConfig, Dict[str, Any]]) -> QuantConfig:
     return cfg if isinstance(cfg, QuantConfig) else QuantConfig.from_dict(dict(cfg))
 
@@ -57,7 +48,7 @@ def _as_config(cfg: Union[QuantConfig, Dict[str, Any]]) -> QuantConfig:
 _PACKED_SUFFIX = re.compile(r"\.weight_(packed|scale|zero_point)$")
 
 
-def _model_side_header(model, header: export.CheckpointHeader) -> export.CheckpointHeader:
+def _model_side_header(model, header: files.CheckpointHeader) -> files.CheckpointHeader:
     """``header`` with checkpoint names translated to the model's names, the way transformers renames
     keys when loading (legacy renamings, ``timm_model.`` prefix, base-model prefix)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -79,12 +70,12 @@ def _model_side_header(model, header: export.CheckpointHeader) -> export.Checkpo
                 new = f"{prefix}.{new}"
         return new
 
-    out = export.CheckpointHeader(metadata=dict(header.metadata))
+    out = files.CheckpointHeader(metadata=dict(header.metadata))
     for key in header.shapes:
         new = rename(key)
         out.shapes[new], out.dtypes[new], out.files[new] = header.shapes[key], header.dtypes[key], header.files[key]
     layers = {rename(f"{n}.weight_packed")[: -len(".weight_packed")]: v for n, v in header.packed_layers.items()}
-    out.metadata[export.LAYERS_KEY] = json.dumps(layers)
+    out.metadata[files.LAYERS_KEY] = json.dumps(layers)
     return out
 
 
@@ -98,7 +89,7 @@ class SQAKDHfQuantizer(HfQuantizer):
         if config.packed and not kwargs.get("pre_quantized", True):
             config = QuantConfig(**{**config.to_dict(), "packed": False})  # packed is set by the exporter only
         super().__init__(config, **kwargs)
-        #: set by :func:`sqakd_hf.export.save_packed` to hand ``save_pretrained`` a packed state dict
+        #: set by :func:`sqakd_hf.save_packed` to hand ``save_pretrained`` a packed state dict
         self.packed_state: Optional[tuple] = None
         #: dtype of the FP output head when ``save_pretrained`` re-packs a loaded packed model (as it was stored)
         self.fp_dtype: Optional[torch.dtype] = None
@@ -125,21 +116,18 @@ class SQAKDHfQuantizer(HfQuantizer):
         config: QuantConfig = self.quantization_config
         quantize_model(model, config)
         ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
-        header = export.read_checkpoint_header(checkpoint_files or [])  # corrupted files: a clear error
+        header = files.read_checkpoint_header(checkpoint_files or [])  # corrupted files: a clear error
         if not self.pre_quantized:
             # a full-precision checkpoint has no quantizer tensors: they are built after loading
             ignore.add(QUANTIZER_KEYS)
         else:
             if config.packed:
-                names = export.prepare_packed_layers(model, _model_side_header(model, header))
-                recorded = set(json.loads(header.metadata.get(export.FP_DTYPE_KEY) or "{}").values())
-                self.fp_dtype = export.as_fp_dtype(recorded.pop()) if len(recorded) == 1 else None
+                names = packed.prepare_packed_layers(model, _model_side_header(model, header))
+                recorded = set(json.loads(header.metadata.get(packed.FP_DTYPE_KEY) or "{}").values())
+                self.fp_dtype = packed.as_fp_dtype(recorded.pop()) if len(recorded) == 1 else None
                 ignore.update(rf"^{re.escape(n)}\.weight$" for n in names)
-            elif any(k.endswith(".weight_packed") for k in header.shapes):
-                raise export.SQAKDCheckpointError(
-                    f"{sorted(set(header.files.values()))} holds packed weights but its quantization_config says "
-                    "packed=false; the config.json does not belong to these weights"
-                )
+            else:
+                packed.check_not_packed(header.shapes, str(sorted(set(header.files.values()))))
         model._keys_to_ignore_on_load_missing = ignore
         return model
 
@@ -147,14 +135,14 @@ class SQAKDHfQuantizer(HfQuantizer):
         config: QuantConfig = self.quantization_config
         if self.pre_quantized:
             if config.packed:
-                export.finish_packed_load(model)
+                packed.finish_packed_load(model)
             refresh_quantizer_state(model)
             return model
         # Quantizer tensors were absent from the FP checkpoint (transformers left them uninitialised):
         # rebuild them, initialise weight quantizers from the loaded weights. Activation quantizers
         # need data: sqakd_hf.calibrate(model, batches).
         for name, layer in quant_layers(model):
-            wq, aq = _build_quantizers(layer, type(layer), config, config.bits_for(name))
+            wq, aq = build_layer_quantizers(layer, type(layer), config, config.bits_for(name))
             layer.weight_quantizer, layer.input_quantizer = wq, aq
             wq.init_from_weight(layer.weight)
         logger.info("sqakd: weight quantizers initialised from the checkpoint; calibrate activation quantizers "
@@ -168,7 +156,7 @@ class SQAKDHfQuantizer(HfQuantizer):
             state, metadata = self.packed_state
             return state, dict(metadata)
         if getattr(self.quantization_config, "packed", False):
-            state, _, metadata = export.packed_state_dict(model, self.fp_dtype)
+            state, _, metadata = packed.packed_state_dict(model, self.fp_dtype)
             return state, metadata
         return None, {}
 

@@ -18,10 +18,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
-from .config import QuantConfig
-from .data import DataError, is_local_path
-from .injection import quantize_model
-from .recipe_args import TASKS, InputError, ModelArguments
+from ..checkpoint import config_library
+from ..config import QuantConfig
+from ..errors import DataError, InputError
+from ..injection import quantize_model
+from .data import is_local_path
+from .recipe import TASKS, ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +71,6 @@ def task_from_architecture(architecture: Optional[str]) -> Optional[str]:
         if architecture and architecture.endswith(suffix):
             return task
     return None
-
-
-def _is_timm_config(cfg: Dict[str, Any]) -> bool:
-    return "model_type" not in cfg and bool(cfg.get("architecture"))
 
 
 def _read_local_config(path: Path, what: str) -> Dict[str, Any]:
@@ -132,7 +130,7 @@ def inspect_checkpoint(name: str, args: Optional[ModelArguments] = None, what: s
             raise InputError(f"{what} {name!r} is a file; give the checkpoint folder that holds config.json")
         cfg = _read_local_config(local_dir, what)
         if library == "auto":
-            library = "timm" if _is_timm_config(cfg) else "transformers"
+            library = config_library(cfg)
     else:
         timm_style = name.startswith(("hf-hub:", "timm/"))
         if library == "auto":

@@ -1,0 +1,1 @@
+"""Sharing a quantized model: the model card and the Hub upload."""
