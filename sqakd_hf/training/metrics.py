@@ -112,3 +112,24 @@ def evaluate_models(
 def evaluate_model(model: nn.Module, dataset: Any, collator: Callable, batch_size: int = 64, **kwargs: Any) -> Dict[str, float]:
     """Accuracy of one model (needs labels), as ``{"accuracy": ...}``."""
     return evaluate_models(None, model, dataset, collator, batch_size, **kwargs)["teacher"]
+
+
+#: Trainer metric (without the prefix) -> (model, metric) in the ``{"student": ..., "teacher": ...}`` form
+_TRAINER_KEYS = {
+    "accuracy": ("student", "accuracy"),
+    "teacher_agreement": ("student", "teacher_agreement"),
+    "kd_loss": ("student", "kd_loss"),
+    "hidden_mse": ("student", "hidden_mse"),
+    "teacher_accuracy": ("teacher", "accuracy"),
+}
+
+
+def by_model(metrics: Dict[str, float], prefix: str = "eval") -> Dict[str, Dict[str, float]]:
+    """``SQAKDTrainer.evaluate()``'s flat metrics (``eval_accuracy``, ``eval_teacher_accuracy``, ...) in the
+    ``{"student": {...}, "teacher": {...}}`` form that :func:`evaluate_models` returns."""
+    out: Dict[str, Dict[str, float]] = {"student": {}, "teacher": {}}
+    for key, (model, name) in _TRAINER_KEYS.items():
+        value = metrics.get(f"{prefix}_{key}")
+        if value is not None:
+            out[model][name] = float(value)
+    return {k: v for k, v in out.items() if v}
