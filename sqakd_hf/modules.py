@@ -7,6 +7,7 @@ unchanged, and carries two submodules: ``weight_quantizer`` and ``input_quantize
 
 from __future__ import annotations
 
+import sys
 from typing import Dict, Optional, Type
 
 import torch
@@ -15,14 +16,6 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .quantizers import Quantizer
-
-try:  # timm's TF-"same"-padding conv (EfficientNet-TF ports)
-    from timm.layers import Conv2dSame
-    from timm.layers.padding import pad_same
-except ImportError:  # pragma: no cover - timm is a dependency
-    Conv2dSame = None
-    pad_same = None
-
 
 class QuantLayer:
     """Mixin for fake-quant layers; ``weight_quantizer`` and ``input_quantizer`` are modules."""
@@ -107,7 +100,14 @@ WRAPPERS: Dict[Type[nn.Module], Type[QuantLayer]] = {
     Conv1D: QuantConv1D,
 }
 
-if Conv2dSame is not None:
+
+
+def _register_timm_layers() -> None:
+    """Wrappers for timm's own layer classes, registered once timm is in use: a model that holds timm
+    layers was built after ``import timm``, so a text-only run never imports it."""
+    from timm.layers import Conv2dSame
+    from timm.layers import Linear as TimmLinear  # adds only a TorchScript dtype cast to nn.Linear
+    from timm.layers.padding import pad_same
 
     class QuantConv2dSame(QuantConv2d):
         """timm's Conv2dSame (dynamic TF 'same' padding) with fake-quant."""
@@ -124,16 +124,16 @@ if Conv2dSame is not None:
                 dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
             )
 
+    QuantConv2dSame.__module__ = __name__
+    globals()["QuantConv2dSame"] = QuantConv2dSame
     WRAPPERS[Conv2dSame] = QuantConv2dSame
-
-try:  # timm's Linear only adds a TorchScript dtype cast to nn.Linear
-    from timm.layers import Linear as TimmLinear
-
     WRAPPERS[TimmLinear] = QuantLinear
-except ImportError:  # pragma: no cover
-    pass
 
 
 def wrapper_for(layer: nn.Module) -> Optional[Type[QuantLayer]]:
     """The fake-quant class for exactly this layer type, or None."""
-    return WRAPPERS.get(type(layer))
+    cls = type(layer)
+    if cls not in WRAPPERS and cls.__module__.startswith("timm.") and "timm" in sys.modules:
+        if "QuantConv2dSame" not in globals():
+            _register_timm_layers()
+    return WRAPPERS.get(cls)
