@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 from . import _registration
 
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name -> module that defines it
 _EXPORTS: Dict[str, str] = {
