@@ -54,7 +54,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
 
     Weight quantizers are initialised from the current weights. Activation
     quantizers observe the full-precision activations of ``batches`` (at most
-    ``num_batches``), then derive their parameters (METHOD.md §3) and their grid's
+    ``num_batches``), then derive their parameters (each method's own initialisation) and their grid's
     signedness (unsigned when the calibration activations are never negative).
     Deterministic for the same weights and batches. Must be called on every rank
     with that rank's batches under DDP; the statistics are all-reduced.

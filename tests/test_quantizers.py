@@ -1,4 +1,4 @@
-"""Forward values and gradients of every quantizer, against hand-computed cases (METHOD.md §3)."""
+"""Forward values and gradients of every quantizer, against hand-computed cases (Zhao & Zhao, AISTATS 2024, and each method's paper)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Autograd primitives shared by every quantizer (METHOD.md §3).
+"""Autograd primitives shared by every quantizer (the "clip, then round" form of SQAKD, Zhao & Zhao 2024).
 
 Two functions carry the whole "normalise/clip, then round" form:
 
