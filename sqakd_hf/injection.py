@@ -66,6 +66,18 @@ def _call_getter(model: nn.Module, getter: str) -> Optional[nn.Module]:
     return out if isinstance(out, nn.Module) else None
 
 
+def declared_head(model: nn.Module) -> Optional[nn.Module]:
+    """The output layer the model declares: transformers' ``get_output_embeddings()`` (LM heads) or
+    timm's ``get_classifier()`` (also inside transformers' timm wrapper); None when it declares none."""
+    head = _call_getter(model, "get_output_embeddings")
+    if head is None:
+        head = _call_getter(model, "get_classifier")
+    if head is None:
+        timm_model = getattr(model, "timm_model", None)  # transformers' TimmWrapper
+        head = _call_getter(timm_model, "get_classifier") if isinstance(timm_model, nn.Module) else None
+    return head
+
+
 def _default_fp_layers(model: nn.Module, candidates: List[str]) -> Dict[str, str]:
     """The paper's rule: first layer (stem/patch embedding) and classifier head stay FP."""
     names = _module_name_map(model)
@@ -74,10 +86,7 @@ def _default_fp_layers(model: nn.Module, candidates: List[str]) -> Dict[str, str
         return keep
     if not isinstance(_call_getter(model, "get_input_embeddings"), nn.Embedding):
         keep[candidates[0]] = "first layer, kept full precision by default"
-    head = _call_getter(model, "get_output_embeddings")
-    if head is None:
-        timm_model = getattr(model, "timm_model", model)  # transformers' TimmWrapper
-        head = _call_getter(timm_model, "get_classifier")
+    head = declared_head(model)
     if head is None:  # no declared head: the last quantizable layer in registration order
         head_name = candidates[-1]
     else:  # the declared head, or the last quantizable layer inside it (none for an Identity head)
