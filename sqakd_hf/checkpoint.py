@@ -9,18 +9,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .config import QuantConfig
+from .injection import get_quant_config
 from .model_io import unwrap
 from .serialization.files import atomic_save_directory
-from .serialization.packed import as_fp_dtype, packed_state_dict
+from .serialization.packed import as_fp_dtype
 
 __all__ = [
     "model_library",
@@ -52,30 +54,32 @@ def config_library(config: Dict[str, Any]) -> str:
     return "timm" if "model_type" not in config and bool(config.get("architecture")) else "transformers"
 
 
-def _save_transformers_packed(model: nn.Module, directory: Path, fp_dtype: Optional[torch.dtype]) -> None:
-    """``save_pretrained`` with the packed state dict: transformers writes config, tied weights and key names;
-    our quantizer hands it the packed tensors through its ``get_state_dict_and_metadata`` hook."""
+@contextlib.contextmanager
+def _packed_view(model: nn.Module, fp_dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """While open, ``model.save_pretrained`` writes the packed form: the model carries a pre-quantized
+    :class:`SQAKDHfQuantizer` with the packed config, whose ``get_state_dict_and_metadata`` hook hands
+    transformers the packed tensors and their safetensors metadata, and ``config.quantization_config``
+    says ``packed``. transformers still writes config.json, drops tied weights and maps key names.
+    (``save_pretrained(state_dict=...)`` alone cannot do this: a model's quantizer hook overrides the
+    state dict passed, and only that hook can add safetensors metadata.) Both are restored on exit."""
     from .integrations.hf_quantizer import SQAKDHfQuantizer
 
-    state, config, metadata = packed_state_dict(model, fp_dtype)
-    quantizer = SQAKDHfQuantizer(config, pre_quantized=True)
-    quantizer.packed_state = (state, metadata)
-    sentinel = object()
-    old_quantizer = model.__dict__.get("hf_quantizer", sentinel)
-    old_config = getattr(model.config, "quantization_config", sentinel)
-    model.hf_quantizer = quantizer
-    model.config.quantization_config = config
+    packed_config = QuantConfig.from_dict({**get_quant_config(model).to_dict(), "packed": True})
+    quantizer = SQAKDHfQuantizer(packed_config, pre_quantized=True)
+    quantizer.fp_dtype = fp_dtype
+    missing = object()
+    saved_quantizer = model.__dict__.get("hf_quantizer", missing)
+    saved_config = model.config.__dict__.get("quantization_config", missing)
+    model.hf_quantizer, model.config.quantization_config = quantizer, packed_config
     try:
-        model.save_pretrained(directory)
+        yield
     finally:
-        if old_quantizer is sentinel:
-            del model.hf_quantizer
-        else:
-            model.hf_quantizer = old_quantizer
-        if old_config is sentinel:
-            del model.config.quantization_config
-        else:
-            model.config.quantization_config = old_config
+        for owner, name, value in ((model, "hf_quantizer", saved_quantizer),
+                                   (model.config, "quantization_config", saved_config)):
+            if value is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
 
 
 def save_quantized(
@@ -109,9 +113,7 @@ def save_quantized(
         out = save_pretrained_timm(model, save_directory, packed=packed, fp_dtype=fp_dtype)
     else:
         with atomic_save_directory(save_directory) as staging:
-            if packed:
-                _save_transformers_packed(model, staging, fp_dtype)
-            else:
+            with _packed_view(model, fp_dtype) if packed else contextlib.nullcontext():
                 model.save_pretrained(staging)
         out = Path(save_directory)
     if processor is not None and hasattr(processor, "save_pretrained"):

@@ -239,3 +239,25 @@ def test_save_over_training_checkpoint_replaces_weights(bert_dirs, tmp_path: Pat
     assert names == ["config.json", "model.safetensors", "notes.txt"], names
     batch = family.batch()
     assert _rel_err(logits(family.auto.from_pretrained(target), batch), logits(student, batch)) <= EXACT_RTOL
+
+
+def test_incomplete_packed_checkpoint(bert_dirs, tmp_path: Path) -> None:
+    """A layer's grid missing, or a whole packed layer missing while the metadata lists it: clear errors
+    before anything is loaded."""
+    family, packed = bert_dirs["family"], bert_dirs["root"] / "packed"
+    layer = "bert.encoder.layer.0.attention.self.query"
+
+    def drop_zero_point(state, meta):
+        del state[f"{layer}.weight_zero_point"]
+    no_zero = _copy_dir(packed, tmp_path / "zero")
+    _rewrite(no_zero / "model.safetensors", drop_zero_point)
+    with pytest.raises(SQAKDCheckpointError, match=rf"is incomplete: layer {layer}: missing \['{layer}.weight_zero_p"):
+        family.auto.from_pretrained(no_zero)
+
+    def drop_layer(state, meta):
+        for suffix in ("packed", "scale", "zero_point"):
+            del state[f"{layer}.weight_{suffix}"]
+    no_layer = _copy_dir(packed, tmp_path / "layer")
+    _rewrite(no_layer / "model.safetensors", drop_layer)
+    with pytest.raises(SQAKDCheckpointError, match=r"metadata lists 13 packed layers but it holds packed tensors for 12"):
+        family.auto.from_pretrained(no_layer)

@@ -228,3 +228,46 @@ def test_config_json_round_trips_and_registration() -> None:
     quantizer = AutoHfQuantizer.from_config(cfg.to_dict(), pre_quantized=False)
     assert isinstance(quantizer, SQAKDHfQuantizer) and quantizer.is_serializable()
     assert sqakd_hf.integrations.hf_quantizer.SQAKDHfQuantizer is SQAKDHfQuantizer
+
+
+def test_integration_uses_public_hooks_only() -> None:
+    """No transformers internals in the integration; the one wrapped classmethod is documented there."""
+    import inspect
+
+    from sqakd_hf.integrations import hf_quantizer
+
+    source = inspect.getsource(hf_quantizer)
+    for name in ("_sqakd_original_merge", "conversion_mapping", "core_model_loading",
+                 "_keys_to_ignore_on_load_missing", "AUTO_QUANTIZATION_CONFIG_MAPPING[",
+                 "AUTO_QUANTIZER_MAPPING["):
+        assert name not in source, name
+    assert "Missing public hook" in inspect.getdoc(hf_quantizer._install_conflict_check)
+
+
+def test_registering_twice_changes_nothing() -> None:
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
+
+    from sqakd_hf.integrations import hf_quantizer
+
+    merge = AutoHfQuantizer.__dict__["merge_quantization_configs"]
+    configs, quantizers = dict(AUTO_QUANTIZATION_CONFIG_MAPPING), dict(AUTO_QUANTIZER_MAPPING)
+    hf_quantizer.register()
+    hf_quantizer.register()
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING == configs and AUTO_QUANTIZER_MAPPING == quantizers
+    assert AUTO_QUANTIZER_MAPPING["sqakd"] is SQAKDHfQuantizer and AUTO_QUANTIZATION_CONFIG_MAPPING["sqakd"] is QuantConfig
+    assert AutoHfQuantizer.__dict__["merge_quantization_configs"] is merge  # wrapped once, not again
+
+
+def test_other_quant_methods_merge_as_transformers_does() -> None:
+    """The conflict check handles sqakd checkpoints only: other methods get transformers' own merge
+    (keep the checkpoint's config, warn about the passed one)."""
+    from transformers import QuantoConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    merge = AutoHfQuantizer.merge_quantization_configs
+    assert merge.__func__.__wrapped__.__module__ == "transformers.quantizers.auto"
+    with pytest.warns(UserWarning, match="The `quantization_config` from the model will be used"):
+        out = merge(QuantoConfig(weights="int4").to_dict(), QuantoConfig(weights="int8"))
+    assert isinstance(out, QuantoConfig) and out.weights == "int4"
+    with pytest.raises(ValueError, match="you passed a QuantoConfig; drop the quantization_config argument"):
+        merge(QuantConfig().to_dict(), QuantoConfig())

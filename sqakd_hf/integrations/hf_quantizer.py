@@ -8,17 +8,25 @@ and :class:`SQAKDHfQuantizer` with transformers, so that
   activation quantizers need :func:`sqakd_hf.calibrate`, which ``SQAKDTrainer`` runs);
 * ``save_pretrained`` writes the training form (FP master weights + every quantizer tensor);
 * ``from_pretrained(saved_dir)`` restores it exactly, or loads a packed checkpoint
-  (see :mod:`sqakd_hf.serialization.packed`), with no calibration.
+  (see :mod:`sqakd_hf.serialization.packed`), with no calibration;
+* ``from_pretrained(saved_dir, quantization_config=...)`` with a config that contradicts the saved one
+  is an error (transformers would silently keep the saved one).
+
+Loading and saving use only the public ``HfQuantizer`` hooks: the skeleton built before loading holds
+exactly the tensors the checkpoint holds, so nothing is reported missing. The config conflict check
+wraps one transformers classmethod, for want of a public hook (see :func:`_install_conflict_check`).
+Registration happens once: re-running :func:`register` changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import re
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 # the defining modules, not the package: registration may run while ``transformers.quantizers`` is still importing
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -31,52 +39,16 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..calibration import refresh_quantizer_state
 from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
-from ..errors import SQAKDCheckpointError
 from ..injection import build_layer_quantizers, quant_layers, quantize_model
 from ..serialization import files, packed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SQAKDHfQuantizer"]
+__all__ = ["SQAKDHfQuantizer", "register"]
 
-#: checkpoint keys of quantizer tensors (absent from a full-precision teacher checkpoint)
-QUANTIZER_KEYS = r"(^|\.)(weight|input)_quantizer\."
+
 def _as_config(cfg: Union[QuantConfig, Dict[str, Any]]) -> QuantConfig:
     return cfg if isinstance(cfg, QuantConfig) else QuantConfig.from_dict(dict(cfg))
-
-
-_PACKED_SUFFIX = re.compile(r"\.weight_(packed|scale|zero_point)$")
-
-
-def _model_side_header(model, header: files.CheckpointHeader) -> files.CheckpointHeader:
-    """``header`` with checkpoint names translated to the model's names, the way transformers renames
-    keys when loading (legacy renamings, ``timm_model.`` prefix, base-model prefix)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    model_keys = set(model.state_dict())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-
-    def rename(key: str) -> str:
-        new, _ = rename_source_key(key, renamings, converters)
-        probe = _PACKED_SUFFIX.sub(".weight", new)
-        if prefix and probe not in model_keys:
-            if new.startswith(prefix + ".") and probe[len(prefix) + 1:] in model_keys:
-                new = new[len(prefix) + 1:]
-            elif f"{prefix}.{probe}" in model_keys:
-                new = f"{prefix}.{new}"
-        return new
-
-    out = files.CheckpointHeader(metadata=dict(header.metadata))
-    for key in header.shapes:
-        new = rename(key)
-        out.shapes[new], out.dtypes[new], out.files[new] = header.shapes[key], header.dtypes[key], header.files[key]
-    layers = {rename(f"{n}.weight_packed")[: -len(".weight_packed")]: v for n, v in header.packed_layers.items()}
-    out.metadata[files.LAYERS_KEY] = json.dumps(layers)
-    return out
 
 
 class SQAKDHfQuantizer(HfQuantizer):
@@ -89,10 +61,10 @@ class SQAKDHfQuantizer(HfQuantizer):
         if config.packed and not kwargs.get("pre_quantized", True):
             config = QuantConfig(**{**config.to_dict(), "packed": False})  # packed is set by the exporter only
         super().__init__(config, **kwargs)
-        #: set by :func:`sqakd_hf.save_packed` to hand ``save_pretrained`` a packed state dict
-        self.packed_state: Optional[tuple] = None
-        #: dtype of the FP output head when ``save_pretrained`` re-packs a loaded packed model (as it was stored)
+        #: dtype of the FP output head in the packed form that ``save_pretrained`` writes (``config.packed``);
+        #: read from the checkpoint when loading a packed one, so that it is saved as it was stored
         self.fp_dtype: Optional[torch.dtype] = None
+        self._source = "<checkpoint>"  # the packed checkpoint's files, for error messages
 
     # ---- capabilities -------------------------------------------------------------------------
     def is_serializable(self, safe_serialization: Optional[bool] = None) -> bool:
@@ -111,36 +83,41 @@ class SQAKDHfQuantizer(HfQuantizer):
         return True
 
     # ---- loading ------------------------------------------------------------------------------
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        """Insert fake-quant wrappers on the meta skeleton; for a packed checkpoint, shape its packed layers."""
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: Optional[List[str]] = None, **kwargs: Any
+    ) -> nn.Module:
+        """Insert fake-quant wrappers on the meta skeleton, holding exactly the tensors the checkpoint holds
+        (so transformers reports nothing missing).
+
+        Full-precision checkpoint: the wrappers get their quantizers after loading (the file has none).
+        Training form: wrappers with every quantizer tensor. Packed form: the packed layers become
+        packed-layer skeletons (codes and grid, no ``weight``), checked against the file's metadata here
+        and against the loaded sizes after loading.
+        """
         config: QuantConfig = self.quantization_config
         quantize_model(model, config)
-        ignore = set(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
         header = files.read_checkpoint_header(checkpoint_files or [])  # corrupted files: a clear error
         if not self.pre_quantized:
-            # a full-precision checkpoint has no quantizer tensors: they are built after loading
-            ignore.add(QUANTIZER_KEYS)
+            for _, layer in quant_layers(model):
+                del layer.weight_quantizer, layer.input_quantizer
+        elif config.packed:
+            self._source = ", ".join(sorted(set(header.files.values()))) or "<checkpoint>"
+            packed.prepare_packed_layers(model, header, prefix=getattr(model, "base_model_prefix", "") or "")
+            recorded = set(json.loads(header.metadata.get(packed.FP_DTYPE_KEY) or "{}").values())
+            self.fp_dtype = packed.as_fp_dtype(recorded.pop()) if len(recorded) == 1 else None
         else:
-            if config.packed:
-                names = packed.prepare_packed_layers(model, _model_side_header(model, header))
-                recorded = set(json.loads(header.metadata.get(packed.FP_DTYPE_KEY) or "{}").values())
-                self.fp_dtype = packed.as_fp_dtype(recorded.pop()) if len(recorded) == 1 else None
-                ignore.update(rf"^{re.escape(n)}\.weight$" for n in names)
-            else:
-                packed.check_not_packed(header.shapes, str(sorted(set(header.files.values()))))
-        model._keys_to_ignore_on_load_missing = ignore
+            packed.check_not_packed(header.shapes, str(sorted(set(header.files.values()))))
         return model
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         config: QuantConfig = self.quantization_config
         if self.pre_quantized:
             if config.packed:
-                packed.finish_packed_load(model)
+                packed.finish_packed_load(model, self._source)
             refresh_quantizer_state(model)
             return model
-        # Quantizer tensors were absent from the FP checkpoint (transformers left them uninitialised):
-        # rebuild them, initialise weight quantizers from the loaded weights. Activation quantizers
-        # need data: sqakd_hf.calibrate(model, batches).
+        # build the quantizers left out before loading, weight quantizers initialised from the loaded
+        # weights; activation quantizers need data: sqakd_hf.calibrate(model, batches)
         for name, layer in quant_layers(model):
             wq, aq = build_layer_quantizers(layer, type(layer), config, config.bits_for(name))
             layer.weight_quantizer, layer.input_quantizer = wq, aq
@@ -149,46 +126,83 @@ class SQAKDHfQuantizer(HfQuantizer):
                     "with sqakd_hf.calibrate(model, batches) before use (SQAKDTrainer does it)")
         return model
 
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        """Packed tensors (pre-quantized, packed form): transformers loads them at the size stored, so that
+        :func:`~sqakd_hf.serialization.packed.finish_packed_load` can say clearly what does not fit."""
+        return (self.pre_quantized and self.quantization_config.packed
+                and param_name.rpartition(".")[2] in packed.PACKED_SUFFIXES)
+
     # ---- saving -------------------------------------------------------------------------------
-    def get_state_dict_and_metadata(self, model):
+    def get_state_dict_and_metadata(self, model: nn.Module) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, str]]:
         """Training form: the model's own state dict. Packed form (``config.packed``): the packed one."""
-        if self.packed_state is not None:
-            state, metadata = self.packed_state
-            return state, dict(metadata)
         if getattr(self.quantization_config, "packed", False):
             state, _, metadata = packed.packed_state_dict(model, self.fp_dtype)
             return state, metadata
         return None, {}
 
 
-# ---- registration ---------------------------------------------------------------------------------
-def _merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
-    """transformers keeps a checkpoint's quantization_config and only warns when another is passed;
-    for ``sqakd`` checkpoints a contradicting one is an error, an agreeing one is accepted quietly."""
-    saved = quantization_config
-    ours = isinstance(saved, QuantConfig) or (isinstance(saved, dict) and saved.get("quant_method") == QUANT_METHOD)
-    if not ours:
-        return AutoHfQuantizer._sqakd_original_merge(quantization_config, quantization_config_from_args)
+# ---- from_pretrained(quantized_dir, quantization_config=...) --------------------------------------
+def _is_sqakd(config: Any) -> bool:
+    return isinstance(config, QuantConfig) or (isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD)
+
+
+def _merge_sqakd(saved: Union[QuantConfig, Dict[str, Any]], passed: Any) -> QuantConfig:
+    """The checkpoint's config; a passed one must agree with it (accepted quietly) or it is an error."""
     saved = _as_config(saved)
-    if quantization_config_from_args is not None:
-        if not isinstance(quantization_config_from_args, QuantConfig):
-            raise ValueError(
-                f"this checkpoint is quantized with sqakd ({saved.short_name}) but you passed a "
-                f"{type(quantization_config_from_args).__name__}; drop the quantization_config argument"
-            )
-        check_config_compatible(saved, quantization_config_from_args)
+    if passed is None:
+        return saved
+    if not isinstance(passed, QuantConfig):
+        raise ValueError(
+            f"this checkpoint is quantized with sqakd ({saved.short_name}) but you passed a "
+            f"{type(passed).__name__}; drop the quantization_config argument"
+        )
+    check_config_compatible(saved, passed)
     return saved
 
 
-if getattr(AutoHfQuantizer, "_sqakd_original_merge", None) is None:
-    AutoHfQuantizer._sqakd_original_merge = AutoHfQuantizer.merge_quantization_configs  # bound classmethod
-    AutoHfQuantizer.merge_quantization_configs = classmethod(_merge_quantization_configs)
+def _install_conflict_check() -> None:
+    """Make a ``quantization_config`` passed to ``from_pretrained`` for an sqakd checkpoint that contradicts
+    the saved one an error (transformers keeps the saved one and only warns, even when it agrees).
 
-if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
-    register_quantization_config(QUANT_METHOD)(QuantConfig)
-else:
-    AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = QuantConfig
-if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
-    register_quantizer(QUANT_METHOD)(SQAKDHfQuantizer)
-else:
-    AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = SQAKDHfQuantizer
+    Missing public hook: nothing that a quantization method provides sees the config passed to
+    ``from_pretrained`` for an already-quantized checkpoint. ``AutoHfQuantizer.merge_quantization_configs``
+    drops it after comparing class names; the one per-config hook it calls,
+    ``QuantizationConfigMixin.get_loading_attributes``, is only called for transformers' own
+    ``LOADING_ATTRIBUTES_CONFIG_TYPES``; the config class and the ``HfQuantizer`` only ever see the saved
+    config. So that classmethod is wrapped, once: sqakd checkpoints go to :func:`_merge_sqakd`, every
+    other quant method to transformers' function unchanged (``tests/test_hf_quantizer.py`` pins both).
+    """
+    upstream = AutoHfQuantizer.merge_quantization_configs.__func__
+    if getattr(upstream, "sqakd_conflict_check", False):
+        return
+
+    @functools.wraps(upstream)
+    def merge_quantization_configs(cls, quantization_config, quantization_config_from_args):
+        if _is_sqakd(quantization_config):
+            return _merge_sqakd(quantization_config, quantization_config_from_args)
+        return upstream(cls, quantization_config, quantization_config_from_args)
+
+    merge_quantization_configs.sqakd_conflict_check = True
+    AutoHfQuantizer.merge_quantization_configs = classmethod(merge_quantization_configs)
+
+
+# ---- registration ---------------------------------------------------------------------------------
+def register() -> None:
+    """Register ``quant_method: "sqakd"`` with transformers (config class and quantizer) and the config
+    conflict check. Idempotent; an entry that is already registered is never replaced."""
+    for mapping, registrar, cls in (
+        (AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, QuantConfig),
+        (AUTO_QUANTIZER_MAPPING, register_quantizer, SQAKDHfQuantizer),
+    ):
+        existing = mapping.get(QUANT_METHOD)
+        if existing is None:
+            registrar(QUANT_METHOD)(cls)
+        elif existing is not cls:
+            logger.warning(
+                "sqakd: transformers already has %s registered for quant_method %r; keeping it. "
+                "Import sqakd_hf before anything else registers that name.", existing.__qualname__, QUANT_METHOD,
+            )
+    _install_conflict_check()
+
+
+register()

@@ -47,6 +47,7 @@ __all__ = [
     "as_fp_dtype",
     "prepare_packed_layers",
     "finish_packed_load",
+    "check_packed_sizes",
     "load_packed_state_dict",
     "check_not_packed",
 ]
@@ -74,7 +75,9 @@ class PackedWeightQuantizer(Quantizer):
         self.register_buffer("zero_point", None)
 
     def set_grid(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Use the grid ``scale * (code - zero_point)``; one value per tensor or per output channel."""
         self.scale, self.zero_point = scale, zero_point
+        self.param_shape = tuple(scale.shape)
         self.set_signed(True)
         self.mark_initialized()
 
@@ -194,115 +197,176 @@ def pack_model(
 
 
 # ---- loading packed layers ------------------------------------------------------------------------
+_MISMATCH_FIX = ("The file was not written by sqakd_hf.save_packed for this config; re-export it from the "
+                 "training checkpoint.")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _local_name(name: str, layers: Mapping[str, nn.Module], prefix: str) -> Optional[str]:
+    """``name`` (a layer name from a checkpoint) as a name of ``layers``: as is, or with the base-model
+    ``prefix`` removed or added (a head model's file read by its base model, transformers' timm wrapper
+    and timm's own layout, and the reverse). None if neither names a layer."""
+    if name in layers:
+        return name
+    if prefix:
+        dotted = prefix + "."
+        other = name[len(dotted):] if name.startswith(dotted) else dotted + name
+        if other in layers:
+            return other
+    return None
+
+
+def _grid_shape(layer: nn.Module, config: QuantConfig) -> Tuple[int, ...]:
+    """Shape of a packed layer's ``weight_scale`` / ``weight_zero_point``, as :func:`packed_state_dict` writes it."""
+    if config.weight_granularity != "per_channel":
+        return ()
+    shape = tuple(type(layer).quantizer_param_shape(layer.weight.shape))
+    return shape if _numel(shape) > 1 else ()
+
+
+def _check_file(header: CheckpointHeader, where: str) -> List[str]:
+    """The checkpoint's packed layers (its own names), each with codes, scale and zero point, codes uint8."""
+    bases = sorted({k.rpartition(".")[0] for k in header.shapes if k.rpartition(".")[2] in PACKED_SUFFIXES})
+    for base in bases:
+        missing = [f"{base}.{s}" for s in PACKED_SUFFIXES if f"{base}.{s}" not in header.shapes]
+        if missing:
+            problem = f"layer {base}: missing {missing}"
+        elif header.dtypes.get(f"{base}.weight_packed", "U8") != "U8":
+            problem = f"layer {base}: weight_packed must be uint8, got {header.dtypes[f'{base}.weight_packed']}"
+        else:
+            continue
+        raise SQAKDCheckpointError(f"packed checkpoint {where} is incomplete: {problem}. {_MISMATCH_FIX}")
+    return bases
+
+
 def prepare_packed_layers(
-    model: nn.Module, header: CheckpointHeader, *, device: Union[str, torch.device] = "meta"
+    model: nn.Module, header: CheckpointHeader, *, device: Union[str, torch.device] = "meta", prefix: str = ""
 ) -> List[str]:
     """Turn the quantized layers that the checkpoint stores packed into packed-layer skeletons.
 
-    Each gets ``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` buffers shaped as in the
-    checkpoint and a :class:`PackedWeightQuantizer`; its ``weight`` is filled by
-    :func:`finish_packed_load`. Shapes and bit-widths are checked against the model built from
-    the config; any mismatch raises :class:`SQAKDCheckpointError`. ``header`` must use the model's
-    own parameter names. Returns the layer names.
+    Which layers are packed, and their bits and weight shapes, come from the checkpoint's metadata
+    (layer names as the saving model called them, possibly differing from ``model``'s by the base-model
+    ``prefix``), or from its ``*.weight_packed`` names when it has none. Each packed layer gets
+    ``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` buffers shaped from its weight shape,
+    bits and the config's granularity, and a stateless :class:`PackedWeightQuantizer`; its ``weight``
+    becomes a non-persistent placeholder (so no loader expects it in the checkpoint), made a parameter
+    again by :func:`finish_packed_load`, which also checks the sizes of the loaded tensors. An
+    incomplete file, or bits / shapes / layers that contradict the model built from the config, raise
+    :class:`SQAKDCheckpointError`. Returns the packed layers' names in ``model``.
     """
+    config = get_quant_config(model)
     layers = dict(quant_layers(model))
-    recorded = header.packed_layers
-    where = sorted(set(header.files.values())) or ["<checkpoint>"]
-    packed_in_file = {k[: -len(".weight_packed")] for k in header.shapes if k.endswith(".weight_packed")}
-    names: List[str] = []
-    seen: set = set()
-    for name, layer in layers.items():
-        if f"{name}.weight_packed" not in header.shapes:
-            continue
-        base = name
-        seen.add(base)
-        wq = layer.weight_quantizer
-        bits, shape = wq.bits, tuple(layer.weight.shape)
-        problem = _packed_problem(name, base, bits, shape, layer.channel_axis, header, recorded.get(base))
-        if problem:
-            raise SQAKDCheckpointError(
-                f"packed checkpoint {', '.join(where)} does not match its quantization_config: {problem}. "
-                "The file was not written by sqakd_hf.save_packed for this config; re-export it from the "
-                "training checkpoint."
-            )
-        for suffix in PACKED_SUFFIXES:
-            k = f"{base}.{suffix}"
-            dtype = torch.uint8 if suffix == "weight_packed" else layer.weight.dtype
-            layer.register_buffer(suffix, torch.empty(header.shapes[k], dtype=dtype, device=device))
-        param_shape = type(layer).quantizer_param_shape(layer.weight.shape)
-        n_scale = 1
-        for s in header.shapes[f"{base}.weight_scale"]:
-            n_scale *= s
-        layer.weight_quantizer = PackedWeightQuantizer(bits, param_shape if n_scale > 1 else (), layer.channel_axis)
-        names.append(name)
-    extra = sorted(packed_in_file - seen)
+    where = ", ".join(sorted(set(header.files.values()))) or "<checkpoint>"
+    bases = _check_file(header, where)
+    recorded = header.packed_layers if LAYERS_KEY in header.metadata else {b: None for b in bases}
+    if len(recorded) != len(bases):
+        raise SQAKDCheckpointError(
+            f"packed checkpoint {where} is incomplete: its metadata lists {len(recorded)} packed layers but it "
+            f"holds packed tensors for {len(bases)}. {_MISMATCH_FIX}"
+        )
+    names = {n: _local_name(n, layers, prefix) for n in recorded}
+    extra = sorted(n for n, local in names.items() if local is None)
     if extra:
         raise SQAKDCheckpointError(
-            f"packed checkpoint {', '.join(where)} holds packed weights for {extra}, which its quantization_config "
-            "does not quantize (modules_to_not_convert / layer_bits differ, or the architecture differs)"
+            f"packed checkpoint {where} holds packed weights for {extra}, which the model built from its "
+            "quantization_config does not quantize: modules_to_not_convert / layer_bits differ, the architecture "
+            "differs, or the file names the layers otherwise (e.g. saved under another transformers version that "
+            "named this architecture's modules differently: re-export it from the training checkpoint)"
         )
-    return names
+    for saved_name, name in names.items():
+        layer, info = layers[name], recorded[saved_name] or {}
+        weight = layer.weight
+        bits, shape = layer.weight_quantizer.bits, tuple(weight.shape)
+        if int(info.get("bits", bits)) != bits:
+            problem = f"layer {name} was packed with {info['bits']}-bit codes but the config asks for {bits} bits"
+        elif tuple(info.get("shape", shape)) != shape:
+            problem = f"layer {name} was packed from a weight of shape {tuple(info['shape'])}, the model's is {shape}"
+        else:
+            problem = ""
+        if problem:
+            raise SQAKDCheckpointError(
+                f"packed checkpoint {where} does not match its quantization_config: {problem}. {_MISMATCH_FIX}"
+            )
+        grid = _grid_shape(layer, config)
+        layer.register_buffer("weight_packed", torch.empty(packed_num_bytes(_numel(shape), bits), dtype=torch.uint8,
+                                                           device=device))
+        layer.register_buffer("weight_scale", torch.empty(grid, dtype=weight.dtype, device=device))
+        layer.register_buffer("weight_zero_point", torch.empty(grid, dtype=weight.dtype, device=device))
+        del layer.weight
+        layer.register_buffer("weight", torch.empty(shape, dtype=weight.dtype, device=device), persistent=False)
+        layer.weight_quantizer = PackedWeightQuantizer(bits, grid, layer.channel_axis).to(device)
+    return sorted(names.values())
 
 
-def _packed_problem(name, base, bits, shape, axis, header: CheckpointHeader, recorded: Optional[dict]) -> str:
-    shapes = header.shapes
-    missing = [f"{base}.{s}" for s in PACKED_SUFFIXES if f"{base}.{s}" not in shapes]
-    if missing:
-        return f"layer {name}: missing {missing}"
-    if recorded is not None:
-        if int(recorded.get("bits", bits)) != bits:
-            return f"layer {name} was packed with {recorded['bits']}-bit codes but the config asks for {bits} bits"
-        if tuple(recorded.get("shape", shape)) != shape:
-            return f"layer {name} was packed from a weight of shape {tuple(recorded['shape'])}, the model's is {shape}"
-    if header.dtypes.get(f"{base}.weight_packed") != "U8":
-        return f"layer {name}: weight_packed must be uint8, got {header.dtypes.get(f'{base}.weight_packed')}"
-    numel = 1
-    for s in shape:
-        numel *= s
-    got = 1
-    for s in shapes[f"{base}.weight_packed"]:
-        got *= s
-    need = packed_num_bytes(numel, bits)
+def _size_problem(name: str, layer: nn.Module, shapes: Mapping[str, Tuple[int, ...]]) -> str:
+    """What is wrong with the sizes of a packed layer's tensors (``shapes`` by suffix), or ``""``."""
+    bits, shape = layer.weight_quantizer.bits, tuple(layer.weight.shape)
+    got, need = _numel(shapes["weight_packed"]), packed_num_bytes(_numel(shape), bits)
     if got != need:
-        fits = [b for b in range(1, 9) if packed_num_bytes(numel, b) == got]
+        fits = [b for b in range(1, 9) if packed_num_bytes(_numel(shape), b) == got]
         hint = f" (that size fits {fits[0]}-bit codes)" if fits else ""
         return (f"layer {name}: {got} bytes of packed codes, but {bits}-bit codes of its weight of shape {shape} "
                 f"need {need} bytes{hint}")
-    channels = shape[axis % len(shape)]
+    channels = shape[layer.channel_axis % len(shape)]
     for suffix in ("weight_scale", "weight_zero_point"):
-        n = 1
-        for s in shapes[f"{base}.{suffix}"]:
-            n *= s
+        n = _numel(shapes[suffix])
         if n not in (1, channels):
             return f"layer {name}: {suffix} has {n} values, expected 1 or {channels} (one per output channel)"
     return ""
 
 
+def _packed_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(n, m) for n, m in quant_layers(model) if "weight_packed" in m._buffers]
+
+
+def check_packed_sizes(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], where: str) -> None:
+    """Raise :class:`SQAKDCheckpointError` if the packed tensors (``shapes`` by the model's key names) do
+    not fit the packed layers that :func:`prepare_packed_layers` made."""
+    for name, layer in _packed_layers(model):
+        missing = [f"{name}.{s}" for s in PACKED_SUFFIXES if f"{name}.{s}" not in shapes]
+        problem = f"layer {name}: missing {missing}" if missing else _size_problem(
+            name, layer, {s: shapes[f"{name}.{s}"] for s in PACKED_SUFFIXES})
+        if problem:
+            raise SQAKDCheckpointError(
+                f"packed checkpoint {where} does not match its quantization_config: {problem}. {_MISMATCH_FIX}"
+            )
+
+
 @torch.no_grad()
-def finish_packed_load(model: nn.Module) -> List[str]:
-    """After the packed buffers were loaded: dequantize the codes into each packed layer's ``weight``,
-    hand the grid to its :class:`PackedWeightQuantizer` and drop the buffers. Returns the layer names."""
-    done = []
-    for name, layer in quant_layers(model):
-        packed = layer._buffers.get("weight_packed")
-        if packed is None:
-            continue
+def finish_packed_load(model: nn.Module, where: str = "<checkpoint>") -> List[str]:
+    """After the packed buffers were loaded: check their sizes (:func:`check_packed_sizes`), dequantize the
+    codes into each packed layer's ``weight`` (a parameter again), hand the grid to its
+    :class:`PackedWeightQuantizer` and drop the buffers. Returns the layer names."""
+    layers = _packed_layers(model)
+    check_packed_sizes(model, {f"{n}.{s}": tuple(m._buffers[s].shape) for n, m in layers for s in PACKED_SUFFIXES},
+                       where)
+    for name, layer in layers:
         wq = layer.weight_quantizer
-        shape = wq.param_shape if wq.param_shape else ()
-        scale = layer._buffers.pop("weight_scale").reshape(shape)
-        zero = layer._buffers.pop("weight_zero_point").to(scale.dtype).reshape(shape)
-        del layer._buffers["weight_packed"]
-        codes = unpack_codes(packed, wq.bits, tuple(layer.weight.shape)).to(device=scale.device, dtype=scale.dtype)
-        weight = scale * (codes - zero)
-        layer.weight.data = weight.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        wq.set_grid(scale.to(layer.weight.device), zero.to(layer.weight.device))
-        done.append(name)
-    return done
+        placeholder = layer.weight
+        grid = tuple(type(layer).quantizer_param_shape(placeholder.shape))
+        codes = layer._buffers.pop("weight_packed")
+        scale = layer._buffers.pop("weight_scale")
+        grid = grid if scale.numel() > 1 else ()
+        scale = scale.reshape(grid)
+        zero = layer._buffers.pop("weight_zero_point").to(scale.dtype).reshape(grid)
+        codes = unpack_codes(codes, wq.bits, tuple(placeholder.shape)).to(device=scale.device, dtype=scale.dtype)
+        weight = (scale * (codes - zero)).to(device=placeholder.device, dtype=placeholder.dtype)
+        del layer.weight
+        layer.weight = nn.Parameter(weight)
+        wq.set_grid(scale.to(placeholder.device), zero.to(placeholder.device))
+    return [n for n, _ in layers]
 
 
 def load_packed_state_dict(model: nn.Module, state: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None,
-                           *, source: str = "<state dict>") -> nn.Module:
-    """Load a packed state dict into a freshly quantized (not yet loaded) ``nn.Module``, strictly.
+                           *, source: str = "<state dict>", prefix: str = "") -> nn.Module:
+    """Load a packed state dict (keys named as in ``model``) into a freshly quantized, not yet loaded
+    ``nn.Module``, strictly. ``prefix``: see :func:`prepare_packed_layers`.
 
     Raises :class:`SQAKDCheckpointError` on shape/bit mismatches, missing or unexpected keys.
     """
@@ -313,16 +377,22 @@ def load_packed_state_dict(model: nn.Module, state: Mapping[str, Tensor], metada
         files={k: source for k in state},
     )
     device = next(model.parameters()).device
-    packed = prepare_packed_layers(model, header, device=device)
-    result = model.load_state_dict(dict(state), strict=False)
-    allowed = {f"{n}.weight" for n in packed}
-    missing = [k for k in result.missing_keys if k not in allowed]
+    prepare_packed_layers(model, header, device=device, prefix=prefix)
+    check_packed_sizes(model, header.shapes, source)
+    packed_keys = set()
+    for name, layer in _packed_layers(model):  # set as stored: a grid may hold one value or one per channel
+        for suffix in PACKED_SUFFIXES:
+            key = f"{name}.{suffix}"
+            setattr(layer, suffix, state[key].to(device=device, dtype=layer._buffers[suffix].dtype))
+            packed_keys.add(key)
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in packed_keys}, strict=False)
+    missing = [k for k in result.missing_keys if k not in packed_keys]
     if missing or result.unexpected_keys:
         raise SQAKDCheckpointError(
             f"checkpoint {source} does not match the model built from its config: missing keys {missing[:10]}, "
             f"unexpected keys {list(result.unexpected_keys)[:10]}"
         )
-    finish_packed_load(model)
+    finish_packed_load(model, source)
     return model
 
 

@@ -179,7 +179,8 @@ def from_pretrained_timm(
         check_config_compatible(saved, quantization_config, where=str(path_or_repo_id))
     quantize_model(model, saved)
     if saved.packed:
-        load_packed_state_dict(model, state, metadata, source=source)
+        # the metadata names layers as the saving model did: with the wrapper's prefix if transformers saved it
+        load_packed_state_dict(model, state, metadata, source=source, prefix=WRAPPER_PREFIX.rstrip("."))
     else:
         check_not_packed(state, source)
         _load_strict(model, state, source)
