@@ -48,7 +48,8 @@ class DoReFaQuantizer(Quantizer):
             zero = self.act_zero if self.signed else None
             return fake_quantize(x, self.act_scale, 0, self.levels, zero=zero, delta=self.delta)
         t = torch.tanh(x)
-        m = t.abs().amax(dim=self._reduce_dims(x), keepdim=bool(self.param_shape))
+        # an all-zero (dead) channel has max|tanh w| = 0: any positive floor keeps 0 / 0 out (its codes are the middle)
+        m = t.abs().amax(dim=self._reduce_dims(x), keepdim=bool(self.param_shape)).clamp_min(torch.finfo(t.dtype).tiny)
         wn = t / (2 * m) + 0.5
         q = round_delta(wn * self.levels, self.delta) / self.levels
         return self.magnitude * (2 * q - 1)
