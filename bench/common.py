@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
-from sqakd_hf.training.losses import kd_kl_per_position
-from sqakd_hf.model_io import call_model, output_tensor
+from sqakd_hf.model_io import call_model, output_tensor, split_labels
+from sqakd_hf.training.metrics import batch_stats, model_output, summarize
 
 TEMPERATURE = 4.0
 
@@ -92,28 +92,32 @@ def batched(columns: Dict[str, Tensor], batch_size: int) -> List[Dict[str, Tenso
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Sequence[Dict[str, Tensor]]) -> Tensor:
-    """Logits of ``model`` (eval mode) on ``batches`` (label keys dropped), concatenated."""
+    """Logits of ``model`` (eval mode) on ``batches`` (labels dropped), concatenated: the forward of
+    :func:`sqakd_hf.training.metrics.model_output`, kept so the teacher's logits are computed once."""
     was_training = model.training
     model.eval()
     try:
-        outs = [output_tensor(call_model(model, {k: v for k, v in b.items() if k != "labels"}), "logits")
-                for b in batches]
+        outs = []
+        for b in batches:
+            logits, is_logits = model_output(model, split_labels(b)[0])
+            if not is_logits:
+                raise ValueError(f"{type(model).__name__} has no logits to benchmark")
+            outs.append(logits)
     finally:
         model.train(was_training)
     return torch.cat(outs).float()
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
+    """Accuracy of a model's logits, as :mod:`sqakd_hf.training.metrics` computes it."""
+    return summarize(batch_stats(None, logits, labels=labels).double().sum(0), student=False)["teacher"]["accuracy"]
 
 
 def metrics(student: Tensor, teacher: Tensor, labels: Tensor) -> Dict[str, float]:
-    """Accuracy, teacher agreement (argmax match) and KD loss (``T^2 KL``, mean over samples)."""
-    return {
-        "accuracy": accuracy(student, labels),
-        "teacher_agreement": (student.argmax(-1) == teacher.argmax(-1)).float().mean().item(),
-        "kd_loss": (kd_kl_per_position(student, teacher, TEMPERATURE) * TEMPERATURE**2).mean().item(),
-    }
+    """Accuracy, teacher agreement (argmax match) and KD loss (``T^2 KL``, mean over samples): the student's
+    entry of :func:`sqakd_hf.training.metrics.summarize`, the trainer's and ``evaluate_models``' evaluator."""
+    stats = batch_stats(student, teacher, labels=labels, temperature=TEMPERATURE).double().sum(0)
+    return summarize(stats)["student"]
 
 
 # ---- the teacher (labels used here only) ----------------------------------------------------

@@ -35,7 +35,7 @@ class SQAKDTrainingArguments(TrainingArguments):
             "help": "Learning rate of the quantizer parameters (steps, clip levels, intervals), their own optimizer "
             "group. None (default): the same as learning_rate, which works best for the short fine-tuning runs this "
             "plugin targets (label-free digits, 6 epochs, Adam: W2A2 95.6%% with the same lr vs 93.6%% with lr/100). "
-            "The paper's long CIFAR schedule used 1e-5 against 1e-3 for the weights (METHOD.md §5); pass it "
+            "The SQAKD paper's long CIFAR schedule used 1e-5 against 1e-3 for the weights; pass it "
             "explicitly to reproduce that recipe."
         },
     )

@@ -10,7 +10,7 @@ maximum gradient magnitude, clipped at 0; the trace comes from Hutchinson's esti
 Rademacher probes (this is also what the authors' released ``update_grad_scales`` computes).
 Here ``H`` and ``g_q`` are the Hessian and gradient of the **KD loss** (no labels) w.r.t.
 each EWGS quantizer's discrete output on the paper's [0, 1] latent scale, and ``N`` its number
-of elements. METHOD.md notes that the SQAKD reference code never updated delta; we do.
+of elements. The SQAKD reference code (Zhao & Zhao, AISTATS 2024) never updated delta; we do.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Distillation losses (METHOD.md §2).
+"""Distillation losses (Hinton et al., 2015, as used by SQAKD, Zhao & Zhao, AISTATS 2024).
 
 :func:`kd_kl_loss` is SQAKD's objective, ``T^2 * KL(p_t || softmax(z_s / T))`` summed over
 classes and averaged over samples (or non-padding tokens). Its per-position core,

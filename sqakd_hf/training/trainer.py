@@ -1,6 +1,7 @@
 """`SQAKDTrainer`: label-free quantization-aware training by distillation from the FP teacher.
 
-A `transformers.Trainer` whose loss is the teacher's softened KL (METHOD.md §2), with:
+A `transformers.Trainer` whose loss is the teacher's softened KL, ``T^2 KL(softmax(z_t / T) ||
+softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), with:
 
 * a frozen teacher (eval mode, no grad, placed by accelerate; bf16/fp16 on GPU when asked);
 * calibration of the quantizers on training data right before the training loop starts
@@ -8,22 +9,26 @@ A `transformers.Trainer` whose loss is the teacher's softened KL (METHOD.md §2)
   is already initialised (a quantized checkpoint, a resume);
 * a teacher/student output check on the first batch, before any step;
 * a separate optimizer group for quantizer parameters (own lr, no weight decay by default);
-* label-free evaluation: ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
-  ``eval_accuracy`` when labels exist);
+* label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
+  ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
+  hidden-state targets);
 * optionally EWGS's Hessian-based delta schedule (see :mod:`.ewgs_schedule`).
 
 Loss reduction: the KD loss of a micro-batch is its mean over samples (or non-padding tokens);
 ``loss_is_scaled_for_ga = False`` lets the Trainer divide by the accumulation steps once. Under
 DDP with ``average_tokens_across_devices`` the denominator is the micro-batch's global count
 (all-reduced), so gradients and the logged loss equal those of one process on the global batch.
+
+Only public Trainer hooks are overridden, but for one private hook that keeps a timm-native student's
+image columns (transformers has no public one; see ``SQAKDTrainer``'s column handling).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -31,20 +36,22 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer
+from transformers import Trainer
 from transformers.trainer_utils import has_length
 
 from ..calibration import calibrate
-from ..checkpoint import load_teacher, save_quantized
+from ..checkpoint import load_teacher, model_library, save_quantized
 from ..hub.card_info import write_model_card
 from ..hub.push import push_to_hub as push_quantized_to_hub
 from ..injection import is_quantized, quant_layers, quantizer_parameters, named_quantizers
-from ..model_io import LABEL_KEYS, POSITIONAL_KEYS, call_model, forward_params, output_tensor
+from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .losses import hidden_state_per_position, kd_kl_per_position
+from .metrics import STAT_COLUMNS, batch_stats, shifts_labels, summarize, trainer_metrics
 
 try:
     from transformers.trainer_optimizer import is_optimizer_factory
@@ -55,6 +62,17 @@ except ImportError:  # older transformers 5.x: no optimizer factories
 
 
 logger = logging.getLogger(__name__)
+
+
+def _iterable_shard_types() -> Tuple[type, ...]:
+    """The wrappers that give each rank its shard of an iterable dataset (accelerate's, transformers')."""
+    from accelerate.data_loader import IterableDatasetShard as AccelerateShard
+    from transformers.trainer_pt_utils import IterableDatasetShard as TransformersShard
+
+    return (AccelerateShard, TransformersShard)
+
+
+_SHARD_TYPES = _iterable_shard_types()
 
 @dataclass
 class _Distill:
@@ -115,6 +133,8 @@ class SQAKDTrainer(Trainer):
             raise ValueError("teacher_model is the student itself: pass a separate full-precision copy")
         if is_quantized(teacher):
             raise ValueError("teacher_model contains fake-quant layers: the teacher must be the full-precision model")
+        self._prepare_pending = False  # set by train(): calibrate and check when the training loader is built
+        self._eval_prepared_id: Optional[int] = None  # the student _prepare_student_for_evaluation prepared
         super().__init__(model, args, *trainer_args, **kwargs)
         # our compute_loss never hands num_items_in_batch to the model: keep the Trainer from counting label
         # tokens for it and (in transformers < 5.2x) from skipping its division by the accumulation steps
@@ -164,23 +184,35 @@ class SQAKDTrainer(Trainer):
             teacher.config.use_cache = False  # no KV cache to build on every training forward
         if self.args.device.type == "cuda" and (self.args.bf16 or self.args.fp16):
             teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
-        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        # the teacher is not a model the Trainer trains, saves or evaluates: keep it out of accelerate's list
-        # (evaluation_loop prepares the student only when that list is empty)
-        if teacher in self.accelerator._models:
-            self.accelerator._models.remove(teacher)
-        return teacher.eval()
+        # accelerate now lists the teacher among its prepared models, so Trainer.evaluation_loop no longer
+        # prepares a student that training has not prepared yet: see _prepare_student_for_evaluation
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True).eval()
 
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if not isinstance(_core(self.model), PreTrainedModel):  # timm-native forward(x): keep image columns
-            self._signature_columns += [k for k in ("pixel_values", "x") if k not in self._signature_columns]
+    def _set_signature_columns_if_needed(self) -> None:  # no public hook to keep extra columns
+        """timm-native students take ``forward(x)``: keep ``pixel_values`` (and ``x``) when the Trainer removes
+        unused columns. transformers has no public hook to name columns to keep (``remove_unused_columns`` is
+        all-or-nothing), so this private one is overridden; tests/test_trainer_public_api.py pins it."""
+        super()._set_signature_columns_if_needed()  # no public hook to keep extra columns
+        if model_library(self.model) != "transformers":
+            columns = self._signature_columns  # no public hook to keep extra columns: the Trainer's private list
+            columns += [k for k in ("pixel_values", "x") if k not in columns]
 
     # ---- the distillation forward ----------------------------------------------------------
-    @staticmethod
-    def _split_labels(inputs: Mapping) -> Tuple[Dict[str, Any], Optional[Tensor]]:
-        labels = next((inputs[k] for k in LABEL_KEYS if inputs.get(k) is not None), None)
-        return {k: v for k, v in inputs.items() if k not in LABEL_KEYS}, labels
+    def _to_device(self, batch: Mapping) -> Dict[str, Any]:
+        """``batch`` on ``args.device`` (float inputs in DeepSpeed's dtype when DeepSpeed runs), as the Trainer
+        prepares its inputs."""
+        dtype = self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype() if self.is_deepspeed_enabled else None
+
+        def move(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.to(self.args.device, dtype=dtype if dtype is not None and x.is_floating_point() else None)
+            if isinstance(x, Mapping):
+                return type(x)({k: move(v) for k, v in x.items()})
+            if isinstance(x, (list, tuple)):
+                return type(x)(move(v) for v in x)
+            return x
+
+        return move(batch)
 
     def _extra_kwargs(self) -> Dict[str, Any]:
         return {"output_hidden_states": True} if self.args.distill_target == "hidden_states" else {}
@@ -193,11 +225,11 @@ class SQAKDTrainer(Trainer):
         return call_model(self.teacher, model_inputs, **self._extra_kwargs())
 
     def _distill(self, model: nn.Module, inputs: Mapping, with_ce_labels: bool = False) -> _Distill:
-        model_inputs, labels = self._split_labels(inputs)
+        model_inputs, labels = split_labels(inputs)
         target = self.args.distill_target
         t = output_tensor(self.teacher_outputs(model_inputs), target, "teacher")
         extra = self._extra_kwargs()
-        if with_ce_labels and labels is not None and isinstance(_core(model), PreTrainedModel):
+        if with_ce_labels and labels is not None and model_library(model) == "transformers":
             extra["labels"] = labels
         outputs = call_model(model, model_inputs, **extra)
         s = output_tensor(outputs, target, "student")
@@ -207,15 +239,7 @@ class SQAKDTrainer(Trainer):
             per = kd_kl_per_position(s, t, self.args.temperature) * (self.args.temperature**2)
         else:
             per = hidden_state_per_position(s, t, self.args.hidden_loss)
-        return _Distill(per, self._padding_mask(model_inputs, per), s, t, outputs, labels)
-
-    @staticmethod
-    def _padding_mask(model_inputs: Mapping, per_position: Tensor) -> Optional[Tensor]:
-        """Sequence outputs: the attention mask marks the positions that count (padding does not)."""
-        mask = model_inputs.get("attention_mask")
-        if per_position.dim() >= 2 and isinstance(mask, Tensor) and mask.shape == per_position.shape:
-            return mask.to(per_position.dtype)
-        return None
+        return _Distill(per, padding_mask(model_inputs, per), s, t, outputs, labels)
 
     def _mismatch_message(self, s: Tensor, t: Tensor) -> str:
         what = "logits" if self.args.distill_target == "logits" else "hidden states"
@@ -227,12 +251,7 @@ class SQAKDTrainer(Trainer):
 
     def _shifts_labels(self) -> bool:
         """Causal LMs predict token i+1 at position i (for label accuracy / CE, not for the KD loss)."""
-        shifts = getattr(self, "_loss_shifts_labels", None)  # transformers >= 5.2x
-        if shifts is None:
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-            shifts = type(_core(self.model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        return bool(shifts)
+        return shifts_labels(self.model)
 
     def _cross_entropy(self, d: _Distill) -> Tensor:
         loss = d.outputs.get("loss") if isinstance(d.outputs, Mapping) else None
@@ -279,14 +298,14 @@ class SQAKDTrainer(Trainer):
             and self.state.global_step % self.args.ewgs_delta_update_steps == 0
             and self._last_delta_step != self.state.global_step
         ):
-            self.update_ewgs_deltas(self._prepare_inputs(inputs))
+            self.update_ewgs_deltas(self._to_device(inputs))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def update_ewgs_deltas(self, inputs: Mapping) -> Dict[str, float]:
         """Set every EWGS quantizer's delta from the Hessian trace of the KD loss on ``inputs``
         (see :mod:`sqakd_hf.ewgs_schedule`); model buffers (BN statistics) and RNG are left as found."""
         core = _core(self.model)
-        model_inputs, _ = self._split_labels(inputs)
+        model_inputs, _ = split_labels(inputs)
         saved = {n: b.detach().clone() for n, b in core.named_buffers()}
         was_training = core.training
         core.train()
@@ -357,19 +376,36 @@ class SQAKDTrainer(Trainer):
 
     # ---- calibration and checks before the first step ---------------------------------------
     def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``, with the student calibrated and checked before the first step (see
+        :meth:`get_train_dataloader`)."""
         self._check_train_dataset(self.train_dataset)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._prepare_pending = True
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._prepare_pending = False
 
-    def _inner_training_loop(self, *args: Any, **kwargs: Any):
-        # here a resumed checkpoint is loaded and the model is not wrapped in DDP yet
-        self._check_student(self.model, self.args)
-        self.prepare_student(self.train_dataset, force_check=True)
-        self._last_delta_step = -1
-        return super()._inner_training_loop(*args, **kwargs)
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The Trainer's training loader; inside :meth:`train`, also :meth:`prepare_student` on its data.
+
+        ``Trainer.train`` builds this loader first in its training loop: after it loaded a resumed
+        checkpoint (so restored quantizers are not recalibrated) and before the model is wrapped for
+        distributed training (DDP).
+        """
+        loader = super().get_train_dataloader()
+        if self._prepare_pending:
+            self._prepare_pending = False
+            self._check_student(self.model, self.args)
+            self.prepare_student(loader, force_check=True)
+            self._last_delta_step = -1
+        return loader
 
     def prepare_student(self, dataset: Any = None, force_check: bool = False) -> None:
         """Calibrate the student's quantizers if any is uninitialised, then check teacher/student
-        outputs on the first batch. Runs on every rank (statistics are all-reduced)."""
+        outputs on the first batch. Runs on every rank (statistics are all-reduced).
+
+        ``dataset``: a dataset or a DataLoader built by this trainer (default: ``train_dataset``).
+        """
         dataset = self.train_dataset if dataset is None else dataset
         needs_calibration = not all(q.initialized for _, q in named_quantizers(_core(self.model)))
         if not needs_calibration and not force_check and self._checked_model_id == id(self.model):
@@ -378,44 +414,36 @@ class SQAKDTrainer(Trainer):
             if needs_calibration:
                 raise ValueError("the student's quantizers are not calibrated and there is no dataset to calibrate on")
             return
-        self._check_train_dataset(dataset)
+        if not isinstance(dataset, torch.utils.data.DataLoader):
+            self._check_train_dataset(dataset)
         batches = self._calibration_batches(dataset, first_only=not needs_calibration)
         core = _core(self.model)
         if needs_calibration:
-            calibrate(core, [self._model_call_input(core, b) for b in batches])
+            calibrate(core, [call_input(core, split_labels(b)[0]) for b in batches])
         self._check_outputs(batches[0])
         self._checked_model_id = id(self.model)
 
-    @staticmethod
-    def _model_call_input(model: nn.Module, batch: Mapping) -> Any:
-        """What :func:`sqakd_hf.calibrate` should feed: the kwargs dict, or the one positional tensor."""
-        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        accepted = forward_params(model)
-        if accepted is None or all(k in accepted for k in inputs):
-            return inputs
-        key = next((k for k in POSITIONAL_KEYS if k in inputs), next(iter(inputs)))
-        return inputs[key]
+    def _calibration_source(self, data: Any) -> Tuple[Any, Any]:
+        """``(dataset, collator)`` as the Trainer's loaders see them (unused columns removed): taken from
+        ``data`` when it is a loader, else from :meth:`get_test_dataloader` on ``data``."""
+        loader = data if isinstance(data, torch.utils.data.DataLoader) else self.get_test_dataloader(data)
+        dataset = loader.dataset
+        while isinstance(dataset, _SHARD_TYPES):  # per-rank shard of an iterable dataset: take the whole stream
+            dataset = dataset.dataset
+        return dataset, loader.collate_fn
 
-    def _calibration_batches(self, dataset: Any, first_only: bool = False) -> List[Dict[str, Any]]:
+    def _calibration_batches(self, data: Any, first_only: bool = False) -> List[Dict[str, Any]]:
         """This rank's share of ``calibration_batches`` global batches of seeded-random samples.
 
         A global batch is one optimizer step's data (per-device batch x accumulation x processes);
         every rank draws the same samples and takes every ``world_size``-th, so the all-reduced
         statistics do not depend on the number of processes or on accumulation.
         """
-        try:
-            import datasets
-        except ImportError:  # datasets is optional for the Trainer: plain torch datasets work too
-            datasets = None
         args = self.args
-        per_device = max(1, self._train_batch_size)
+        dataset, collator = self._calibration_source(data)
+        per_device = max(1, args.train_batch_size)
         world, rank = max(1, args.world_size), args.process_index
         total = args.calibration_batches * per_device * args.gradient_accumulation_steps * world
-        collator = self.data_collator
-        if datasets is not None and isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description="calibration")
-        else:
-            collator = self._get_collator_with_removed_columns(self.data_collator, description="calibration")
         if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
             samples = list(itertools.islice(iter(dataset), total))
         else:
@@ -430,7 +458,7 @@ class SQAKDTrainer(Trainer):
             mine = mine[:per_device]
         pick = [samples[i] for i in mine] if samples is not None else [dataset[order[i]] for i in mine]
         batches = [collator(pick[i : i + per_device]) for i in range(0, len(pick), per_device)]
-        return [self._prepare_inputs(b) for b in batches]
+        return [self._to_device(b) for b in batches]
 
     @torch.no_grad()
     def _check_outputs(self, batch: Mapping) -> None:
@@ -438,7 +466,7 @@ class SQAKDTrainer(Trainer):
         was_training = core.training
         core.eval()
         try:
-            model_inputs, _ = self._split_labels(batch)
+            model_inputs, _ = split_labels(batch)
             t = output_tensor(self.teacher_outputs(model_inputs), self.args.distill_target, "teacher")
             s = output_tensor(call_model(core, model_inputs, **self._extra_kwargs()), self.args.distill_target, "student")
         finally:
@@ -447,22 +475,58 @@ class SQAKDTrainer(Trainer):
             raise ValueError(self._mismatch_message(s, t))
 
     # ---- label-free evaluation --------------------------------------------------------------
+    def _prepare_student_for_evaluation(self) -> None:
+        """What ``Trainer.evaluation_loop`` does to a model no one prepared yet (device, mixed-precision
+        autocast, ``torch.compile``), for a student evaluated before any training.
+
+        The Trainer does it only when accelerate lists no prepared model, and the teacher is listed.
+        Training prepares the student together with its optimizer (then an ``AcceleratedOptimizer``).
+        """
+        prepared_by_training = isinstance(self.optimizer, AcceleratedOptimizer)
+        if (
+            prepared_by_training
+            or self._eval_prepared_id == id(self.model)
+            or self.is_in_train
+            or self.model_wrapped is not self.model
+            or self.args.n_gpu > 1
+        ):
+            return
+        if self.is_deepspeed_enabled and self.deepspeed is None:
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(self, num_training_steps=0, inference=True)
+        start = time.time()
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.args.torch_compile):
+            prepared = self.accelerator.prepare(self.model)
+        else:
+            prepared = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        self.model_preparation_time = round(time.time() - start, 4)
+        if self.is_fsdp_enabled:
+            self.model = prepared
+        if prepared is not self.model:
+            self.model_wrapped = prepared
+        if self.is_deepspeed_enabled:
+            self.deepspeed = self.model_wrapped
+        self._eval_prepared_id = id(self.model)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-        """The Trainer's loop plus ``{prefix}_kd_loss``, ``{prefix}_teacher_agreement`` and, when the data has
-        labels, ``{prefix}_accuracy`` (unless ``compute_metrics`` already reports one)."""
-        self.prepare_student(self.train_dataset if self.train_dataset is not None else getattr(dataloader, "dataset", None))
+        """The Trainer's loop plus the label-free metrics of :mod:`.metrics`: ``{prefix}_kd_loss`` (the training
+        objective), ``{prefix}_teacher_agreement``, and with labels ``{prefix}_accuracy`` (unless
+        ``compute_metrics`` already reports one) and ``{prefix}_teacher_accuracy``; hidden-state targets report
+        ``{prefix}_hidden_mse`` instead of the agreement and accuracies."""
+        self.prepare_student(self.train_dataset if self.train_dataset is not None else dataloader)
+        self._prepare_student_for_evaluation()
         self._eval_totals = None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         totals, self._eval_totals = self._eval_totals, None
         if totals is not None:
-            kd_sum, positions, agree, agree_n, correct, labeled = totals.tolist()
-            m = output.metrics
-            if positions > 0:
-                m[f"{metric_key_prefix}_kd_loss"] = kd_sum / positions
-            if agree_n > 0:
-                m[f"{metric_key_prefix}_teacher_agreement"] = agree / agree_n
-            if labeled > 0 and f"{metric_key_prefix}_accuracy" not in m:
-                m[f"{metric_key_prefix}_accuracy"] = correct / labeled
+            logits = self.args.distill_target == "logits"
+            values = dict(zip(STAT_COLUMNS, totals.tolist()))
+            found = trainer_metrics(summarize(totals, logits=logits), metric_key_prefix)
+            if not logits and values["positions"] > 0:  # the hidden-state objective (MSE or cosine)
+                found[f"{metric_key_prefix}_kd_loss"] = values["kd"] / values["positions"]
+            for key, value in found.items():
+                output.metrics.setdefault(key, value)
         return output
 
     def prediction_step(
@@ -473,7 +537,7 @@ class SQAKDTrainer(Trainer):
         ignore_keys: Optional[List[str]] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """KD loss of the batch, the student's logits (or hidden states) and the labels (if any); no labels needed."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._to_device(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             d = self._distill(model, inputs)
         self._accumulate_eval_stats(d)
@@ -484,47 +548,25 @@ class SQAKDTrainer(Trainer):
         return loss, d.student.detach(), d.labels
 
     def _accumulate_eval_stats(self, d: _Distill) -> None:
-        """Per-sample sums, gathered across processes (duplicates of the last batch dropped)."""
-        per = d.per_position.float()
-        w = d.mask.float() if d.mask is not None else torch.ones_like(per)
-
-        def per_sample(x: Tensor) -> Tensor:
-            x = x.float()
-            return x.reshape(x.shape[0], -1).sum(1) if x.dim() > 1 else x
-
-        zeros = torch.zeros(per.shape[0], device=per.device)
-        if self.args.distill_target == "logits":
-            agree = per_sample((d.student.argmax(-1) == d.teacher.argmax(-1)).float() * w)
-            agree_n = per_sample(w)
-        else:
-            agree, agree_n = zeros, zeros
-        correct, labeled = zeros, zeros
-        if d.labels is not None and self.args.distill_target == "logits":
-            pred, labels = d.student.argmax(-1), d.labels
-            if pred.dim() == 2 and labels.shape == pred.shape:
-                if self._shifts_labels():
-                    pred, labels = pred[:, :-1], labels[:, 1:]
-                valid = (labels != -100).float()
-                correct = per_sample((pred == labels).float() * valid)
-                labeled = per_sample(valid)
-            elif pred.dim() == 1 and labels.shape == pred.shape:
-                valid = (labels != -100).float()
-                correct, labeled = (pred == labels).float() * valid, valid
-        stats = torch.stack([per_sample(per * w), per_sample(w), agree, agree_n, correct, labeled], dim=1)
-        stats = self.accelerator.gather_for_metrics(stats).double().sum(0).cpu()
+        """Per-sample :func:`~sqakd_hf.training.metrics.batch_stats`, gathered across processes (duplicates of
+        the last batch dropped) and summed on the device."""
+        stats = batch_stats(
+            d.student, d.teacher, logits=self.args.distill_target == "logits", labels=d.labels, weights=d.mask,
+            temperature=self.args.temperature, shift_labels=self._shifts_labels(), objective=d.per_position,
+        )
+        stats = self.accelerator.gather_for_metrics(stats).double().sum(0)
         self._eval_totals = stats if self._eval_totals is None else self._eval_totals + stats
 
     # ---- saving and sharing ----------------------------------------------------------------
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[Dict[str, Tensor]] = None) -> None:
-        """Training form. transformers models: the stock path (config.json carries quantization_config);
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Training form. transformers models: the Trainer's path (config.json carries quantization_config);
         timm-native students: timm's layout plus quantization_config, so ``from_pretrained_timm`` reads it."""
-        model = _core(self.model)
-        if isinstance(model, PreTrainedModel) or not isinstance(getattr(model, "pretrained_cfg", None), dict):
-            return super()._save(output_dir, state_dict)
-        if not self.args.should_save:  # one writer per checkpoint under DDP
-            return
-        output_dir = output_dir or self.args.output_dir
-        save_quantized(model, output_dir, processor=self.processing_class)
+        if model_library(self.model) != "timm":
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # one writer per checkpoint under DDP
+            save_quantized(_core(self.model), output_dir or self.args.output_dir, processor=self.processing_class)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _card_metrics(self) -> Dict[str, Dict[str, float]]:
         """The student's latest evaluation metrics, as the model card reports them."""
@@ -575,7 +617,7 @@ class SQAKDTrainer(Trainer):
     ):
         """Save the training form to ``output_dir`` (with the model card), then upload the packed
         low-bit form and the card to ``args.hub_model_id`` (default: the output folder's name)."""
-        self.save_model()
+        self.save_model(_internal_call=True)  # not a user call: no second push from save_model
         if not self.is_world_process_zero():
             return None
         card_keys = ("license", "tags", "finetuned_from", "dataset_tags", "dataset")
