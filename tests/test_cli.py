@@ -277,6 +277,43 @@ def test_missing_recipe_and_bad_overrides(tmp_path, capsys):
     assert "no model to evaluate" in capsys.readouterr().err
 
 
+def test_text_run_never_imports_timm_and_respects_eval_teacher(assets, tmp_path):
+    """A text-only ``train`` (in a fresh process) loads no timm; ``eval_teacher: false`` drops the teacher's metrics."""
+    recipe = write_recipe(
+        tmp_path / "text.yaml", teacher=str(assets.bert_teacher), dataset_name=str(assets.text), eval_split="test",
+        max_length=16, output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8,
+        save_strategy="no", report_to="none", disable_tqdm=True, save_packed=False, eval_teacher=False,
+    )
+    code = ("import sys\nfrom sqakd_hf.app.cli import main\n"
+            f"assert main(['train', {str(recipe)!r}]) == 0\n"
+            "assert 'timm' not in sys.modules, 'a text-only run imported timm'\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = json.loads((tmp_path / "out" / METRICS_FILE).read_text())
+    assert "teacher" not in metrics and "teacher_agreement" in metrics["student"]
+
+
+def test_cli_module_is_light_and_version_is_fast():
+    """``sqakd-hf --version`` / ``--help`` import no torch, transformers, datasets or timm."""
+    import sqakd_hf
+
+    heavy = ("torch", "transformers", "datasets", "timm")
+    code = f"import sqakd_hf.app.cli, sys; assert not [m for m in {heavy!r} if m in sys.modules]"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = Path(sys.executable).parent / "sqakd-hf"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "sqakd_hf"]
+    for flag in ("--version", "--help"):
+        code = (f"import runpy, sys; sys.argv = {['sqakd-hf', flag]!r}\n"
+                "try:\n    runpy.run_module('sqakd_hf', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                f"assert not [m for m in {heavy!r} if m in sys.modules]")
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert out.strip() == f"sqakd-hf {sqakd_hf.__version__}"
+
+
 def test_help(capsys):
     """(``python -m sqakd_hf`` itself runs in the accelerate test.)"""
     assert main(["--help"]) == 0

@@ -27,7 +27,7 @@ from sqakd_hf.app.data import (
     text_collator,
     timm_image_transform,
 )
-from sqakd_hf.app.recipe import DataArguments
+from sqakd_hf.app.arguments import DataArguments
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,19 @@ def test_unknown_and_invalid_keys_are_clear_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         parse_recipe(tmp_path / "list.yaml")
+
+
+def test_quant_arguments_are_quant_config_arguments():
+    """QuantArguments is generated from QuantConfig: same names, same defaults, documented."""
+    import dataclasses
+    import inspect
+
+    from sqakd_hf.app.arguments import QuantArguments
+    from sqakd_hf.config import STORAGE_FIELDS
+
+    params = {n: p.default for n, p in inspect.signature(QuantConfig.__init__).parameters.items()
+              if n not in ("self", "kwargs", *STORAGE_FIELDS)}
+    fields = {f.name: f for f in dataclasses.fields(QuantArguments)}
+    assert {n: f.default for n, f in fields.items()} == params
+    assert all(f.metadata["help"] for f in fields.values())
+    assert QuantArguments().to_quant_config().to_dict() == QuantConfig().to_dict()

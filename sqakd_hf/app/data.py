@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, InputError
-from .recipe import DataArguments
+from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 

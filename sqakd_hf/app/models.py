@@ -22,8 +22,8 @@ from ..checkpoint import config_library
 from ..config import QuantConfig
 from ..errors import DataError, InputError
 from ..injection import quantize_model
+from .arguments import TASKS, ModelArguments
 from .data import is_local_path
-from .recipe import TASKS, ModelArguments
 
 logger = logging.getLogger(__name__)
 

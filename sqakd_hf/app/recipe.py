@@ -1,30 +1,42 @@
-"""Recipe arguments: HF-style dataclasses read from a YAML recipe plus ``--key value`` overrides.
+"""Recipes: a flat YAML mapping of argument values plus ``--key value`` overrides, parsed by
+transformers' ``HfArgumentParser`` (as TRL's ``TrlParser`` does).
 
-A recipe is one flat YAML mapping whose keys are the fields of :class:`ModelArguments`,
-:class:`DataArguments`, :class:`QuantArguments`, :class:`RunArguments` and
-:class:`~sqakd_hf.SQAKDTrainingArguments` (``output_dir``, ``learning_rate``, ...).
-:func:`parse_recipe` merges the file with command-line overrides and builds all five with
-``HfArgumentParser.parse_dict``; an unknown key, a value of the wrong type or an invalid
-value raises :class:`RecipeError` naming the key (and, for unknown keys, the valid ones).
+The file's values become the parser's defaults, the command line overrides them, and
+``parse_args_into_dataclasses`` builds :class:`ModelArguments`, :class:`DataArguments`,
+:class:`QuantArguments`, :class:`RunArguments` and :class:`~sqakd_hf.SQAKDTrainingArguments`.
+:class:`RecipeParser` adds only what ``HfArgumentParser`` lacks: errors as one-line
+:class:`RecipeError` s naming the key (unknown keys with a did-you-mean and the valid keys),
+``--no_<flag>`` for every boolean, ``null`` for optional fields, YAML/JSON text for mapping and
+list fields, and YAML's unquoted ``no`` (read as false) for ``save_strategy: no``-style fields.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
+import re
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from transformers import HfArgumentParser
-from transformers.hf_argparser import string_to_bool
 
-from ..config import QuantConfig
 from ..errors import InputError, RecipeError
-from ..quantizers import METHODS
 from ..training.args import SQAKDTrainingArguments
+from .arguments import (
+    LIBRARIES,
+    TASKS,
+    DataArguments,
+    EvalArguments,
+    ModelArguments,
+    QuantArguments,
+    RunArguments,
+)
 
 __all__ = [
     "InputError",
@@ -33,183 +45,23 @@ __all__ = [
     "DataArguments",
     "QuantArguments",
     "RunArguments",
+    "EvalArguments",
     "Recipe",
+    "RecipeParser",
     "ARGUMENT_GROUPS",
+    "EVAL_GROUPS",
     "LIBRARIES",
     "TASKS",
-    "recipe_parser",
     "parse_recipe",
+    "parse_eval_recipe",
+    "parse_overrides",
     "runtime_defaults",
     "read_recipe_file",
-    "parse_overrides",
     "valid_keys_message",
     "format_recipe_help",
 ]
 
-LIBRARIES = ("auto", "transformers", "timm")
-#: task -> (transformers Auto class, input modality)
-TASKS: Dict[str, Tuple[str, str]] = {
-    "image-classification": ("AutoModelForImageClassification", "image"),
-    "text-classification": ("AutoModelForSequenceClassification", "text"),
-    "token-classification": ("AutoModelForTokenClassification", "text"),
-    "causal-lm": ("AutoModelForCausalLM", "text"),
-    "masked-lm": ("AutoModelForMaskedLM", "text"),
-    "feature-extraction": ("AutoModel", "text"),
-}
-
-
-@dataclass
-class ModelArguments:
-    """Which teacher to quantize, and how to load it."""
-
-    teacher: Optional[str] = field(
-        default=None,
-        metadata={"help": "The full-precision teacher: a Hub id (e.g. 'google/vit-base-patch16-224', "
-                          "'hf-hub:timm/resnet18.a1_in1k') or a local checkpoint folder (transformers or timm layout)."},
-    )
-    library: str = field(
-        default="auto",
-        metadata={"help": "'transformers' (AutoModelFor<task>), 'timm' (timm.create_model + quantize_model) or 'auto': "
-                          "timm for timm-layout folders and 'hf-hub:' / 'timm/' ids, transformers otherwise.",
-                  "choices": list(LIBRARIES)},
-    )
-    task: str = field(
-        default="auto",
-        metadata={"help": f"One of {', '.join(TASKS)}, or 'auto' (from the teacher's config: its architecture "
-                          "name; timm models are image classifiers)."},
-    )
-    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the teacher."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where Hub downloads are cached."})
-
-    def __post_init__(self) -> None:
-        if self.library not in LIBRARIES:
-            raise RecipeError(f"library must be one of {', '.join(LIBRARIES)}; got {self.library!r}")
-        if self.task != "auto" and self.task not in TASKS:
-            raise RecipeError(f"task must be 'auto' or one of {', '.join(TASKS)}; got {self.task!r}")
-
-
-@dataclass
-class DataArguments:
-    """Which data to distill on (labels optional everywhere) and how to preprocess it."""
-
-    dataset_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "A Hub dataset id, a local folder (imagefolder, csv/parquet/json files, or a "
-                          "Dataset.save_to_disk folder), a local .csv/.parquet/.json/.jsonl/.txt file, a builder name "
-                          "('imagefolder', 'csv', 'parquet', 'json', 'text') with data_dir/data_files, or "
-                          "'sklearn:digits' (scikit-learn's digits, built in)."},
-    )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
-    data_files: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "data_files passed to datasets.load_dataset (a path, list or split mapping)."}
-    )
-    train_split: str = field(
-        default="train", metadata={"help": "Training split; slices allowed (e.g. 'train[:90%]')."}
-    )
-    eval_split: Optional[str] = field(
-        default=None,
-        metadata={"help": "Optional evaluation split (e.g. 'validation', 'test', 'train[90%:]'). Labeled or not: "
-                          "evaluation reports KD loss and teacher agreement, plus accuracy when labels exist."},
-    )
-    image_column: Optional[str] = field(
-        default=None, metadata={"help": "Image column (default: 'image', 'img' or the first Image feature)."}
-    )
-    text_column: Optional[str] = field(
-        default=None, metadata={"help": "Text column (default: 'text', 'sentence', ... or the first string column)."}
-    )
-    text_pair_column: Optional[str] = field(
-        default=None, metadata={"help": "Second text column for sentence-pair tasks."}
-    )
-    label_column: Optional[str] = field(
-        default=None,
-        metadata={"help": "Label column (default: 'label' / 'labels' if present). Never used for training unless "
-                          "ce_weight > 0; used for eval accuracy."},
-    )
-    use_labels: bool = field(
-        default=True, metadata={"help": "false: drop the label column everywhere (fully unlabeled run)."}
-    )
-    max_length: int = field(default=128, metadata={"help": "Text: maximum tokens per example (truncation)."})
-    image_size: Optional[int] = field(
-        default=None, metadata={"help": "Images: override the model's input size (square)."}
-    )
-    augment: bool = field(
-        default=False, metadata={"help": "Images: timm's training augmentation (random resized crop, flip) on the "
-                                         "training split."}
-    )
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream the data (datasets.IterableDataset) instead of preparing it; "
-                                         "needs max_steps."}
-    )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training examples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval examples."})
-
-    def __post_init__(self) -> None:
-        for name in ("max_length", "image_size", "max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RecipeError(f"{name} must be a positive integer; got {value!r}")
-
-
-@dataclass
-class QuantArguments:
-    """The :class:`~sqakd_hf.QuantConfig` of the student (same names and meanings)."""
-
-    method: str = field(default="lsq", metadata={"help": f"Quantizer family: {', '.join(METHODS)}."})
-    weight_bits: int = field(default=4, metadata={"help": "Weight bits: 1..8, or 32 for full precision."})
-    act_bits: int = field(default=4, metadata={"help": "Activation bits: 1..8, or 32 for full precision."})
-    weight_granularity: str = field(
-        default="per_channel", metadata={"help": "'per_channel' or 'per_tensor' weight steps."}
-    )
-    ewgs_delta: float = field(default=1e-3, metadata={"help": "EWGS gradient-scaling factor (EWGS only)."})
-    modules_to_not_convert: Optional[List[str]] = field(
-        default=None,
-        metadata={"help": "Regular expressions of layers kept full precision (default: first layer and classifier "
-                          "head; [] quantizes everything)."},
-    )
-    layer_bits: Optional[Union[dict, str]] = field(
-        default=None, metadata={"help": "Mixed precision: {pattern: bits} or {pattern: {weight_bits, act_bits}}."}
-    )
-
-    def to_quant_config(self) -> QuantConfig:
-        """The :class:`QuantConfig`; invalid values raise :class:`RecipeError` naming the field."""
-        layer_bits = self.layer_bits
-        if isinstance(layer_bits, str):
-            import yaml
-
-            layer_bits = yaml.safe_load(layer_bits)
-        try:
-            return QuantConfig(
-                method=self.method, weight_bits=self.weight_bits, act_bits=self.act_bits,
-                weight_granularity=self.weight_granularity, ewgs_delta=self.ewgs_delta,
-                modules_to_not_convert=self.modules_to_not_convert, layer_bits=layer_bits,
-            )
-        except ValueError as err:
-            raise RecipeError(f"invalid quantization setting: {err}") from None
-
-
-@dataclass
-class RunArguments:
-    """What the ``train`` command does around the Trainer."""
-
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
-    )
-    save_packed: bool = field(
-        default=True, metadata={"help": "Also write the packed low-bit model (+ model card) to output_dir/packed."}
-    )
-    packed_fp_dtype: str = field(
-        default="float16",
-        metadata={"help": "dtype of the full-precision head in the packed model: float16, bfloat16, float32."},
-    )
-    eval_teacher: bool = field(
-        default=True, metadata={"help": "Also evaluate the teacher on the eval split (for the comparison/model card)."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.packed_fp_dtype not in ("float16", "bfloat16", "float32"):
-            raise RecipeError(f"packed_fp_dtype must be float16, bfloat16 or float32; got {self.packed_fp_dtype!r}")
-
+Groups = Sequence[Tuple[str, type]]
 
 #: (group name, dataclass) in parsing order
 ARGUMENT_GROUPS: Tuple[Tuple[str, type], ...] = (
@@ -219,145 +71,205 @@ ARGUMENT_GROUPS: Tuple[Tuple[str, type], ...] = (
     ("run", RunArguments),
     ("training", SQAKDTrainingArguments),
 )
+#: the groups of ``sqakd-hf eval``
+EVAL_GROUPS: Tuple[Tuple[str, type], ...] = (("eval", EvalArguments), ("model", ModelArguments), ("data", DataArguments))
+#: recipe keys the eval command reads under another name
+_EVAL_FROM_RECIPE = {"output_dir": "model_path", "per_device_eval_batch_size": "batch_size"}
+#: recipe groups that define what a run produces (a resume must keep them)
+IDENTITY_GROUPS = ("model", "data", "quantization")
+_NULL = ("null", "~")
 
 
 @dataclass
 class Recipe:
-    """A parsed recipe: one instance of each argument group, plus where it came from."""
+    """A parsed recipe: one instance of each argument group, plus the values it set and where it came from."""
 
     model: ModelArguments
     data: DataArguments
     quant: QuantArguments
     run: RunArguments
     training: SQAKDTrainingArguments
+    #: every key the recipe file, the overrides or the runtime defaults set, with its parsed value
     values: Dict[str, Any]
     source: Optional[Path] = None
 
     def record(self) -> Dict[str, Any]:
         """What identifies the run (saved as ``sqakd_run.json``): the merged recipe values."""
-        return {k: v for k, v in sorted(self.values.items())}
+        return dict(sorted(self.values.items()))
+
+    def identity(self) -> Dict[str, Any]:
+        """The values that define what the run produces (model, data and quantization settings)."""
+        return identity_of(self.values)
 
 
-# ---- parsing ------------------------------------------------------------------------------------------
-def recipe_parser(groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> HfArgumentParser:
-    return HfArgumentParser([cls for _, cls in groups])
+def identity_of(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The model/data/quantization entries of recipe ``values`` (e.g. those of a saved run record)."""
+    keys = {f.name for name, cls in ARGUMENT_GROUPS if name in IDENTITY_GROUPS for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in keys}
 
 
-def _field_types(groups: Sequence[Tuple[str, type]]) -> Dict[str, Any]:
-    types: Dict[str, Any] = {}
+# ---- the parser --------------------------------------------------------------------------------------
+def field_types(groups: Groups) -> Dict[str, Any]:
+    """``{field: type hint}`` of every init field of ``groups`` (first group wins)."""
+    found: Dict[str, Any] = {}
     for _, cls in groups:
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # pragma: no cover - unresolvable annotations
-            hints = {}
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.init:
-                types.setdefault(f.name, hints.get(f.name, f.type))
-    return types
+                found.setdefault(f.name, hints.get(f.name, f.type))
+    return found
 
 
-def _base_type(tp: Any) -> Any:
-    """``Optional[X]`` -> X; unions with several real types -> the union itself."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType", Union)) and len(args) == 1:
-        return args[0]
-    return tp
-
-
-def _accepts_mapping(tp: Any) -> bool:
-    tp = _base_type(tp)
-    if tp is dict or typing.get_origin(tp) is dict:
-        return True
-    return any(a is dict or typing.get_origin(a) is dict for a in typing.get_args(tp))
-
-
-def _is_list(tp: Any) -> bool:
-    tp = _base_type(tp)
-    return tp is list or typing.get_origin(tp) in (list, List)
-
-
-def _optional(tp: Any) -> bool:
+def _is_optional(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-def format_recipe_help(groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> str:
-    """Every recipe key with its type, default and help, by group."""
-    types = _field_types(groups)
-    lines: List[str] = []
-    for name, cls in groups:
-        lines.append(f"\n{name} ({cls.__name__}):")
-        for f in dataclasses.fields(cls):
-            if not f.init:
-                continue
-            tp = _base_type(types.get(f.name, f.type))
-            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-            default = f.default if f.default is not dataclasses.MISSING else (
-                "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
-            default = getattr(default, "value", default)
-            help_text = " ".join(str(f.metadata.get("help", "")).split())
-            lines.append(f"  --{f.name} ({tname}, default {default!r})")
-            if help_text:
-                lines.append(f"      {help_text}")
-    return "\n".join(lines)
+def _accepts_mapping(tp: Any) -> bool:
+    return any(a is dict or typing.get_origin(a) is dict for a in (tp, *typing.get_args(tp)))
 
 
-def valid_keys_message(groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> str:
-    lines = []
-    for name, cls in groups:
-        keys = [f.name for f in dataclasses.fields(cls) if f.init]
-        lines.append(f"  {name} ({cls.__name__}): {', '.join(keys)}")
-    return "Valid keys:\n" + "\n".join(lines)
+def _converter(convert: Callable[[str], Any], name: str, null: bool, mapping: bool) -> Callable[[str], Any]:
+    """``convert`` plus ``null`` -> None (optional fields) and YAML/JSON ``{...}`` text (mapping fields)."""
 
-
-def _check_keys(keys: Sequence[str], where: str, groups: Sequence[Tuple[str, type]]) -> None:
-    valid = list(_field_types(groups))
-    unknown = [k for k in keys if k not in valid]
-    if not unknown:
-        return
-    parts = []
-    for k in unknown:
-        close = difflib.get_close_matches(str(k), valid, n=1)
-        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise RecipeError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(parts)} in {where}.\n"
-                      + valid_keys_message(groups))
-
-
-def _has_no_choice(tp: Any) -> bool:
-    """Strategy fields (an Enum with the value "no", e.g. SaveStrategy)."""
-    from enum import Enum
-
-    return any(isinstance(a, type) and issubclass(a, Enum) and "no" in {m.value for m in a}
-               for a in typing.get_args(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """YAML/CLI value -> the field's type where the field is a plain scalar (YAML reads ``1e-3`` as a string)."""
-    base = _base_type(tp)
-    if value is False and _has_no_choice(tp):
-        return "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
-    if isinstance(value, str):
-        if value.lower() in ("null", "~") and _optional(tp):
+    def parse(text: str) -> Any:
+        if null and text.strip().lower() in _NULL:
             return None
-        try:
-            if base is bool:
-                return string_to_bool(value)
-            if base is int:
-                return int(value)
-            if base is float:
-                return float(value)
-        except (ValueError, TypeError):
-            raise RecipeError(f"{key}: cannot read {value!r} as {base.__name__}") from None
-        if _accepts_mapping(tp) and value.strip().startswith("{"):
+        if mapping and text.strip().startswith("{"):
             import yaml
 
-            return yaml.safe_load(value)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if _is_list(tp) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return [value]
-    return value
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML/JSON "
+                                                 f"({getattr(err, 'problem', None) or err})") from None
+        return convert(text)
+
+    parse.__name__ = name  # argparse's "invalid <name> value" message
+    return parse
 
 
+class RecipeParser(HfArgumentParser):
+    """``HfArgumentParser`` over argument groups whose errors are one-line :class:`RecipeError` s.
+
+    :meth:`set_recipe_defaults` makes recipe values the defaults (checking their keys), and
+    :meth:`parse` applies ``--key value`` overrides and builds the dataclasses.
+    """
+
+    def __init__(self, groups: Groups = ARGUMENT_GROUPS) -> None:
+        self.groups = tuple(groups)
+        super().__init__([cls for _, cls in self.groups], allow_abbrev=False, add_help=False)
+        self.types = field_types(self.groups)
+        self._recipe_keys: Set[str] = set()
+        for action in list(self._actions):
+            tp = self.types.get(action.dest)
+            if tp is not None and action.type is not None:
+                name = getattr(action.type, "__name__", "value").replace("string_to_bool", "bool")
+                action.type = _converter(action.type, name, _is_optional(tp), _accepts_mapping(tp))
+        for name, tp in self.types.items():  # --no_<flag> for every boolean (HfArgumentParser: default-True ones)
+            negative = f"--no_{name}"
+            if bool in (tp, *typing.get_args(tp)) and negative not in self._option_string_actions:
+                self.add_argument(negative, f"--no-{name.replace('_', '-')}", action="store_false", dest=name,
+                                  default=argparse.SUPPRESS)
+
+    # ---- errors ----
+    def error(self, message: str) -> typing.NoReturn:
+        found = re.match(r"argument (--[\w-]+)(?:/\S+)*: (.*)", message, re.S)
+        if not found:
+            raise RecipeError(message)
+        key, why = found.group(1)[2:].replace("-", "_"), found.group(2)
+        if why.startswith("expected"):
+            raise RecipeError(f"--{key} needs a value")
+        bad = re.match(r"invalid (\w+) value: (.*)", why, re.S)
+        raise RecipeError(f"{key}: cannot read {bad.group(2)} as {bad.group(1)}" if bad else f"{key}: {why}")
+
+    def check_keys(self, keys: Iterable[str], where: str, groups: Optional[Groups] = None) -> None:
+        """Raise :class:`RecipeError` for keys that are no field (did-you-mean, then the valid keys)."""
+        groups = groups or self.groups
+        valid = list(field_types(groups))
+        unknown = [str(k) for k in keys if k not in valid]
+        if unknown:
+            parts = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, valid, n=1)
+                parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise RecipeError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(parts)} in {where}.\n"
+                              + valid_keys_message(groups))
+
+    def _explain_leftovers(self, tokens: List[str], leftovers: List[str]) -> RecipeError:
+        first = leftovers[0]
+        if first.startswith("--"):
+            key = first[2:].partition("=")[0].replace("-", "_")
+            try:
+                self.check_keys([key], "the command-line overrides")
+            except RecipeError as err:
+                return err
+        flag, values = None, []
+        for tok in tokens + ["--"]:  # find the option that got more values than it takes
+            if not tok.startswith("--"):
+                values.append(tok)
+                continue
+            if flag is None and values:
+                break
+            action = self._option_string_actions.get((flag or "").partition("=")[0])
+            if action is not None and action.nargs != "+" and len(values) > (0 if "=" in flag else 1):
+                return RecipeError(f"--{action.dest} takes one value; got {values}")
+            flag, values = tok, []
+        return RecipeError(f"unexpected argument {first!r}: overrides are written --key value")
+
+    # ---- parsing ----
+    def set_recipe_defaults(self, values: Mapping[str, Any], where: str) -> None:
+        """Make ``values`` (from a recipe file or a mapping) the defaults of their fields."""
+        self.check_keys(values, where)
+        defaults = {}
+        for key, value in values.items():
+            action = self._option_string_actions[f"--{key}"]
+            if value is False and action.choices and "no" in action.choices:
+                value = "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
+            elif action.nargs == "+" and value is not None and not isinstance(value, (list, tuple)):
+                value = [value]
+            defaults[key] = value
+        self.set_defaults(**defaults)
+        self._recipe_keys.update(values)
+
+    def parse(self, overrides: Sequence[str] = (), what: str = "arguments") -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """``(dataclass instances, {key: value} of every key set by the defaults or the overrides)``; a value
+        a dataclass rejects raises ``RecipeError("invalid <what>: ...")``."""
+        tokens = [str(t) for t in overrides]
+        try:
+            *instances, leftovers = self.parse_args_into_dataclasses(
+                args=tokens, return_remaining_strings=True, look_for_args_file=False)
+        except RecipeError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"invalid {what}: {err}") from None
+        if leftovers:
+            raise self._explain_leftovers(tokens, leftovers)
+        named = set(self._recipe_keys)
+        for tok in tokens:
+            action = self._option_string_actions.get(tok.partition("=")[0]) if tok.startswith("--") else None
+            if action is not None:
+                named.add(action.dest)
+        owner = {f.name: obj for obj in instances for f in dataclasses.fields(obj)}
+        values = {k: _plain(getattr(owner[k], k)) for k in sorted(named)}
+        return tuple(instances), values
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parsing, plus a list field given as one YAML list (``--modules_to_not_convert '[]'``)."""
+        namespace, leftovers = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.nargs == "+" and isinstance(value, list) and len(value) == 1 and str(value[0]).startswith("["):
+                import yaml
+
+                setattr(namespace, action.dest, yaml.safe_load(value[0]))
+        return namespace, leftovers
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+# ---- entry points ------------------------------------------------------------------------------------
 def read_recipe_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The recipe's mapping; a missing file or a file that is not a YAML mapping raises :class:`RecipeError`."""
     import yaml
@@ -375,60 +287,6 @@ def read_recipe_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of key: value; got a {type(data).__name__}")
     return {str(k): v for k, v in data.items()}
-
-
-def parse_overrides(tokens: Sequence[str], groups: Sequence[Tuple[str, type]] = ARGUMENT_GROUPS) -> Dict[str, Any]:
-    """``["--learning_rate", "1e-4", "--do_eval", "--modules_to_not_convert", "a", "b"]`` -> a dict.
-
-    ``--key=value`` works too; a bare boolean flag means true, ``--no_key`` false; list fields take
-    several values; mapping fields take YAML/JSON (``--layer_bits '{"fc": 8}'``).
-    """
-    types = _field_types(groups)
-    out: Dict[str, Any] = {}
-    i = 0
-    tokens = list(tokens)
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--") or tok == "--":
-            raise RecipeError(f"unexpected argument {tok!r}: overrides are written --key value")
-        key, eq, inline = tok[2:].partition("=")
-        key = key.replace("-", "_")
-        values: List[str] = [inline] if eq else []
-        i += 1
-        if not eq:
-            while i < len(tokens) and not (tokens[i].startswith("--") and len(tokens[i]) > 2):
-                values.append(tokens[i])
-                i += 1
-        if key not in types and key.startswith("no_") and _base_type(types.get(key[3:])) is bool and not values:
-            out[key[3:]] = False
-            continue
-        _check_keys([key], "the command-line overrides", groups)
-        tp = types[key]
-        if not values:
-            if _base_type(tp) is bool:
-                out[key] = True
-                continue
-            raise RecipeError(f"--{key} needs a value")
-        if _is_list(tp):
-            if len(values) == 1 and values[0].strip().startswith("["):
-                import yaml
-
-                out[key] = yaml.safe_load(values[0])
-            else:
-                out[key] = values
-            continue
-        if len(values) > 1:
-            raise RecipeError(f"--{key} takes one value; got {values}")
-        value = values[0]
-        if _accepts_mapping(tp) or _base_type(tp) is Any:
-            import yaml
-
-            try:
-                value = yaml.safe_load(value) if value.strip()[:1] in "{[" else value
-            except yaml.YAMLError as err:
-                raise RecipeError(f"--{key}: {value!r} is not valid YAML/JSON: {err}") from None
-        out[key] = _coerce(key, value, tp)
-    return out
 
 
 def runtime_defaults() -> Dict[str, Any]:
@@ -451,29 +309,73 @@ def parse_recipe(
     defaults: Optional[Mapping[str, Any]] = None,
 ) -> Recipe:
     """Read the YAML recipe at ``path`` (optional), apply ``overrides`` (``--key value`` tokens or a
-    mapping), and build every argument group; ``defaults`` fill keys that neither sets (the CLI passes
+    mapping) and build every argument group; ``defaults`` fill keys that neither sets (the CLI passes
     :func:`runtime_defaults`). Raises :class:`RecipeError` on unknown keys (listing the valid ones),
-    uncoercible values, or values the dataclasses reject."""
-    groups = ARGUMENT_GROUPS
-    values: Dict[str, Any] = {}
+    unreadable values, or values the dataclasses reject."""
+    parser = RecipeParser()
+    if defaults:
+        parser.set_recipe_defaults(defaults, "the runtime defaults")
+    if path is not None:
+        parser.set_recipe_defaults(read_recipe_file(path), f"recipe {path}")
+    tokens: Sequence[str] = ()
+    if isinstance(overrides, Mapping):
+        parser.set_recipe_defaults(overrides, "the overrides")
+    elif overrides:
+        tokens = overrides
+    (model, data, quant, run, training), values = parser.parse(tokens, f"recipe {path}" if path else "recipe")
+    return Recipe(model, data, quant, run, training, values, Path(path) if path is not None else None)
+
+
+def parse_overrides(tokens: Sequence[str], groups: Groups = ARGUMENT_GROUPS) -> Dict[str, Any]:
+    """The values that ``--key value`` tokens set, e.g. ``["--learning_rate", "1e-4", "--no_save_packed"]``
+    -> ``{"learning_rate": 0.0001, "save_packed": False}``."""
+    return RecipeParser(groups).parse(tokens)[1]
+
+
+def parse_eval_recipe(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str]
+                      ) -> Tuple[EvalArguments, ModelArguments, DataArguments]:
+    """``sqakd-hf eval``'s arguments: the recipe's model and data (its ``output_dir`` as ``model_path``,
+    its eval batch size and temperature), then the overrides."""
+    parser = RecipeParser(EVAL_GROUPS)
     if path is not None:
         values = read_recipe_file(path)
-        _check_keys(list(values), f"recipe {path}", groups)
-    if overrides:
-        if isinstance(overrides, Mapping):
-            _check_keys(list(overrides), "the overrides", groups)
-            extra = dict(overrides)
-        else:
-            extra = parse_overrides(overrides, groups)
-        values.update(extra)
-    for k, v in (defaults or {}).items():
-        values.setdefault(k, v)
-    types = _field_types(groups)
-    values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
-    try:
-        model, data, quant, run, training = recipe_parser(groups).parse_dict(values)
-    except RecipeError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"invalid recipe{f' {path}' if path else ''}: {err}") from None
-    return Recipe(model, data, quant, run, training, values, Path(path) if path is not None else None)
+        parser.check_keys(values, f"recipe {path}", ARGUMENT_GROUPS)
+        renamed = {_EVAL_FROM_RECIPE.get(k, k): v for k, v in values.items()}
+        parser.set_recipe_defaults({k: v for k, v in renamed.items() if k in parser.types}, f"recipe {path}")
+    (eval_args, model, data), _ = parser.parse(overrides, "eval arguments")
+    return eval_args, model, data
+
+
+# ---- help --------------------------------------------------------------------------------------------
+def valid_keys_message(groups: Groups = ARGUMENT_GROUPS) -> str:
+    lines = []
+    for name, cls in groups:
+        keys = [f.name for f in dataclasses.fields(cls) if f.init]
+        lines.append(f"  {name} ({cls.__name__}): {', '.join(keys)}")
+    return "Valid keys:\n" + "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def format_recipe_help(groups: Groups = ARGUMENT_GROUPS) -> str:
+    """Every recipe key with its type, default and help, by group."""
+    types = field_types(groups)
+    lines: List[str] = []
+    for name, cls in groups:
+        lines.append(f"\n{name} ({cls.__name__}):")
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = _plain(f.default)
+            else:
+                default = "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{f.name} ({_type_name(types[f.name])}, default {default!r})")
+            help_text = " ".join(str(f.metadata.get("help", "")).replace("%%", "%").split())
+            if help_text:
+                lines.append(f"      {help_text}")
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""The argument dataclasses of the ``sqakd-hf`` commands (HF style: fields with ``help`` metadata).
+
+A recipe sets the fields of :class:`ModelArguments`, :class:`DataArguments`,
+:class:`QuantArguments`, :class:`RunArguments` and
+:class:`~sqakd_hf.SQAKDTrainingArguments`; ``sqakd-hf eval`` reads :class:`EvalArguments`.
+:class:`QuantArguments` is generated from :class:`~sqakd_hf.QuantConfig` (same names,
+defaults and documentation), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from ..config import STORAGE_FIELDS, QuantConfig
+from ..errors import RecipeError
+
+__all__ = [
+    "LIBRARIES",
+    "TASKS",
+    "ModelArguments",
+    "DataArguments",
+    "QuantArguments",
+    "RunArguments",
+    "EvalArguments",
+]
+
+LIBRARIES = ("auto", "transformers", "timm")
+#: task -> (transformers Auto class, input modality)
+TASKS: Dict[str, Tuple[str, str]] = {
+    "image-classification": ("AutoModelForImageClassification", "image"),
+    "text-classification": ("AutoModelForSequenceClassification", "text"),
+    "token-classification": ("AutoModelForTokenClassification", "text"),
+    "causal-lm": ("AutoModelForCausalLM", "text"),
+    "masked-lm": ("AutoModelForMaskedLM", "text"),
+    "feature-extraction": ("AutoModel", "text"),
+}
+PACKED_FP_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher to quantize, and how to load it."""
+
+    teacher: Optional[str] = field(
+        default=None,
+        metadata={"help": "The full-precision teacher: a Hub id (e.g. 'google/vit-base-patch16-224', "
+                          "'hf-hub:timm/resnet18.a1_in1k') or a local checkpoint folder (transformers or timm layout)."},
+    )
+    library: str = field(
+        default="auto",
+        metadata={"help": "'transformers' (AutoModelFor<task>), 'timm' (timm.create_model + quantize_model) or 'auto': "
+                          "timm for timm-layout folders and 'hf-hub:' / 'timm/' ids, transformers otherwise."},
+    )
+    task: str = field(
+        default="auto",
+        metadata={"help": f"One of {', '.join(TASKS)}, or 'auto' (from the teacher's config: its architecture "
+                          "name; timm models are image classifiers)."},
+    )
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the teacher."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+
+    def __post_init__(self) -> None:
+        if self.library not in LIBRARIES:
+            raise RecipeError(f"library must be one of {', '.join(LIBRARIES)}; got {self.library!r}")
+        if self.task != "auto" and self.task not in TASKS:
+            raise RecipeError(f"task must be 'auto' or one of {', '.join(TASKS)}; got {self.task!r}")
+
+
+@dataclass
+class DataArguments:
+    """Which data to distill on (labels optional everywhere) and how to preprocess it."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "A Hub dataset id, a local folder (imagefolder, csv/parquet/json files, or a "
+                          "Dataset.save_to_disk folder), a local .csv/.parquet/.json/.jsonl/.txt file, a builder name "
+                          "('imagefolder', 'csv', 'parquet', 'json', 'text') with data_dir/data_files, or "
+                          "'sklearn:digits' (scikit-learn's digits, built in)."},
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "data_dir passed to datasets.load_dataset."})
+    data_files: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "data_files passed to datasets.load_dataset (a path, list or split mapping)."}
+    )
+    train_split: str = field(
+        default="train", metadata={"help": "Training split; slices allowed (e.g. 'train[:90%%]')."}
+    )
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Optional evaluation split (e.g. 'validation', 'test', 'train[90%%:]'). Labeled or not: "
+                          "evaluation reports KD loss and teacher agreement, plus accuracy when labels exist."},
+    )
+    image_column: Optional[str] = field(
+        default=None, metadata={"help": "Image column (default: 'image', 'img' or the first Image feature)."}
+    )
+    text_column: Optional[str] = field(
+        default=None, metadata={"help": "Text column (default: 'text', 'sentence', ... or the first string column)."}
+    )
+    text_pair_column: Optional[str] = field(
+        default=None, metadata={"help": "Second text column for sentence-pair tasks."}
+    )
+    label_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Label column (default: 'label' / 'labels' if present). Never used for training unless "
+                          "ce_weight > 0; used for eval accuracy."},
+    )
+    use_labels: bool = field(
+        default=True, metadata={"help": "false: drop the label column everywhere (fully unlabeled run)."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Text: maximum tokens per example (truncation)."})
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Images: override the model's input size (square)."}
+    )
+    augment: bool = field(
+        default=False, metadata={"help": "Images: timm's training augmentation (random resized crop, flip) on the "
+                                         "training split."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the data (datasets.IterableDataset) instead of preparing it; "
+                                         "needs max_steps."}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training examples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval examples."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "image_size", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RecipeError(f"{name} must be a positive integer; got {value!r}")
+
+
+# ---- QuantArguments: generated from QuantConfig ---------------------------------------------------
+def _docstring_args(cls: type) -> Dict[str, str]:
+    """``{argument: help}`` from the ``Args:`` section of a Google-style class docstring
+    (``a / b: text`` documents both ``a`` and ``b``)."""
+    section = (inspect.getdoc(cls) or "").partition("Args:")[2]
+    helps: Dict[str, str] = {}
+    names: List[str] = []
+    for line in section.splitlines():
+        entry = re.match(r"^ {4}(\w+(?: / \w+)*): (.*)$", line)
+        if entry:
+            names = entry.group(1).split(" / ")
+            helps.update({n: entry.group(2).strip() for n in names})
+        elif names and line.startswith(" " * 8):
+            helps.update({n: f"{helps[n]} {line.strip()}" for n in names})
+        else:
+            names = []
+    # plain text for --help: ``x`` -> x, :class:`~a.B` -> B; '%' is argparse's format character
+    return {n: re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", h.replace("``", "")).replace("%", "%%")
+            for n, h in helps.items()}
+
+
+def _argument_type(hint: Any) -> Any:
+    """A mapping field also accepts its YAML/JSON text (``--layer_bits '{"fc": 8}'``)."""
+    parts = typing.get_args(hint) or (hint,)
+    if any(p is dict or typing.get_origin(p) in (dict, typing.Mapping) for p in parts):
+        return Optional[Union[dict, str]]
+    return hint
+
+
+class _QuantArgumentsMethods:
+    def to_quant_config(self) -> QuantConfig:
+        """The :class:`QuantConfig`; an invalid value raises :class:`RecipeError` naming the field."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(values.get("layer_bits"), str):
+            import yaml
+
+            try:
+                values["layer_bits"] = yaml.safe_load(values["layer_bits"])
+            except yaml.YAMLError as err:
+                raise RecipeError(f"layer_bits: {values['layer_bits']!r} is not valid YAML/JSON "
+                                  f"({getattr(err, 'problem', None) or err})") from None
+        try:
+            return QuantConfig(**values)
+        except ValueError as err:
+            raise RecipeError(f"invalid quantization setting: {err}") from None
+
+
+def _quant_arguments() -> type:
+    hints = typing.get_type_hints(QuantConfig.__init__)
+    helps = _docstring_args(QuantConfig)
+    fields = [
+        (name, _argument_type(hints[name]), field(default=param.default, metadata={"help": helps.get(name, "")}))
+        for name, param in inspect.signature(QuantConfig.__init__).parameters.items()
+        if param.kind is param.POSITIONAL_OR_KEYWORD and name != "self" and name not in STORAGE_FIELDS
+    ]
+    return dataclasses.make_dataclass(
+        "QuantArguments", fields, bases=(_QuantArgumentsMethods,),
+        namespace={"__module__": __name__,
+                   "__doc__": "The :class:`~sqakd_hf.QuantConfig` of the student: its arguments, names and defaults."},
+    )
+
+
+#: the student's :class:`~sqakd_hf.QuantConfig` arguments (method, weight_bits, act_bits, ...) as a dataclass
+QuantArguments = _quant_arguments()
+
+
+@dataclass
+class RunArguments:
+    """What the ``train`` command does around the Trainer."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds another run."}
+    )
+    save_packed: bool = field(
+        default=True, metadata={"help": "Also write the packed low-bit model (+ model card) to output_dir/packed."}
+    )
+    packed_fp_dtype: str = field(
+        default="float16",
+        metadata={"help": f"dtype of the full-precision head in the packed model: {', '.join(PACKED_FP_DTYPES)}."},
+    )
+    eval_teacher: bool = field(
+        default=True, metadata={"help": "Also report the teacher's accuracy on the eval split (for the comparison "
+                                        "and the model card)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.packed_fp_dtype not in PACKED_FP_DTYPES:
+            raise RecipeError(f"packed_fp_dtype must be {', '.join(PACKED_FP_DTYPES[:-1])} or {PACKED_FP_DTYPES[-1]}; "
+                              f"got {self.packed_fp_dtype!r}")
+
+
+@dataclass
+class EvalArguments:
+    """What ``sqakd-hf eval`` evaluates."""
+
+    model_path: Optional[str] = field(
+        default=None, metadata={"help": "Saved quantized model (training or packed form); default: the recipe's "
+                                        "output_dir."})
+    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    temperature: float = field(default=4.0, metadata={"help": "Temperature of the reported KD loss."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+    device: Optional[str] = field(default=None, metadata={"help": "torch device (default: cuda if available)."})

@@ -1,0 +1,143 @@
+"""``sqakd-hf train``: checks, data, teacher and student, SQAKD training, evaluation, saving, pushing.
+
+Runs unchanged as one process or under ``accelerate launch`` (DDP). Every check of the input
+runs on every rank before any model is loaded or any rank waits on another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..config import QuantConfig
+from ..errors import RecipeError
+from .data import DIGITS, dataset_length, is_local_path
+from .distributed import barrier, say, setup_distributed
+from .models import TeacherInfo, inspect_teacher, load_processor, load_teacher_and_student
+from .recipe import Recipe
+from .report import train_summary
+from .runs import METRICS_FILE, PACKED_SUBDIR, check_output_dir, clear_previous_run, write_run_record
+from .splits import load_and_check_data, preprocess
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_train", "validate_recipe"]
+
+
+def validate_recipe(recipe: Recipe) -> QuantConfig:
+    """Cheap checks of a parsed recipe; returns the student's :class:`~sqakd_hf.QuantConfig`."""
+    if not recipe.model.teacher:
+        raise RecipeError("the recipe sets no teacher (a Hub id or a local checkpoint folder)")
+    if not recipe.data.dataset_name:
+        raise RecipeError(f"the recipe sets no dataset_name (a Hub id, a local folder/file, or {DIGITS!r})")
+    if "output_dir" not in recipe.values:
+        raise RecipeError("the recipe sets no output_dir (where the student is written)")
+    training = recipe.training
+    if recipe.data.streaming and training.max_steps <= 0:
+        raise RecipeError("streaming: true needs max_steps > 0 (a streamed dataset has no length to count epochs)")
+    if not recipe.data.eval_split and str(getattr(training.eval_strategy, "value", "no")) != "no":
+        raise RecipeError(f"eval_strategy {training.eval_strategy.value!r} needs an eval_split")
+    quant = recipe.quant.to_quant_config()
+    if training.push_to_hub and not recipe.run.save_packed:
+        raise RecipeError("push_to_hub uploads the packed model: it needs save_packed: true")
+    return quant
+
+
+def _check_task(recipe: Recipe, info: TeacherInfo) -> None:
+    if info.task == "feature-extraction" and recipe.training.distill_target == "logits":
+        raise RecipeError(f"teacher {info.name!r} has no logits (task feature-extraction): set "
+                          "distill_target: hidden_states (MSE or cosine on the last hidden state)")
+
+
+def run_train(recipe: Recipe) -> Dict[str, Any]:
+    """Run a parsed recipe; returns ``{"output_dir", "packed_dir", "metrics"}``."""
+    quant_config = validate_recipe(recipe)
+    resume = check_output_dir(recipe)
+    info = inspect_teacher(recipe.model)
+    _check_task(recipe, info)
+    training = recipe.training
+    push, training.push_to_hub = training.push_to_hub, False  # the packed model + card are pushed below
+    setup_distributed(training)
+
+    raw = load_and_check_data(recipe.data, info, keep_train_labels=training.ce_weight > 0,
+                              cache_dir=recipe.model.cache_dir)
+    processor = load_processor(recipe.model.teacher, info)
+    barrier()  # every rank passed every check
+    with training.main_process_first(desc="loading the models and preparing the data"):
+        teacher, student = load_teacher_and_student(info, quant_config, recipe.model)
+        train_ds, eval_ds, collator = preprocess(raw, recipe.data, info, teacher, processor,
+                                                 raw.train_label_map(info.id2label))
+    if info.modality == "image":
+        training.remove_unused_columns = False  # images are transformed on the fly from their raw column
+    out = Path(training.output_dir)
+    if training.should_save:
+        if recipe.run.overwrite_output_dir and resume is None and out.is_dir():
+            removed = clear_previous_run(out)
+            if removed:
+                logger.warning("sqakd: overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+        write_run_record(recipe, info.name)
+
+    from ..training.trainer import SQAKDTrainer
+
+    trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=training, train_dataset=train_ds,
+                           eval_dataset=eval_ds, data_collator=collator, processing_class=processor)
+    say(f"sqakd-hf: {quant_config.short_name} student of {info.name} ({info.library}, {info.task}); "
+        f"{dataset_length(train_ds) or 'streamed'} training examples, no labels used"
+        + (" (ce_weight > 0: labels used)" if training.ce_weight > 0 else ""))
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = _final_metrics(trainer, recipe) if eval_ds is not None else {}
+    trainer.save_model(str(out))  # the training form; one writer under DDP
+
+    packed_dir = out / PACKED_SUBDIR if recipe.run.save_packed else None
+    if trainer.is_world_process_zero():
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if packed_dir is not None:
+            _save_packed_with_card(trainer.model, packed_dir, processor, recipe, info.name, metrics)
+        say(train_summary(quant_config.short_name, info.name, out, packed_dir, metrics, recipe.data.eval_split))
+        if push:
+            from ..hub.push import push_to_hub
+
+            repo_id = training.hub_model_id or out.resolve().name
+            commit = push_to_hub(packed_dir, repo_id, token=training.hub_token, private=training.hub_private_repo)
+            say(f"pushed the packed model and its model card to {getattr(commit, 'repo_url', repo_id)}")
+    barrier()
+    return {"output_dir": str(out), "packed_dir": str(packed_dir) if packed_dir else None, "metrics": metrics}
+
+
+def _final_metrics(trainer, recipe: Recipe) -> Dict[str, Dict[str, float]]:
+    """The trainer's own evaluation of the trained student (every rank takes part under DDP), as
+    ``{"student": {...}, "teacher": {...}}``; the teacher's only with ``eval_teacher``."""
+    from ..training.metrics import by_model
+
+    metrics = by_model(trainer.evaluate())
+    if not recipe.run.eval_teacher:
+        metrics.pop("teacher", None)
+    return metrics
+
+
+def _training_summary(recipe: Recipe) -> Dict[str, Any]:
+    t = recipe.training
+    return {
+        "temperature": t.temperature, "learning_rate": t.learning_rate,
+        "quantizer_learning_rate": t.effective_quantizer_learning_rate, "weight_decay": t.weight_decay,
+        "lr_scheduler_type": str(getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)),
+        "optim": str(getattr(t.optim, "value", t.optim)), "epochs": t.num_train_epochs, "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size, "dataset": recipe.data.dataset_name,
+        "labels_used": t.ce_weight > 0,
+    }
+
+
+def _save_packed_with_card(model, packed_dir: Path, processor, recipe: Recipe, teacher: str,
+                           metrics: Optional[Dict[str, Dict[str, float]]]) -> None:
+    from ..checkpoint import save_packed
+    from ..hub.card_info import write_model_card
+
+    save_packed(model, packed_dir, fp_dtype=recipe.run.packed_fp_dtype)
+    if processor is not None:
+        processor.save_pretrained(str(packed_dir))
+    name = recipe.data.dataset_name
+    datasets = [name] if name and not is_local_path(name) and name != DIGITS and "/" in name else None
+    write_model_card(model, packed_dir, teacher=teacher, metrics=metrics or None,
+                     training=_training_summary(recipe), datasets=datasets)
