@@ -199,6 +199,8 @@ def pack_model(
 # ---- loading packed layers ------------------------------------------------------------------------
 _MISMATCH_FIX = ("The file was not written by sqakd_hf.save_packed for this config; re-export it from the "
                  "training checkpoint.")
+_INCOMPLETE_FIX = ("The file is damaged or was not written by sqakd_hf.save_packed; re-export it from the training "
+                   "checkpoint (or re-download it).")
 
 
 def _numel(shape) -> int:
@@ -241,7 +243,7 @@ def _check_file(header: CheckpointHeader, where: str) -> List[str]:
             problem = f"layer {base}: weight_packed must be uint8, got {header.dtypes[f'{base}.weight_packed']}"
         else:
             continue
-        raise SQAKDCheckpointError(f"packed checkpoint {where} is incomplete: {problem}. {_MISMATCH_FIX}")
+        raise SQAKDCheckpointError(f"packed checkpoint {where} is incomplete: {problem}. {_INCOMPLETE_FIX}")
     return bases
 
 
@@ -268,7 +270,7 @@ def prepare_packed_layers(
     if len(recorded) != len(bases):
         raise SQAKDCheckpointError(
             f"packed checkpoint {where} is incomplete: its metadata lists {len(recorded)} packed layers but it "
-            f"holds packed tensors for {len(bases)}. {_MISMATCH_FIX}"
+            f"holds packed tensors for {len(bases)}. {_INCOMPLETE_FIX}"
         )
     names = {n: _local_name(n, layers, prefix) for n in recorded}
     extra = sorted(n for n, local in names.items() if local is None)
