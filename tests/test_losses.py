@@ -1,4 +1,4 @@
-"""KD and hidden-state losses against METHOD.md §2, written out by hand."""
+"""KD and hidden-state losses against the formulas written out by hand: T^2 KL(teacher || student), mean over samples or tokens."""
 
 from __future__ import annotations
 
