@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -79,8 +80,9 @@ class QuantConfig(QuantizationConfigMixin):
         if weight_granularity not in GRANULARITIES:
             raise ValueError(f"weight_granularity must be one of {', '.join(GRANULARITIES)}; got {weight_granularity!r}")
         self.weight_granularity = weight_granularity
-        if isinstance(ewgs_delta, bool) or not isinstance(ewgs_delta, (int, float)) or ewgs_delta < 0:
-            raise ValueError(f"ewgs_delta must be a number >= 0 (0 = straight-through); got {ewgs_delta!r}")
+        if (isinstance(ewgs_delta, bool) or not isinstance(ewgs_delta, (int, float)) or not math.isfinite(ewgs_delta)
+                or ewgs_delta < 0):
+            raise ValueError(f"ewgs_delta must be a finite number >= 0 (0 = straight-through); got {ewgs_delta!r}")
         self.ewgs_delta = float(ewgs_delta)
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):

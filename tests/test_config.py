@@ -36,6 +36,8 @@ def test_bits_for_applies_first_matching_override():
         ({"method": "gptq"}, "method"),
         ({"weight_granularity": "per_group"}, "weight_granularity"),
         ({"ewgs_delta": -1}, "ewgs_delta"),
+        ({"ewgs_delta": float("nan")}, "ewgs_delta"),
+        ({"ewgs_delta": float("inf")}, "ewgs_delta"),
         ({"modules_to_not_convert": "fc"}, "modules_to_not_convert"),
         ({"modules_to_not_convert": ["("]}, "modules_to_not_convert"),
         ({"layer_bits": {"fc": 3.5}}, "layer_bits"),

@@ -1,4 +1,5 @@
-"""KD and hidden-state losses against the formulas written out by hand: T^2 KL(teacher || student), mean over samples or tokens."""
+"""KD and hidden-state losses against the formulas written out by hand:
+T^2 KL(teacher || student), mean over samples or non-padding tokens."""
 
 from __future__ import annotations
 
