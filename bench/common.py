@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
-from sqakd_hf.model_io import call_model, output_tensor, split_labels
+from sqakd_hf.model_io import split_labels
+from sqakd_hf.app.teacher import train_classifier
 from sqakd_hf.training.metrics import batch_stats, model_output, summarize
 
 TEMPERATURE = 4.0
@@ -123,26 +123,8 @@ def metrics(student: Tensor, teacher: Tensor, labels: Tensor) -> Dict[str, float
 # ---- the teacher (labels used here only) ----------------------------------------------------
 def train_supervised(model: nn.Module, columns: Dict[str, Tensor], steps: int, batch_size: int, lr: float,
                      seed: int, weight_decay: float = 0.0) -> nn.Module:
-    """Cross-entropy training of the FP teacher: AdamW, one-cycle schedule, seeded shuffles."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(columns["labels"])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = {k: v[idx] for k, v in columns.items()}
-        labels = batch.pop("labels")
-        loss = F.cross_entropy(output_tensor(call_model(model, batch), "logits"), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    """Cross-entropy training of the FP teacher (the quickstart's trainer: AdamW, one-cycle, seeded shuffles)."""
+    return train_classifier(model, columns, steps, batch_size, lr, seed, weight_decay)
 
 
 # ---- PTQ vs labeled QAT vs SQAKD ------------------------------------------------------------

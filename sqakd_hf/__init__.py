@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 from . import _registration
 
-from .version import __version__
+from .version import __version__  # noqa: F401  (sqakd_hf.__version__)
 
 #: public name -> module that defines it
 _EXPORTS: Dict[str, str] = {

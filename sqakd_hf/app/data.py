@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, InputError
+from ..errors import DataError
 from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data import DIGITS_MEAN, DIGITS_STD, image_collator, load_digits_splits
 from ..errors import InputError
+from .data import DIGITS_MEAN, DIGITS_STD, image_collator, load_digits_splits
+from .teacher import refresh_batchnorm, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class QuickstartRow:
 # ---- the teacher (labels used here only) ----------------------------------------------------------------
 def train_teacher(train_ds, epochs: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                   max_steps: Optional[int] = None) -> nn.Module:
-    """Train ``timm.create_model("test_resnet", num_classes=10)`` on the labeled digits (Adam, one-cycle)."""
+    """Train ``timm.create_model("test_resnet", num_classes=10)`` on the labeled digits (Adam, one-cycle; see :func:`.teacher.train_classifier`)."""
     import timm
 
     torch.manual_seed(seed)
@@ -69,46 +68,10 @@ def train_teacher(train_ds, epochs: int, batch_size: int = 64, lr: float = 3e-3,
     x, y = columns["pixel_values"], columns["labels"]
     per_epoch = math.ceil(len(x) / batch_size)
     total = min(epochs * per_epoch, max_steps) if max_steps else epochs * per_epoch
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    step = 0
-    with tqdm(total=total, desc="Training the FP teacher (with labels)") as bar:
-        while step < total:
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), batch_size):
-                if step >= total:
-                    break
-                idx = order[i : i + batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
-    _refresh_batchnorm(model, x, batch_size)
+    train_classifier(model, {"pixel_values": x, "labels": y}, total, batch_size, lr, seed, pct_start=0.3,
+                     desc="Training the FP teacher (with labels)")
+    refresh_batchnorm(model, x, batch_size)
     return model.eval()
-
-
-@torch.no_grad()
-def _refresh_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Recompute BatchNorm running statistics of the final weights (exact averages over the training
-    images); after a short, fast-moving run the running averages lag behind the weights."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    for i in range(0, len(x), batch_size):
-        model(x[i : i + batch_size])
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
 
 
 def save_timm_teacher(model: nn.Module, directory: Path) -> Path:
