@@ -55,16 +55,20 @@ def config_library(config: Dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _packed_view(model: nn.Module, fp_dtype: Optional[torch.dtype]) -> Iterator[None]:
-    """While open, ``model.save_pretrained`` writes the packed form: the model carries a pre-quantized
-    :class:`SQAKDHfQuantizer` with the packed config, whose ``get_state_dict_and_metadata`` hook hands
-    transformers the packed tensors and their safetensors metadata, and ``config.quantization_config``
-    says ``packed``. transformers still writes config.json, drops tied weights and maps key names.
+def _quantizer_view(model: nn.Module, packed: bool, fp_dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """While open, ``model.save_pretrained`` writes the form asked for through our quantizer's
+    ``get_state_dict_and_metadata`` hook (NaN / inf refused, the quantization recorded in the safetensors
+    metadata): the model carries a pre-quantized :class:`SQAKDHfQuantizer` and ``config.quantization_config``
+    says ``packed`` or not. transformers still writes config.json, drops tied weights and maps key names.
     (``save_pretrained(state_dict=...)`` alone cannot do this: a model's quantizer hook overrides the
-    state dict passed, and only that hook can add safetensors metadata.) Both are restored on exit."""
+    state dict passed, and only that hook can add safetensors metadata.) Both are restored on exit.
+    The training form of a model that already carries an sqakd quantizer is written by that quantizer."""
     from .integrations.hf_quantizer import SQAKDHfQuantizer
 
-    packed_config = QuantConfig.from_dict({**get_quant_config(model).to_dict(), "packed": True})
+    if not packed and isinstance(getattr(model, "hf_quantizer", None), SQAKDHfQuantizer):
+        yield
+        return
+    packed_config = QuantConfig.from_dict({**get_quant_config(model).to_dict(), "packed": packed})
     quantizer = SQAKDHfQuantizer(packed_config, pre_quantized=True)
     quantizer.fp_dtype = fp_dtype
     missing = object()
@@ -98,6 +102,10 @@ def save_quantized(
     use ``save_pretrained``'s layout with ``quantization_config`` in ``config.json``; timm-native models
     use timm's Hub layout (see :func:`sqakd_hf.save_pretrained_timm`). ``processor`` (a tokenizer or image
     processor), if given, is saved next to the weights.
+
+    Either form records its quantization in the safetensors metadata (loading checks config.json against
+    it); a model holding NaN / infinite weights, biases or quantizer tensors is refused with a
+    ``ValueError`` naming them, and nothing is written.
     """
     model = unwrap(model)
     library = model_library(model)
@@ -113,7 +121,7 @@ def save_quantized(
         out = save_pretrained_timm(model, save_directory, packed=packed, fp_dtype=fp_dtype)
     else:
         with atomic_save_directory(save_directory) as staging:
-            with _packed_view(model, fp_dtype) if packed else contextlib.nullcontext():
+            with _quantizer_view(model, packed, fp_dtype):
                 model.save_pretrained(staging)
         out = Path(save_directory)
     if processor is not None and hasattr(processor, "save_pretrained"):

@@ -40,7 +40,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..calibration import refresh_quantizer_state
 from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
 from ..injection import build_layer_quantizers, quant_layers, quantize_model
-from ..serialization import files, packed
+from ..serialization import files, manifest, packed
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,30 @@ class SQAKDHfQuantizer(HfQuantizer):
         Training form: wrappers with every quantizer tensor. Packed form: the packed layers become
         packed-layer skeletons (codes and grid, no ``weight``), checked against the file's metadata here
         and against the loaded sizes after loading.
+
+        A pre-quantized checkpoint is then checked before anything is loaded: ``config.json``'s
+        ``quantization_config`` against the quantization recorded in the safetensors metadata, and every
+        quantized layer's tensors present at their shapes (transformers would initialise missing ones at
+        random and only report them); a contradiction raises :class:`~sqakd_hf.errors.SQAKDCheckpointError`.
         """
         config: QuantConfig = self.quantization_config
         quantize_model(model, config)
         header = files.read_checkpoint_header(checkpoint_files or [])  # corrupted files: a clear error
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        where = ", ".join(sorted(set(header.files.values()))) or "<checkpoint>"
         if not self.pre_quantized:
             for _, layer in quant_layers(model):
                 del layer.weight_quantizer, layer.input_quantizer
-        elif config.packed:
-            self._source = ", ".join(sorted(set(header.files.values()))) or "<checkpoint>"
-            packed.prepare_packed_layers(model, header, prefix=getattr(model, "base_model_prefix", "") or "")
+            return model
+        if config.packed:
+            self._source = where
+            packed.prepare_packed_layers(model, header, prefix=prefix)
             recorded = set(json.loads(header.metadata.get(packed.FP_DTYPE_KEY) or "{}").values())
             self.fp_dtype = packed.as_fp_dtype(recorded.pop()) if len(recorded) == 1 else None
         else:
             packed.check_not_packed(header.shapes, str(sorted(set(header.files.values()))))
+        manifest.check_metadata(model, header, where, prefix=prefix)
+        manifest.check_tensors_present(model, header, where, prefix=prefix, skip_shapes=packed.PACKED_SUFFIXES)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -134,11 +144,14 @@ class SQAKDHfQuantizer(HfQuantizer):
 
     # ---- saving -------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model: nn.Module) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, str]]:
-        """Training form: the model's own state dict. Packed form (``config.packed``): the packed one."""
+        """Training form: the model's own state dict. Packed form (``config.packed``): the packed one.
+        Both carry the quantization they were saved with in the safetensors metadata (checked on load);
+        NaN / infinite tensors are refused (``ValueError`` naming them) before anything is written."""
         if getattr(self.quantization_config, "packed", False):
             state, _, metadata = packed.packed_state_dict(model, self.fp_dtype)
             return state, metadata
-        return None, {}
+        manifest.check_finite(model.state_dict(), f"{type(model).__name__}")
+        return None, manifest.quant_metadata(model, packed=False)
 
 
 # ---- from_pretrained(quantized_dir, quantization_config=...) --------------------------------------

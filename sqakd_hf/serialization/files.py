@@ -6,14 +6,18 @@ Formats only: nothing here knows model classes or quantization.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -21,11 +25,14 @@ from torch import Tensor
 
 from ..errors import SQAKDCheckpointError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "SAFE_WEIGHTS_NAME",
     "LAYERS_KEY",
     "CheckpointHeader",
     "atomic_save_directory",
+    "remove_stale_staging",
     "read_checkpoint_header",
     "load_safetensors",
     "write_safetensors",
@@ -38,6 +45,56 @@ LAYERS_KEY = "sqakd_layers"
 
 # ---- atomic writes --------------------------------------------------------------------------------
 _STALE_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+_STAGING_TAG = ".sqakd-tmp-"
+#: a staging folder whose owner cannot be checked (another host, or named before owners were recorded)
+#: is removed once it has not changed for this long
+STALE_STAGING_AGE_S = 3600.0
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists, owned by someone else (or cannot tell: keep it)
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> List[Path]:
+    """Remove the staging folders ``.NAME.sqakd-tmp-*`` of saves to ``target`` that were killed.
+
+    A staging folder is named ``.NAME.sqakd-tmp-<pid>-<host>-<random>``: one made on this host is stale
+    once its pid no longer runs; one from another host, or without an owner in its name, once untouched
+    for :data:`STALE_STAGING_AGE_S`. A running save's folder is never removed. Returns what was removed."""
+    prefix = f".{target.name}{_STAGING_TAG}"
+    owner = re.compile(r"^(\d+)-([0-9a-f]{8})-")
+    host, now, removed = _host_tag(), time.time(), []
+    try:
+        entries = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for path in entries:
+        match = owner.match(path.name[len(prefix):])
+        if match and match.group(2) == host:
+            pid = int(match.group(1))
+            stale = pid != os.getpid() and not _pid_alive(pid)
+        else:
+            try:
+                stale = now - path.stat().st_mtime > STALE_STAGING_AGE_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    if removed:
+        logger.info("sqakd: removed staging folder(s) of interrupted saves: %s", [p.name for p in removed])
+    return removed
 
 
 @contextlib.contextmanager
@@ -47,12 +104,15 @@ def atomic_save_directory(save_directory: Union[str, os.PathLike]) -> Iterator[P
     A new ``save_directory`` appears by one rename. An existing one gets each file replaced by
     ``os.replace`` (weights first, ``config.json`` last) and stale weight files of an earlier save
     removed; other files are left alone. On any error nothing in ``save_directory`` changes.
+    Staging folders left next to it by killed earlier saves are removed first (:func:`remove_stale_staging`).
     """
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.sqakd-tmp-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_STAGING_TAG}{os.getpid()}-{_host_tag()}-",
+                                    dir=target.parent))
     try:
         yield staging
         if not target.exists():

@@ -12,7 +12,9 @@ else (full-precision layers, biases, norms, activation quantizers) is kept. The 
 full-precision output layer (classifier / LM head, unless tied) is stored in ``fp_dtype``
 (float16 by default, float32 if a value would overflow): nothing downstream of it is quantized,
 so this only perturbs the logits (about 1e-4 relative); ``fp_dtype=None`` keeps it exact. The
-safetensors metadata records the format, each packed layer's bits and shape, and what was cast.
+safetensors metadata records the format, each packed layer's bits and shape, what was cast, and the
+quantization (:mod:`sqakd_hf.serialization.manifest`). A model holding NaN / inf is not packed, and a
+loaded grid holding NaN / inf is refused.
 
 Loading dequantizes the codes into the layer's ``weight`` once and replaces its weight
 quantizer by a :class:`PackedWeightQuantizer` that holds the stored grid; the loaded
@@ -36,6 +38,7 @@ from ..injection import get_quant_config, quant_layers
 from ..quantizers import Quantizer
 from ..quantizers.functional import round_delta
 from .files import LAYERS_KEY, CheckpointHeader
+from .manifest import check_finite, check_metadata, local_name, non_finite, quant_metadata
 from .packing import pack_codes, packed_num_bytes, unpack_codes
 
 logger = logging.getLogger(__name__)
@@ -128,6 +131,7 @@ def packed_state_dict(
     own key names. Quantized layers with 1..8-bit weights are packed, except tied ones (stored as is)."""
     config = get_quant_config(model)
     state = dict(model.state_dict())
+    check_finite(state, f"the packed form of {type(model).__name__}")
     shared = _tied_modules(model)
     layers: Dict[str, dict] = {}
     for name, layer in quant_layers(model):
@@ -166,6 +170,7 @@ def packed_state_dict(
         FORMAT_KEY: FORMAT_PACKED,
         LAYERS_KEY: json.dumps(layers, sort_keys=True),
         FP_DTYPE_KEY: json.dumps({downcast: str(fp_dtype).replace("torch.", "")} if downcast else {}),
+        **quant_metadata(model, packed=True),
     }
     packed_config = copy.deepcopy(config)
     packed_config.packed = True
@@ -208,20 +213,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _local_name(name: str, layers: Mapping[str, nn.Module], prefix: str) -> Optional[str]:
-    """``name`` (a layer name from a checkpoint) as a name of ``layers``: as is, or with the base-model
-    ``prefix`` removed or added (a head model's file read by its base model, transformers' timm wrapper
-    and timm's own layout, and the reverse). None if neither names a layer."""
-    if name in layers:
-        return name
-    if prefix:
-        dotted = prefix + "."
-        other = name[len(dotted):] if name.startswith(dotted) else dotted + name
-        if other in layers:
-            return other
-    return None
 
 
 def _grid_shape(layer: nn.Module, config: QuantConfig) -> Tuple[int, ...]:
@@ -272,7 +263,7 @@ def prepare_packed_layers(
             f"packed checkpoint {where} is incomplete: its metadata lists {len(recorded)} packed layers but it "
             f"holds packed tensors for {len(bases)}. {_INCOMPLETE_FIX}"
         )
-    names = {n: _local_name(n, layers, prefix) for n in recorded}
+    names = {n: local_name(n, layers, prefix) for n in recorded}
     extra = sorted(n for n, local in names.items() if local is None)
     if extra:
         raise SQAKDCheckpointError(
@@ -348,6 +339,13 @@ def finish_packed_load(model: nn.Module, where: str = "<checkpoint>") -> List[st
     layers = _packed_layers(model)
     check_packed_sizes(model, {f"{n}.{s}": tuple(m._buffers[s].shape) for n, m in layers for s in PACKED_SUFFIXES},
                        where)
+    bad = non_finite({f"{n}.{s}": m._buffers[s] for n, m in layers for s in PACKED_SUFFIXES[1:]})
+    if bad:
+        layer, _, suffix = bad[0].rpartition(".")
+        raise SQAKDCheckpointError(
+            f"packed checkpoint {where} is damaged: layer {layer}: {suffix} holds NaN or infinite values"
+            f"{f' (so do {bad[1:4]})' if len(bad) > 1 else ''}; its weights cannot be dequantized. {_INCOMPLETE_FIX}"
+        )
     for name, layer in layers:
         wq = layer.weight_quantizer
         placeholder = layer.weight
@@ -380,6 +378,7 @@ def load_packed_state_dict(model: nn.Module, state: Mapping[str, Tensor], metada
     )
     device = next(model.parameters()).device
     prepare_packed_layers(model, header, device=device, prefix=prefix)
+    check_metadata(model, header, source, prefix=prefix)
     check_packed_sizes(model, header.shapes, source)
     packed_keys = set()
     for name, layer in _packed_layers(model):  # set as stored: a grid may hold one value or one per channel

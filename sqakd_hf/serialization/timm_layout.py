@@ -6,12 +6,17 @@ plus a ``quantization_config`` block and ``dtype``. transformers reads the same 
 ``TimmWrapperForImageClassification`` (after ``import sqakd_hf``), and
 :func:`from_pretrained_timm` reads folders that transformers wrote for that class
 (keys with or without the ``timm_model.`` prefix).
+
+``config.json`` may come from the Hub, so only :data:`SAFE_MODEL_ARGS` of its ``model_args`` reach
+``timm.create_model`` (other keys are dropped with a warning naming them), and ``pretrained_cfg`` fields
+that locate weight files (:data:`UNSAFE_PRETRAINED_CFG`) are dropped from the overlay.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -23,13 +28,42 @@ from ..calibration import refresh_quantizer_state
 from ..config import QuantConfig, check_config_compatible
 from ..errors import SQAKDCheckpointError
 from ..injection import get_quant_config, quant_layers, quantize_model
-from .files import SAFE_WEIGHTS_NAME, atomic_save_directory, load_safetensors, write_safetensors
+from .files import SAFE_WEIGHTS_NAME, CheckpointHeader, atomic_save_directory, load_safetensors, write_safetensors
+from .manifest import check_finite, check_metadata, quant_metadata
 from .packed import as_fp_dtype, check_not_packed, load_packed_state_dict, packed_state_dict
 
-__all__ = ["save_pretrained_timm", "from_pretrained_timm", "resolve_checkpoint_dir"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_pretrained_timm", "from_pretrained_timm", "resolve_checkpoint_dir", "SAFE_MODEL_ARGS"]
 
 WRAPPER_PREFIX = "timm_model."
 _ALLOW = ["*.json", "*.safetensors"]
+
+#: ``model_args`` keys of a timm ``config.json`` passed on to ``timm.create_model``: architecture
+#: hyper-parameters (sizes, depths, dropout rates, layer choices by name). Everything else, in particular
+#: what locates or loads weights (``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``,
+#: ``checkpoint_path``, ``file``, ``cache_dir``, ...), is dropped with a warning; so are values that are not
+#: JSON scalars or lists of them. Pass other arguments explicitly: ``from_pretrained_timm(..., key=value)``.
+SAFE_MODEL_ARGS = frozenset({
+    # classifier and input
+    "num_classes", "in_chans", "global_pool", "img_size", "input_size", "patch_size", "class_token",
+    "no_embed_class", "reg_tokens", "pos_embed", "dynamic_img_size", "dynamic_img_pad", "fc_norm", "pre_norm",
+    "final_norm", "head_hidden_size", "head_init_scale", "num_features", "output_stride",
+    # regularisation
+    "drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate",
+    "patch_drop_rate",
+    # widths and depths
+    "embed_dim", "embed_dims", "depth", "depths", "num_heads", "head_dim", "mlp_ratio", "mlp_ratios", "dims",
+    "widths", "channels", "layers", "width", "width_multiplier", "channel_multiplier", "depth_multiplier",
+    "stem_width", "stem_chs", "stem_type", "base_width", "cardinality", "kernel_sizes", "window_size",
+    "num_stages", "groups", "group_size",
+    # block choices (names resolved by timm's own registries)
+    "act_layer", "norm_layer", "block_type", "attn_layer", "se_layer", "qkv_bias", "qk_norm", "init_values",
+    "ls_init_value", "layer_scale_init_value", "conv_mlp", "weight_init",
+})
+#: ``pretrained_cfg`` fields not applied from a ``config.json``: they locate weight files
+UNSAFE_PRETRAINED_CFG = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "custom_load")
+_JSON_SCALARS = (bool, int, float, str, type(None))
 
 
 def _unwrap(model: nn.Module):
@@ -67,7 +101,9 @@ def save_pretrained_timm(
     if packed or config.packed:  # a model loaded from a packed checkpoint has no master weights to save
         state, config, metadata = packed_state_dict(model, as_fp_dtype(fp_dtype))
     else:
-        state, metadata = {k: v.detach() for k, v in model.state_dict().items()}, {"format": "pt"}
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        check_finite(state, f"{type(timm_model).__name__}")
+        metadata = {"format": "pt", **quant_metadata(model, packed=False)}
     state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in state.items()}
     dtype = next((p.dtype for p in timm_model.parameters() if p.is_floating_point()), torch.float32)
     extra = {**(model_config or {}), "quantization_config": config.to_dict(), "dtype": str(dtype).replace("torch.", "")}
@@ -116,6 +152,30 @@ def _read_state(folder: Path) -> tuple:
     return state, metadata, str(folder / files[0])
 
 
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, _JSON_SCALARS) or (isinstance(v, (list, tuple)) and _is_plain(v)) for v in value)
+    return isinstance(value, _JSON_SCALARS)
+
+
+def _safe_model_args(model_args: Any) -> Dict[str, Any]:
+    """The :data:`SAFE_MODEL_ARGS` of a config.json's ``model_args`` with plain JSON values; the rest dropped,
+    with a warning naming it."""
+    if not model_args:
+        return {}
+    if not isinstance(model_args, dict):
+        logger.warning("sqakd: config.json model_args is not an object (%s); ignored", type(model_args).__name__)
+        return {}
+    kept = {k: v for k, v in model_args.items() if k in SAFE_MODEL_ARGS and _is_plain(v)}
+    dropped = sorted(set(model_args) - set(kept))
+    if dropped:
+        logger.warning(
+            "sqakd: config.json model_args %s are not passed to timm.create_model (not on the allow-list "
+            "sqakd_hf.serialization.timm_layout.SAFE_MODEL_ARGS, or not plain JSON values); pass them explicitly "
+            "as from_pretrained_timm(..., name=value) if you trust them", dropped)
+    return kept
+
+
 def _create(cfg: Dict[str, Any], **kwargs: Any) -> nn.Module:
     import timm
     from timm.models import PretrainedCfg
@@ -123,14 +183,15 @@ def _create(cfg: Dict[str, Any], **kwargs: Any) -> nn.Module:
     arch = cfg.get("architecture")
     if not arch:
         raise ValueError("config.json has no 'architecture': not a timm checkpoint (use transformers' from_pretrained)")
-    args = dict(cfg.get("model_args") or {})
+    args = _safe_model_args(cfg.get("model_args"))
     num_classes = cfg.get("num_classes", cfg.get("num_labels"))
     if num_classes is None and cfg.get("id2label"):
         num_classes = len(cfg["id2label"])
     if num_classes is not None:
         args.setdefault("num_classes", num_classes)
     fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    overlay = {k: v for k, v in (cfg.get("pretrained_cfg") or {}).items() if k in fields}
+    overlay = {k: v for k, v in (cfg.get("pretrained_cfg") or {}).items()
+               if k in fields and k not in UNSAFE_PRETRAINED_CFG}
     for key in ("input_size", "test_input_size", "min_input_size", "mean", "std", "pool_size", "test_pool_size"):
         if isinstance(overlay.get(key), list):
             overlay[key] = tuple(overlay[key])
@@ -178,11 +239,14 @@ def from_pretrained_timm(
     if quantization_config is not None:
         check_config_compatible(saved, quantization_config, where=str(path_or_repo_id))
     quantize_model(model, saved)
+    # the metadata names layers as the saving model did: with the wrapper's prefix if transformers saved it
+    prefix = WRAPPER_PREFIX.rstrip(".")
     if saved.packed:
-        # the metadata names layers as the saving model did: with the wrapper's prefix if transformers saved it
-        load_packed_state_dict(model, state, metadata, source=source, prefix=WRAPPER_PREFIX.rstrip("."))
+        load_packed_state_dict(model, state, metadata, source=source, prefix=prefix)
     else:
         check_not_packed(state, source)
+        header = CheckpointHeader(shapes={k: tuple(v.shape) for k, v in state.items()}, metadata=metadata)
+        check_metadata(model, header, source, prefix=prefix)
         _load_strict(model, state, source)
     refresh_quantizer_state(model)
     return model.eval()
