@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -236,3 +237,10 @@ class EvalArguments:
     temperature: float = field(default=4.0, metadata={"help": "Temperature of the reported KD loss."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
     device: Optional[str] = field(default=None, metadata={"help": "torch device (default: cuda if available)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise RecipeError(f"batch_size must be an integer >= 1; got {self.batch_size!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise RecipeError(f"temperature must be a finite number > 0; got {t!r}")

@@ -292,6 +292,15 @@ def _kind(ds: AnyDataset, col: str, feats: Mapping[str, Any], sample: Optional[M
     return "other"
 
 
+def _only_labels(names: List[str], label_col: Optional[str]) -> Optional[str]:
+    """The reason to give when every column is a label column (SQAKD distills on the inputs), else None."""
+    labels = [c for c in names if c in LABEL_COLUMNS or c == label_col]
+    if names and len(labels) == len(names):
+        return (f"it holds only labels ({', '.join(labels)}); SQAKD needs the inputs the teacher reads "
+                "(the labels are optional)")
+    return None
+
+
 def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: str = "dataset") -> Columns:
     """Find the input (and label) columns for a model taking ``modality`` ('image' or 'text') input.
 
@@ -320,9 +329,9 @@ def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: st
             image_col = next((c for c in names if kinds[c] == "image"), None)
             image_col = image_col or next((c for c in IMAGE_COLUMNS if c in names and kinds[c] == "array"), None)
         if image_col is None:
-            texts = [c for c in names if kinds[c] == "text"]
+            texts = [c for c in names if kinds[c] == "text" and c not in LABEL_COLUMNS and c != label_col]
             why = (f"it looks like a text dataset (text columns: {', '.join(texts)}), but the model takes images"
-                   if texts else "no column holds images")
+                   if texts else _only_labels(names, label_col) or "no column holds images")
             raise DataError(f"{what} has no image column: {why}. Available columns: {shown}. "
                             "Set image_column, or use an image dataset / a text model.")
         if kinds[image_col] not in ("image", "array"):
@@ -337,7 +346,7 @@ def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: st
         if text_col is None:
             images = [c for c in names if kinds[c] == "image"]
             why = (f"it looks like an image dataset (image columns: {', '.join(images)}), but the model takes text"
-                   if images else "no column holds strings")
+                   if images else _only_labels(names, label_col) or "no column holds strings")
             raise DataError(f"{what} has no text column: {why}. Available columns: {shown}. "
                             "Set text_column, or use a text dataset / an image model.")
         if kinds[text_col] != "text":

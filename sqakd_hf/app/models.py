@@ -76,7 +76,9 @@ def task_from_architecture(architecture: Optional[str]) -> Optional[str]:
 def _read_local_config(path: Path, what: str) -> Dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise InputError(f"{what} folder {path} has no config.json: it is not a transformers or timm checkpoint")
+        raise InputError(f"{what} folder {path} has no config.json: it is not a transformers or timm checkpoint; "
+                         "give the folder written by save_pretrained (transformers) or timm's save_for_hf / "
+                         "push_to_hub layout, or a Hub id")
     try:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:

@@ -140,8 +140,7 @@ def _converter(convert: Callable[[str], Any], name: str, null: bool, mapping: bo
             try:
                 return yaml.safe_load(text)
             except yaml.YAMLError as err:
-                raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML/JSON "
-                                                 f"({getattr(err, 'problem', None) or err})") from None
+                raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML/JSON ({yaml_problem(err)})") from None
         return convert(text)
 
     parse.__name__ = name  # argparse's "invalid <name> value" message
@@ -259,10 +258,29 @@ class RecipeParser(HfArgumentParser):
         for action in self._actions:
             value = getattr(namespace, action.dest, None)
             if action.nargs == "+" and isinstance(value, list) and len(value) == 1 and str(value[0]).startswith("["):
-                import yaml
-
-                setattr(namespace, action.dest, yaml.safe_load(value[0]))
+                setattr(namespace, action.dest, _yaml_list(action.dest, str(value[0])))
         return namespace, leftovers
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (``"expected ',' or ']' at line 1, column 3"``)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _yaml_list(key: str, text: str) -> List[Any]:
+    """``--key '[a, b]'``: the YAML/JSON list; malformed text raises :class:`RecipeError` naming the key."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{key}: {text!r} is not a valid YAML/JSON list ({yaml_problem(err)}); write it like "
+                          f"--{key} '[\"pattern\", \"other\"]' or --{key} pattern other") from None
+    if not isinstance(value, list):
+        raise RecipeError(f"{key}: {text!r} is not a list; write it like --{key} '[\"pattern\"]'")
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -281,7 +299,7 @@ def read_recipe_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

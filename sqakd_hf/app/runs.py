@@ -2,29 +2,39 @@
 
 An existing, non-empty ``output_dir`` needs ``overwrite_output_dir: true`` (which replaces the
 recorded run) or ``resume_from_checkpoint`` (which must keep the recorded run's model, data and
-quantization settings).
+quantization settings). The record is written with ``"status": "incomplete"`` when training
+starts and marked ``"complete"`` once the model is saved: a run that failed before leaving a
+complete checkpoint does not block the corrected rerun, a finished one stays protected.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+from .distributed import is_main_process
+from .resume import check_checkpoint, latest_complete_checkpoint
+
 if TYPE_CHECKING:
     from .recipe import Recipe
 
-__all__ = ["RUN_RECORD", "METRICS_FILE", "PACKED_SUBDIR", "read_run_record", "write_run_record",
-           "check_output_dir", "clear_previous_run"]
+logger = logging.getLogger(__name__)
 
-#: written into output_dir when a run starts: identifies the run (no silent overwrite of another one)
+__all__ = ["RUN_RECORD", "METRICS_FILE", "PACKED_SUBDIR", "INCOMPLETE", "COMPLETE", "read_run_record",
+           "write_run_record", "mark_run_complete", "is_unfinished", "check_output_dir", "clear_previous_run"]
+
+#: written into output_dir when training starts: identifies the run (no silent overwrite of another one)
 RUN_RECORD = "sqakd_run.json"
 #: the final evaluation, ``{"student": {...}, "teacher": {...}}``
 METRICS_FILE = "sqakd_metrics.json"
 #: where the packed model and its model card go
 PACKED_SUBDIR = "packed"
+#: the run record's ``status`` while training runs (or after it failed) and once the model is saved
+INCOMPLETE, COMPLETE = "incomplete", "complete"
 _RESUME_LAST = ("true", "last", "1", "yes")
 
 
@@ -43,14 +53,51 @@ def read_run_record(folder: Path) -> Optional[Dict[str, Any]]:
         return {}
 
 
-def write_run_record(recipe: "Recipe", teacher: str) -> None:
-    """Record the run (package version, teacher, recipe values) in its output folder."""
+def _write_record(out: Path, record: Dict[str, Any]) -> None:
+    """Write the record atomically (a kill leaves the old record or the new one, never half of one)."""
+    tmp = out / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, out / RUN_RECORD)
+
+
+def write_run_record(recipe: "Recipe", teacher: str, status: str = INCOMPLETE) -> None:
+    """Record the run (package version, teacher, recipe values, ``status``) in its output folder."""
     from ..version import __version__
 
     out = Path(recipe.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"sqakd_hf_version": __version__, "teacher": teacher, "recipe": _jsonable(recipe.record())}
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    _write_record(out, {"sqakd_hf_version": __version__, "teacher": teacher, "status": status,
+                        "recipe": _jsonable(recipe.record())})
+
+
+def mark_run_complete(out: Path) -> None:
+    """Set the run record's status to complete (the trained model is saved)."""
+    record = read_run_record(Path(out))
+    if record:
+        _write_record(Path(out), {**record, "status": COMPLETE})
+
+
+def is_unfinished(record: Optional[Dict[str, Any]]) -> bool:
+    """Whether a run record belongs to a run that started training and did not finish (records written before
+    the status existed count as finished)."""
+    return bool(record) and record.get("status") == INCOMPLETE
+
+
+def _resume_latest(out: Path, resume: Any) -> str:
+    """The newest complete checkpoint of ``out``; incomplete newer ones are skipped, and said so in one line."""
+    from ..errors import RecipeError
+
+    last, skipped = latest_complete_checkpoint(out)
+    broken = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+    if last is None:
+        if skipped:
+            raise RecipeError(f"resume_from_checkpoint={resume}: {out} holds no complete checkpoint-* folder to resume "
+                              f"from ({broken}); start over with --overwrite_output_dir true")
+        raise RecipeError(f"resume_from_checkpoint={resume}: {out} holds no checkpoint-* folder to resume from")
+    if skipped and is_main_process():
+        logger.warning("sqakd: resume_from_checkpoint: skipping incomplete %s; resuming from %s",
+                       ", ".join(f"{p.name} ({why})" for p, why in skipped), last.name)
+    return str(last)
 
 
 def _diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -64,8 +111,6 @@ def check_output_dir(recipe: "Recipe") -> Optional[str]:
     ``resume_from_checkpoint: true`` (or ``last``) means the latest ``checkpoint-*`` of ``output_dir``.
     Raises :class:`~sqakd_hf.errors.RecipeError` saying what differs and the ways forward.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     from ..errors import RecipeError
     from .recipe import identity_of
 
@@ -78,12 +123,11 @@ def check_output_dir(recipe: "Recipe") -> Optional[str]:
     now = _jsonable(recipe.identity())
     if resume not in (None, "", False):
         if str(resume).lower() in _RESUME_LAST:
-            last = get_last_checkpoint(str(out)) if out.is_dir() else None
-            if last is None:
-                raise RecipeError(f"resume_from_checkpoint={resume}: {out} holds no checkpoint-* folder to resume from")
-            resume = last
+            resume = _resume_latest(out, resume)
         elif not Path(str(resume)).is_dir():
             raise RecipeError(f"resume_from_checkpoint {resume!r}: no such checkpoint folder")
+        else:
+            check_checkpoint(Path(str(resume)))
         if record and not recipe.run.overwrite_output_dir:
             diff = _diff(identity_of(record.get("recipe", {})), now)
             if diff:
@@ -96,11 +140,18 @@ def check_output_dir(recipe: "Recipe") -> Optional[str]:
     if not existing or recipe.run.overwrite_output_dir:
         return None
     shown = ", ".join(existing[:6]) + (", ..." if len(existing) > 6 else "")
+    last = latest_complete_checkpoint(out)[0]
+    if is_unfinished(record) and last is None:
+        return None  # a failed run left nothing to resume: the rerun replaces its leftovers
     if record is None:
         why = f"is not empty ({shown}) and holds no sqakd-hf run"
     else:
         diff = _diff(identity_of(record.get("recipe", {})), now)
-        why = f"holds a different run ({'; '.join(diff[:6])})" if diff else f"already holds this run ({shown})"
+        if is_unfinished(record):
+            why = f"holds an unfinished run (newest complete checkpoint: {last.name}"
+            why += f"; {'; '.join(diff[:6])})" if diff else ")"
+        else:
+            why = f"holds a different run ({'; '.join(diff[:6])})" if diff else f"already holds this run ({shown})"
     raise RecipeError(
         f"output_dir {out} {why}. Nothing is overwritten silently: pass --overwrite_output_dir true to replace "
         "it, --resume_from_checkpoint true to continue from its last checkpoint, or choose another --output_dir."
@@ -108,8 +159,9 @@ def check_output_dir(recipe: "Recipe") -> Optional[str]:
 
 
 def clear_previous_run(out: Path) -> List[str]:
-    """``overwrite_output_dir``: remove the replaced run's checkpoints, packed model, metrics and record (only
-    when the folder holds a run record; other files are never deleted). Returns what was removed."""
+    """``overwrite_output_dir`` (or a rerun after a failed run): remove the replaced run's checkpoints, packed
+    model, metrics and record (only when the folder holds a run record; other files are never deleted).
+    Returns what was removed."""
     if read_run_record(out) is None:
         return []
     removed = []

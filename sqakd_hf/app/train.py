@@ -16,9 +16,20 @@ from ..errors import RecipeError
 from .data import DIGITS, dataset_length, is_local_path
 from .distributed import barrier, say, setup_distributed
 from .models import TeacherInfo, inspect_teacher, load_processor, load_teacher_and_student
+from .checks import check_training_ranges
 from .recipe import Recipe
 from .report import train_summary
-from .runs import METRICS_FILE, PACKED_SUBDIR, check_output_dir, clear_previous_run, write_run_record
+from .runs import (
+    METRICS_FILE,
+    PACKED_SUBDIR,
+    check_output_dir,
+    clear_previous_run,
+    is_unfinished,
+    mark_run_complete,
+    read_run_record,
+    write_run_record,
+)
+from .skeleton import check_quantization_plan
 from .splits import load_and_check_data, preprocess
 
 logger = logging.getLogger(__name__)
@@ -35,6 +46,7 @@ def validate_recipe(recipe: Recipe) -> QuantConfig:
     if "output_dir" not in recipe.values:
         raise RecipeError("the recipe sets no output_dir (where the student is written)")
     training = recipe.training
+    check_training_ranges(training)
     if recipe.data.streaming and training.max_steps <= 0:
         raise RecipeError("streaming: true needs max_steps > 0 (a streamed dataset has no length to count epochs)")
     if not recipe.data.eval_split and str(getattr(training.eval_strategy, "value", "no")) != "no":
@@ -57,6 +69,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     resume = check_output_dir(recipe)
     info = inspect_teacher(recipe.model)
     _check_task(recipe, info)
+    check_quantization_plan(info, quant_config, recipe.model)
     training = recipe.training
     push, training.push_to_hub = training.push_to_hub, False  # the packed model + card are pushed below
     setup_distributed(training)
@@ -72,17 +85,13 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     if info.modality == "image":
         training.remove_unused_columns = False  # images are transformed on the fly from their raw column
     out = Path(training.output_dir)
-    if training.should_save:
-        if recipe.run.overwrite_output_dir and resume is None and out.is_dir():
-            removed = clear_previous_run(out)
-            if removed:
-                logger.warning("sqakd: overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
-        write_run_record(recipe, info.name)
 
     from ..training.trainer import SQAKDTrainer
 
     trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=training, train_dataset=train_ds,
                            eval_dataset=eval_ds, data_collator=collator, processing_class=processor)
+    if training.should_save:
+        _start_run_record(recipe, info.name, out, resume)
     say(f"sqakd-hf: {quant_config.short_name} student of {info.name} ({info.library}, {info.task}); "
         f"{dataset_length(train_ds) or 'streamed'} training examples, no labels used"
         + (" (ce_weight > 0: labels used)" if training.ce_weight > 0 else ""))
@@ -95,6 +104,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if packed_dir is not None:
             _save_packed_with_card(trainer.model, packed_dir, processor, recipe, info.name, metrics)
+        mark_run_complete(out)
         say(train_summary(quant_config.short_name, info.name, out, packed_dir, metrics, recipe.data.eval_split))
         if push:
             from ..hub.push import push_to_hub
@@ -104,6 +114,18 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
             say(f"pushed the packed model and its model card to {getattr(commit, 'repo_url', repo_id)}")
     barrier()
     return {"output_dir": str(out), "packed_dir": str(packed_dir) if packed_dir else None, "metrics": metrics}
+
+
+def _start_run_record(recipe: Recipe, teacher: str, out: Path, resume: Optional[str]) -> None:
+    """Replace the previous run (overwrite_output_dir, or a run that failed before a complete checkpoint) and
+    record this one as incomplete until its model is saved."""
+    unfinished = is_unfinished(read_run_record(out)) if out.is_dir() else False
+    if resume is None and out.is_dir() and (recipe.run.overwrite_output_dir or unfinished):
+        removed = clear_previous_run(out)
+        if removed:
+            why = "overwrite_output_dir" if recipe.run.overwrite_output_dir else "rerun of an unfinished run"
+            logger.warning("sqakd: %s: removed the previous run's %s", why, ", ".join(removed))
+    write_run_record(recipe, teacher)
 
 
 def _final_metrics(trainer, recipe: Recipe) -> Dict[str, Dict[str, float]]:
