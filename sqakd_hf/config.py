@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantizers import METHODS
+from .quantizers.base import INIT_MODES
 
 QUANT_METHOD = "sqakd"
 ALLOWED_BITS = tuple(range(1, 9)) + (32,)
@@ -43,6 +44,10 @@ class QuantConfig(QuantizationConfigMixin):
         weight_bits / act_bits: 1..8, or 32 to leave that side full precision.
         weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
         ewgs_delta: EWGS's gradient-scaling factor (latent on [0, 1], as in the paper); EWGS only.
+        init: how calibration initialises the learned ranges: ``"mse"`` (default; the clip that minimises the
+            squared quantization error: per output channel for weights, from a histogram of the calibration
+            activations) or ``"paper"`` (each method's own rule: LSQ ``2 mean|x| / sqrt(Qp)``, PACT a high
+            percentile of ``|x|``, EWGS ``3 std``). DoReFa and minmax have no learned range.
         modules_to_not_convert: regular expressions (``re.search`` on the qualified module name) of
             layers kept full precision. ``None`` (default) keeps the first layer (stem conv / patch
             embedding) and the classifier head full precision, as in the paper; a list replaces
@@ -59,6 +64,7 @@ class QuantConfig(QuantizationConfigMixin):
         act_bits: int = 4,
         weight_granularity: str = "per_channel",
         ewgs_delta: float = 1e-3,
+        init: str = "mse",
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
         packed: bool = False,
@@ -84,6 +90,9 @@ class QuantConfig(QuantizationConfigMixin):
                 or ewgs_delta < 0):
             raise ValueError(f"ewgs_delta must be a finite number >= 0 (0 = straight-through); got {ewgs_delta!r}")
         self.ewgs_delta = float(ewgs_delta)
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {', '.join(INIT_MODES)}; got {init!r}")
+        self.init = init
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
                 raise ValueError(
@@ -99,7 +108,7 @@ class QuantConfig(QuantizationConfigMixin):
     @staticmethod
     def _fields() -> List[str]:
         return [
-            "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta",
+            "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init",
             "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
@@ -140,8 +149,8 @@ class QuantConfig(QuantizationConfigMixin):
         return f"{self.method}-W{self.weight_bits}A{self.act_bits}"
 
 
-#: QuantConfig fields that describe storage, not the quantized function
-STORAGE_FIELDS = ("packed", "quant_method")
+#: QuantConfig fields that describe storage or initialisation, not the quantized function
+STORAGE_FIELDS = ("packed", "quant_method", "init")
 
 
 def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:

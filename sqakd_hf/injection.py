@@ -111,8 +111,9 @@ def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bit
     per_channel = config.weight_granularity == "per_channel"
     shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
     with torch.device(weight.device):
-        wq = build_quantizer(config.method, bits["weight_bits"], "weight", shape, cls.channel_axis, config.ewgs_delta)
-        aq = build_quantizer(config.method, bits["act_bits"], "act", (), 0, config.ewgs_delta)
+        wq = build_quantizer(config.method, bits["weight_bits"], "weight", shape, cls.channel_axis, config.ewgs_delta,
+                             config.init)
+        aq = build_quantizer(config.method, bits["act_bits"], "act", (), 0, config.ewgs_delta, config.init)
     return wq.to(weight.dtype), aq.to(weight.dtype)
 
 

@@ -50,8 +50,11 @@ def bert_dirs(tmp_path_factory) -> dict:
 def test_packed_round_trip(name: str, tmp_path: Path) -> None:
     family = FAMILIES[name]
     save_teacher(family, tmp_path / "teacher")
+    # init="paper": packing mechanics only. Packed weights differ from the fake-quant ones by ~1 ulp, so an
+    # activation within float rounding of a grid boundary may round the other way after reloading; the finer
+    # MSE-initialised steps put one such activation in this tiny random Llama's down_proj (0.2% of max|logit|)
     student = load_student(family, tmp_path / "teacher",
-                           QuantConfig(method=METHOD_OF[name], weight_bits=3, act_bits=4))
+                           QuantConfig(method=METHOD_OF[name], weight_bits=3, act_bits=4, init="paper"))
     batch = family.batch()
     ref = logits(student, batch)
     before = {k: v.clone() for k, v in student.state_dict().items()}

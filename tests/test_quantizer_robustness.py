@@ -52,14 +52,15 @@ def _check_finite(q, x):
         assert torch.isfinite(p).all(), f"parameter {name}"
 
 
+@pytest.mark.parametrize("init", ["mse", "paper"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("method", METHODS)
-def test_weight_quantizers_stay_finite(method, bits, granularity, dtype):
+def test_weight_quantizers_stay_finite(method, bits, granularity, dtype, init):
     for case, w in _weights().items():
         shape = (8, 1, 1, 1) if granularity == "per_channel" else ()
-        q = build_quantizer(method, bits, "weight", shape, 0, 1e-3).to(dtype)
+        q = build_quantizer(method, bits, "weight", shape, 0, 1e-3, init).to(dtype)
         w = w.to(dtype)
         q.init_from_weight(w)
         try:
@@ -68,15 +69,16 @@ def test_weight_quantizers_stay_finite(method, bits, granularity, dtype):
             assert torch.isfinite(scale).all() and torch.isfinite(zero).all(), "grid"
             assert torch.isfinite(q.codes(w.detach()).float()).all()
         except AssertionError as err:
-            raise AssertionError(f"{method} W{bits} {granularity} {dtype} on {case}: {err}") from None
+            raise AssertionError(f"{method} W{bits} {granularity} {dtype} init={init} on {case}: {err}") from None
 
 
+@pytest.mark.parametrize("init", ["mse", "paper"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("method", METHODS)
-def test_activation_quantizers_stay_finite(method, bits, dtype):
+def test_activation_quantizers_stay_finite(method, bits, dtype, init):
     for case, x in _activations().items():
-        q = build_quantizer(method, bits, "act", (), 0, 1e-3).to(dtype)
+        q = build_quantizer(method, bits, "act", (), 0, 1e-3, init).to(dtype)
         x = x.to(dtype)
         q.observe(x)
         q.init_from_stats(q.pop_stats())
@@ -84,4 +86,4 @@ def test_activation_quantizers_stay_finite(method, bits, dtype):
             _check_finite(q, x)
             _check_finite(q, torch.randn_like(x))  # data unlike the calibration sample
         except AssertionError as err:
-            raise AssertionError(f"{method} A{bits} {dtype} on {case}: {err}") from None
+            raise AssertionError(f"{method} A{bits} {dtype} init={init} on {case}: {err}") from None

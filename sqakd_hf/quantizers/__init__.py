@@ -28,11 +28,13 @@ def build_quantizer(
     param_shape: Tuple[int, ...] = (),
     channel_axis: int = 0,
     delta: Optional[float] = None,
+    init: str = "paper",
 ) -> Quantizer:
     """The quantizer for ``method`` at ``bits`` (``FullPrecision`` at 32 bits).
 
     PACT weights are DoReFa weights (as in the PACT paper). ``delta`` is used by
-    EWGS only; the others use the straight-through estimator.
+    EWGS only; the others use the straight-through estimator. ``init`` picks how ranges are
+    initialised: ``"mse"`` (minimum quantization error) or ``"paper"`` (each method's own rule).
     """
     if bits >= 32:
         return FullPrecision(role)
@@ -40,7 +42,7 @@ def build_quantizer(
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     cls = DoReFaQuantizer if (method == "pact" and role == "weight") else QUANTIZERS[method]
     kw = {"delta": delta} if cls is EWGSQuantizer else {}
-    return cls(bits, role, param_shape, channel_axis=channel_axis, **kw)
+    return cls(bits, role, param_shape, channel_axis=channel_axis, init=init, **kw)
 
 
 __all__ = ["Quantizer", "FullPrecision", "QUANTIZERS", "METHODS", "build_quantizer"] + [c.__name__ for c in QUANTIZERS.values()]

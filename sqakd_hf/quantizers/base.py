@@ -25,6 +25,8 @@ from typing import ClassVar, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .ranges import histogram_stats, mse_activation_clip
+
 #: statistic name -> how to merge it across batches/ranks ("sum", "min" or "max")
 STAT_OPS: Dict[str, str] = {
     "count": "sum",
@@ -36,11 +38,16 @@ STAT_OPS: Dict[str, str] = {
     "max": "max",
     "pct_sum": "sum",
     "batches": "sum",
+    "hist_pos": "sum",
+    "hist_neg": "sum",
 }
 
 #: fraction of activation mass below the percentile PACT initialises its clip from
 PERCENTILE = 0.999
 _PCT_SAMPLE = 1 << 16
+_HIST_SAMPLE = 1 << 18
+#: how ranges are initialised: the error-minimising clip, or each method's own paper rule
+INIT_MODES = ("mse", "paper")
 
 
 class Quantizer(nn.Module):
@@ -55,10 +62,15 @@ class Quantizer(nn.Module):
         param_shape: Tuple[int, ...] = (),
         channel_axis: int = 0,
         delta: Optional[float] = None,
+        init: str = "paper",
     ) -> None:
         super().__init__()
         if role not in ("weight", "act"):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+        #: range initialisation: "mse" (minimum quantization error) or "paper" (the method's own rule)
+        self.init_mode = init
         self.bits = int(bits)
         self.role = role
         self.param_shape = tuple(param_shape)
@@ -134,7 +146,7 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         sign = "signed" if self.signed else "unsigned"
         shape = f", per_channel{list(self.param_shape)}" if self.param_shape else ""
-        return f"{self.method}, bits={self.bits}, {self.role}, {sign}{shape}"
+        return f"{self.method}, bits={self.bits}, {self.role}, {sign}{shape}, init={self.init_mode}"
 
     # ---- calibration ------------------------------------------------------------------------
     def _reduce_dims(self, t: Tensor) -> Tuple[int, ...]:
@@ -157,10 +169,8 @@ class Quantizer(nn.Module):
         """Accumulate calibration statistics of one activation batch."""
         x = x.detach().float()
         flat = x.reshape(-1)
-        if flat.numel() > _PCT_SAMPLE:
-            flat_s = flat[:: flat.numel() // _PCT_SAMPLE]
-        else:
-            flat_s = flat
+        flat_s = flat[:: flat.numel() // _PCT_SAMPLE] if flat.numel() > _PCT_SAMPLE else flat
+        hist_pos, hist_neg = histogram_stats(flat[:: flat.numel() // _HIST_SAMPLE] if flat.numel() > _HIST_SAMPLE else flat)
         batch = {
             "count": torch.tensor(float(flat.numel()), device=x.device),
             "samples": torch.tensor(float(x.shape[0] if x.dim() > 1 else 1), device=x.device),
@@ -171,6 +181,8 @@ class Quantizer(nn.Module):
             "max": flat.max(),
             "pct_sum": torch.quantile(flat_s.abs(), PERCENTILE),
             "batches": torch.tensor(1.0, device=x.device),
+            "hist_pos": hist_pos,
+            "hist_neg": hist_neg,
         }
         if self._stats is None:
             self._stats = batch
@@ -237,6 +249,11 @@ class ActStats:
         self.mean_abs = s["sum_abs"] / n
         self.std = (s["sum_sq"] / n - self.mean.square()).clamp_min(0).sqrt()
         self.percentile_abs = s["pct_sum"] / s["batches"]
+
+    def mse_clip(self, pos_levels: float, neg_levels: float) -> Tensor:
+        """The clip minimising the squared quantization error of the observed values on a grid of step
+        ``clip / pos_levels`` reaching ``neg_levels`` steps below zero (0: unsigned); see :mod:`.ranges`."""
+        return mse_activation_clip(self.raw["hist_pos"], self.raw["hist_neg"], pos_levels, neg_levels)
 
 
 class FullPrecision(Quantizer):

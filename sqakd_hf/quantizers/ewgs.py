@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .base import ActStats, Quantizer
 from .functional import fake_quantize, round_delta
+from .ranges import mse_weight_clip
 
 DEFAULT_DELTA = 1e-3
 _HALF_NORMAL_STD = math.sqrt(1 - 2 / math.pi)
@@ -43,15 +44,34 @@ class EWGSQuantizer(Quantizer):
 
     @torch.no_grad()
     def init_from_weight(self, w: Tensor) -> None:
+        """``init="paper"``: interval and output scale ``3 std(w)``; ``"mse"``: the error-minimising clip
+        ``c`` for both (at 1 bit that is close to ``mean|w|``, the L2-optimal scale of ``sign(w)``)."""
         w = w.detach().float()
-        std = self._per_param(w.std(dim=self._reduce_dims(w), keepdim=bool(self.param_shape)))
-        self.lower.copy_(-3 * std)
-        self.upper.copy_(3 * std)
-        self.out_scale.copy_(3 * std)
+        dims = self._reduce_dims(w)
+        if self.init_mode == "mse":
+            c = mse_weight_clip(w, dims, lambda c: self._weight_at(w, -c, c, c))
+        else:
+            c = 3 * w.std(dim=dims, keepdim=True) if w.numel() > 1 else w.abs()
+        c = self._per_param(c)
+        self.lower.copy_(-c)
+        self.upper.copy_(c)
+        self.out_scale.copy_(c)
         self.mark_initialized()
 
+    def _weight_at(self, w: Tensor, lower: Tensor, upper: Tensor, out_scale: Tensor) -> Tensor:
+        wn = ((w - lower) / (upper - lower).clamp_min(1e-8)).clamp(0, 1)
+        return out_scale * (2 * torch.round(wn * self.levels) / self.levels - 1)
+
     def _init_act(self, stats: ActStats) -> None:
-        if self.signed:
+        if self.init_mode == "mse":
+            half = self.levels / 2
+            lo_bound = torch.clamp(stats.min, max=0.0)
+            if self.signed:
+                c = stats.mse_clip(half, half)
+                lo, hi = torch.maximum(-c, lo_bound), c
+            else:
+                lo, hi = stats.min, stats.min + stats.mse_clip(self.levels, 0)
+        elif self.signed:
             lo = torch.maximum(stats.min, stats.mean - 3 * stats.std)
             hi = torch.minimum(stats.max, stats.mean + 3 * stats.std)
         else:

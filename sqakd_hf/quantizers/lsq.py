@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .base import ActStats, Quantizer
 from .functional import fake_quantize, grad_scale
+from .ranges import mse_weight_clip
 
 _EPS = 1e-8
 
@@ -35,12 +36,28 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def init_from_weight(self, w: Tensor) -> None:
-        mean_abs = w.detach().float().abs().mean(dim=self._reduce_dims(w), keepdim=bool(self.param_shape))
-        self.scale.copy_(self._per_param(self._step_from_mean_abs(mean_abs)).clamp_min(_EPS))
+        """``init="paper"``: ``s = 2 mean|w| / sqrt(Qp)``; ``"mse"``: the step of the error-minimising clip.
+        1-bit: ``s = mean|w|`` (the L2-optimal scale of ``sign(w)``) either way."""
+        dims = self._reduce_dims(w)
+        if self.init_mode == "mse" and not self.binary:
+            w32 = w.detach().float()
+            clip = mse_weight_clip(w32, dims, lambda c: self._fake_quant_at(w32, c / self.qmax))
+            step = clip / self.qmax
+        else:
+            step = self._step_from_mean_abs(w.detach().float().abs().mean(dim=dims, keepdim=True))
+        self.scale.copy_(self._per_param(step).clamp_min(_EPS))
         self.mark_initialized()
 
+    def _fake_quant_at(self, w: Tensor, step: Tensor) -> Tensor:
+        step = step.clamp_min(_EPS)
+        return (w / step).round().clamp(self.qmin, self.qmax) * step
+
     def _init_act(self, stats: ActStats) -> None:
-        self.scale.copy_(self._step_from_mean_abs(stats.mean_abs).clamp_min(_EPS).reshape(self.scale.shape))
+        if self.init_mode == "mse" and not self.binary:
+            step = stats.mse_clip(self.qmax, -self.qmin) / self.qmax
+        else:
+            step = self._step_from_mean_abs(stats.mean_abs)
+        self.scale.copy_(step.clamp_min(_EPS).reshape(self.scale.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
         g = 1.0 / math.sqrt(self.features_per_sample(x) * self.qmax)

@@ -36,7 +36,9 @@ class PACTQuantizer(Quantizer):
         raise TypeError("PACTQuantizer quantizes activations only")
 
     def _init_act(self, stats: ActStats) -> None:
-        alpha = stats.percentile_abs
+        """``init="paper"``: alpha from a high percentile of |x| (6 when that is 0); ``"mse"``: the
+        error-minimising clip."""
+        alpha = stats.mse_clip(self.qmax, -self.qmin) if self.init_mode == "mse" else stats.percentile_abs
         alpha = torch.where(alpha > 0, alpha, torch.full_like(alpha, DEFAULT_ALPHA))
         self.alpha.copy_(alpha.reshape(self.alpha.shape))
 
