@@ -149,14 +149,16 @@ class QuantConfig(QuantizationConfigMixin):
         return f"{self.method}-W{self.weight_bits}A{self.act_bits}"
 
 
-#: QuantConfig fields that describe storage or initialisation, not the quantized function
-STORAGE_FIELDS = ("packed", "quant_method", "init")
+#: QuantConfig fields that describe storage, not the quantized function
+STORAGE_FIELDS = ("packed", "quant_method")
+#: fields a loaded checkpoint may differ in: storage, and how ranges were first initialised
+_NOT_COMPARED = STORAGE_FIELDS + ("init",)
 
 
 def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:
     """Raise ``ValueError`` naming every field in which ``requested`` contradicts ``saved``."""
     a, b = saved.to_dict(), requested.to_dict()
-    diff = [k for k in a if k not in STORAGE_FIELDS and a[k] != b.get(k)]
+    diff = [k for k in a if k not in _NOT_COMPARED and a[k] != b.get(k)]
     if diff:
         rows = "; ".join(f"{k}: {where} has {a[k]!r}, you passed {b.get(k)!r}" for k in diff)
         raise ValueError(
