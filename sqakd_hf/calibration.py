@@ -3,6 +3,8 @@
 A calibrated-but-untrained model is the post-training-quantization (PTQ) baseline.
 Under ``torch.distributed`` the activation statistics are all-reduced before the
 parameters are derived, so every rank starts from identical quantizer parameters.
+NaN/inf weights or activations are refused (naming the layer and the batch) before any
+quantizer is set from them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,10 +44,62 @@ def _all_reduce_stats(stats: dict) -> dict:
     out = {}
     for op in ("sum", "min", "max"):
         keys = [k for k, o in STAT_OPS.items() if o == op]
-        flat = torch.stack([stats[k].float() for k in keys])
+        parts = [stats[k].float() for k in keys]  # scalars and histograms: one flat buffer per op
+        flat = torch.cat([p.reshape(-1) for p in parts])
         dist.all_reduce(flat, op=_REDUCE_OPS[op])
-        out.update(zip(keys, flat.unbind()))
+        out.update(zip(keys, (v.reshape(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts))))
     return out
+
+
+_NEVER = 2**62
+
+
+def _check_weights(layers: List[Tuple[str, nn.Module]]) -> None:
+    """NaN/inf weights make every quantizer step NaN: refuse them, naming the first layer (one host sync)."""
+    ok = torch.stack([torch.isfinite(layer.weight).all().cpu() for _, layer in layers]).tolist()
+    if not all(ok):
+        bad = [n for (n, _), good in zip(layers, ok) if not good]
+        raise ValueError(
+            f"calibrate(): the weights of {len(bad)} layer(s) are NaN/inf, first {bad[0]!r}: the model is broken "
+            "(diverged training or a bad checkpoint); load finite weights before quantizing"
+        )
+
+
+def _watch_activations(acts: List[Tuple[str, nn.Module]], device: torch.device):
+    """Forward pre-hooks recording, per activation quantizer, the first batch whose input holds a NaN/inf
+    (device tensor, no host sync per batch). Returns ``(first_bad, batch_counter, handles)``."""
+    first = torch.full((len(acts),), _NEVER, dtype=torch.int64, device=device)
+    batch = [0]
+
+    def hook(i: int):
+        def pre(_module: nn.Module, args: Tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                bad = ~torch.isfinite(x).all()
+                first[i] = torch.where(bad, first[i].clamp(max=batch[0]), first[i])
+
+        return pre
+
+    handles = [q.register_forward_pre_hook(hook(i)) for i, (_, q) in enumerate(acts)]
+    return first, batch, handles
+
+
+def _check_activations(acts: List[Tuple[str, nn.Module]], first: torch.Tensor, seen: int) -> None:
+    """Raise naming the first batch and the first layer whose calibration activations are NaN/inf (on any rank)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    values = first.tolist()
+    bad = [(b, i) for i, b in enumerate(values) if b < _NEVER]
+    if not bad:
+        return
+    batch, i = min(bad)
+    layers = [acts[j][0] for b, j in bad if b == batch]
+    raise ValueError(
+        f"calibrate(): calibration batch {batch} (of {seen}) gives NaN/inf activations at {acts[i][0]!r}"
+        + (f" and {len(layers) - 1} more layer(s)" if len(layers) > 1 else "")
+        + ": the batch contains NaN/inf values (or the model overflows on it). Clean the calibration data "
+        "(keep samples with torch.isfinite(x).all()) and calibrate again; no quantizer was set from it"
+    )
 
 
 @torch.no_grad()
@@ -58,36 +112,53 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     signedness (unsigned when the calibration activations are never negative).
     Deterministic for the same weights and batches. Must be called on every rank
     with that rank's batches under DDP; the statistics are all-reduced.
+
+    Raises ``ValueError`` for NaN/inf weights (naming the layer) or a batch (0-based) that gives NaN/inf
+    activations (naming the batch and the first layer); no quantizer is set from non-finite values.
     """
     layers = list(quant_layers(model))
     if not layers:
         raise ValueError("calibrate() needs a quantized model: call sqakd_hf.quantize_model(model, config) first")
+    _check_weights(layers)
     for _, layer in layers:
         layer.weight_quantizer.init_from_weight(layer.weight)
     acts = [(n, q) for n, q in named_quantizers(model) if q.role == "act" and q.bits < 32]
     was_training = model.training
     device = next(model.parameters()).device
     seen = 0
+    first_bad, counter, handles = _watch_activations(acts, device)
     model.eval()
     try:
         for q in [q for _, q in acts]:
             q.observing = True
         for batch in itertools.islice(batches, num_batches):
+            counter[0] = seen
             model_forward(model, to_device(batch, device))
             seen += 1
     finally:
+        for h in handles:
+            h.remove()
         for _, q in acts:
             q.observing = False
         model.train(was_training)
     if seen == 0 and acts:
         raise ValueError("calibration got no batches: the data iterable is empty")
-    unused = []
+    stats_of = {name: q.pop_stats() for name, q in acts}
+    _check_activations(acts, first_bad, seen)
+    unused = [name for name, stats in stats_of.items() if stats is None]
+    reduced = {name: _all_reduce_stats(stats) for name, stats in stats_of.items() if stats is not None}
+    if reduced:
+        ok = torch.stack([torch.isfinite(torch.cat([v.float().reshape(-1) for v in st.values()])).all()
+                          for st in reduced.values()])
+        bad = [name for name, good in zip(reduced, ok.tolist()) if not good]
+        if bad:
+            raise ValueError(
+                f"calibrate(): the activation statistics of {bad[0]!r} overflow to NaN/inf (activations too large "
+                "for float32 sums): calibrate on fewer or smaller-valued batches, or check the model's inputs"
+            )
     for name, q in acts:
-        stats = q.pop_stats()
-        if stats is None:
-            unused.append(name)
-            continue
-        q.init_from_stats(_all_reduce_stats(stats))
+        if name in reduced:
+            q.init_from_stats(reduced[name])
     if unused:
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)

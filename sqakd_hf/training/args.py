@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from transformers import TrainingArguments
+
+from .finite import NONFINITE_POLICIES
 
 
 DISTILL_TARGETS = ("logits", "hidden_states")
@@ -78,6 +81,21 @@ class SQAKDTrainingArguments(TrainingArguments):
     ewgs_hessian_samples: int = field(
         default=8, metadata={"help": "Rademacher probes per Hutchinson Hessian-trace estimate."}
     )
+    nonfinite: str = field(
+        default="error",
+        metadata={
+            "help": "What a NaN/inf in training does (checked every step on the device, read at every log, save "
+            "and evaluation). 'error': stop with an error naming the first bad step and the cause (inputs, "
+            "teacher outputs, student outputs, loss). 'skip_batch': a batch with NaN/inf inputs or teacher outputs "
+            "adds nothing (loss 0 in the logged average, no gradient) and is counted (logged as "
+            "nonfinite_skipped_batches); NaN/inf student outputs or loss on clean data still stop training.",
+            "choices": list(NONFINITE_POLICIES),
+        },
+    )
+    nonfinite_max_skip_fraction: float = field(
+        default=0.1,
+        metadata={"help": "nonfinite='skip_batch': more skipped batches than this fraction of the run's is an error."},
+    )
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -86,6 +104,12 @@ class SQAKDTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be a number; got {value!r}")
             return float(value)
 
+        for f in fields(self):  # every float argument, TrainingArguments' too: NaN/inf is never meant
+            value = getattr(self, f.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"{f.name} must be a finite number; got {value!r} (NaN/inf would make the loss and the weights NaN)"
+                )
         if not number("temperature") > 0:
             raise ValueError(f"temperature must be > 0 (the KD softmax temperature T); got {self.temperature!r}")
         for name in ("kd_weight", "ce_weight", "quantizer_weight_decay"):
@@ -103,6 +127,12 @@ class SQAKDTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got {self.nonfinite!r}")
+        if not 0 <= number("nonfinite_max_skip_fraction") <= 1:
+            raise ValueError(
+                f"nonfinite_max_skip_fraction must be in [0, 1]; got {self.nonfinite_max_skip_fraction!r}"
+            )
         if self.ewgs_delta_schedule is not None and self.ewgs_delta_schedule not in EWGS_DELTA_SCHEDULES:
             raise ValueError(
                 f"ewgs_delta_schedule must be None or one of {', '.join(EWGS_DELTA_SCHEDULES)}; "

@@ -87,8 +87,8 @@ def kd_kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperatu
         raise ValueError(
             f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    if not 0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be > 0 and finite; got {temperature!r}")
     return _KDKL.apply(student_logits, teacher_logits.detach(), float(temperature))
 
 

@@ -10,6 +10,9 @@ Metrics (all averaged over samples, or over non-padding tokens of sequence outpu
 * ``hidden_mse``: for models without logits, ``mean_d (h_s - h_t)^2`` of the last hidden state
   instead of the three above.
 
+A position whose logits hold a NaN/inf (student's or teacher's) counts as a disagreement and a wrong
+prediction, and makes ``kd_loss`` NaN/inf: broken outputs are never reported as agreement.
+
 :func:`batch_stats` turns one batch's outputs into per-sample sums (so a distributed loop can
 gather them and drop padded duplicates), :func:`summarize` turns their total into the metrics.
 """
@@ -70,6 +73,11 @@ def model_output(model: nn.Module, inputs: Dict[str, Any]) -> Tuple[Tensor, bool
         return output_tensor(out, "hidden_states"), False
 
 
+def _finite_rows(z: Tensor) -> Tensor:
+    """Positions (all dims but the last) whose outputs are all finite."""
+    return torch.isfinite(z).all(-1)
+
+
 def _per_sample(x: Tensor) -> Tensor:
     x = x.float()
     return x.reshape(x.shape[0], -1).sum(1) if x.dim() > 1 else x
@@ -108,24 +116,26 @@ def batch_stats(
     if student is not None and teacher is not None:
         if logits:
             per = objective if objective is not None else kd_kl_per_position(student, teacher, temperature) * temperature**2
-            stats[:, _AGREE] = _per_sample((student.argmax(-1) == teacher.argmax(-1)).float() * w)
+            agree = (student.argmax(-1) == teacher.argmax(-1)) & _finite_rows(student) & _finite_rows(teacher)
+            stats[:, _AGREE] = _per_sample(agree.float() * w)
         else:
             mse = hidden_state_per_position(student, teacher, "mse")
             per = objective if objective is not None else mse
             stats[:, _MSE] = _per_sample(mse * w)
-        stats[:, _KD] = _per_sample(per.float() * w)
+        # padding (w == 0) adds nothing, even NaN; a counted NaN/inf position makes the sum NaN/inf, honestly
+        stats[:, _KD] = _per_sample(torch.where(w != 0, per.float() * w, 0.0))
     if labels is not None and logits:
         valid = None
         for column, z in ((_S_OK, student), (_T_OK, teacher)):
             if z is None:
                 continue
-            pred, lab, ww = z.argmax(-1), labels, w
+            pred, lab, ww, fin = z.argmax(-1), labels, w, _finite_rows(z)
             if shift_labels and pred.dim() == 2:
-                pred, lab, ww = pred[:, :-1], lab[:, 1:], w[:, :-1]
+                pred, lab, ww, fin = pred[:, :-1], lab[:, 1:], w[:, :-1], fin[:, :-1]
             if lab.shape != pred.shape:
                 continue
             valid = (lab != -100).float() * ww
-            stats[:, column] = _per_sample((pred == lab).float() * valid)
+            stats[:, column] = _per_sample(((pred == lab) & fin).float() * valid)
         if valid is not None:
             stats[:, _LABELED] = _per_sample(valid)
     return stats

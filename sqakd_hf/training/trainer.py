@@ -7,7 +7,10 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * calibration of the quantizers on training data right before the training loop starts
   (after a checkpoint is loaded, before DDP wraps the model), skipped when every quantizer
   is already initialised (a quantized checkpoint, a resume);
-* a teacher/student output check on the first batch, before any step;
+* a teacher/student output check on the first batch, before any step (shapes, and NaN/inf);
+* a finiteness policy (``nonfinite``, see :mod:`.finite`): NaN/inf in inputs, teacher/student outputs or
+  the loss is recorded on the device every step and reported at every log, save and evaluation; the
+  trainer refuses to save weights after one;
 * a separate optimizer group for quantizer parameters (own lr, no weight decay by default);
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -50,6 +54,7 @@ from ..model_io import call_input, call_model, output_tensor, padding_mask, spli
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
+from .finite import FiniteGuard, NonFiniteError, all_finite
 from .losses import hidden_state_per_position, kd_kl_per_position
 from .metrics import STAT_COLUMNS, batch_stats, shifts_labels, summarize, trainer_metrics
 
@@ -135,6 +140,8 @@ class SQAKDTrainer(Trainer):
             raise ValueError("teacher_model contains fake-quant layers: the teacher must be the full-precision model")
         self._prepare_pending = False  # set by train(): calibrate and check when the training loader is built
         self._eval_prepared_id: Optional[int] = None  # the student _prepare_student_for_evaluation prepared
+        #: the device-side NaN/inf record of the training steps (policy ``args.nonfinite``)
+        self.finite_guard = FiniteGuard(args.nonfinite, args.nonfinite_max_skip_fraction)
         super().__init__(model, args, *trainer_args, **kwargs)
         # our compute_loss never hands num_items_in_batch to the model: keep the Trainer from counting label
         # tokens for it and (in transformers < 5.2x) from skipping its division by the accumulation steps
@@ -224,8 +231,13 @@ class SQAKDTrainer(Trainer):
             self.teacher.eval()
         return call_model(self.teacher, model_inputs, **self._extra_kwargs())
 
-    def _distill(self, model: nn.Module, inputs: Mapping, with_ce_labels: bool = False) -> _Distill:
+    def _distill(
+        self, model: nn.Module, inputs: Mapping, with_ce_labels: bool = False, guard: bool = False
+    ) -> _Distill:
+        """One distillation forward; ``guard``: record NaN/inf in :attr:`finite_guard` (sync-free)."""
         model_inputs, labels = split_labels(inputs)
+        if guard:
+            model_inputs = self.finite_guard.inputs(model_inputs)
         target = self.args.distill_target
         t = output_tensor(self.teacher_outputs(model_inputs), target, "teacher")
         extra = self._extra_kwargs()
@@ -235,6 +247,8 @@ class SQAKDTrainer(Trainer):
         s = output_tensor(outputs, target, "student")
         if s.shape != t.shape:
             raise ValueError(self._mismatch_message(s, t))
+        if guard:
+            t = self.finite_guard.outputs(s, t)
         if target == "logits":
             per = kd_kl_per_position(s, t, self.args.temperature) * (self.args.temperature**2)
         else:
@@ -271,9 +285,10 @@ class SQAKDTrainer(Trainer):
         num_items_in_batch: Optional[Union[Tensor, int]] = None,
     ) -> Union[Tensor, Tuple[Tensor, Any]]:
         """``kd_weight * KD + ce_weight * CE``; KD is the mean over the micro-batch's samples
-        (non-padding tokens for sequence outputs). Labels reach the student only when ``ce_weight > 0``."""
+        (non-padding tokens for sequence outputs). Labels reach the student only when ``ce_weight > 0``.
+        Inputs, outputs and the loss are checked for NaN/inf on the device (see :mod:`.finite`)."""
         use_ce = self.args.ce_weight > 0
-        d = self._distill(model, inputs, with_ce_labels=use_ce)
+        d = self._distill(model, inputs, with_ce_labels=use_ce, guard=True)
         num = (d.per_position * d.mask).sum() if d.mask is not None else d.per_position.sum()
         den = d.mask.sum() if d.mask is not None else torch.tensor(float(d.per_position.numel()), device=num.device)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -288,6 +303,7 @@ class SQAKDTrainer(Trainer):
             if d.labels is None:
                 raise ValueError("ce_weight > 0 but the batch has no labels: remove ce_weight or add a label column")
             loss = loss + self.args.ce_weight * self._cross_entropy(d)
+        loss = self.finite_guard.loss(loss, step=self.state.global_step + 1)
         return (loss, d.outputs) if return_outputs else loss
 
     def training_step(
@@ -329,6 +345,18 @@ class SQAKDTrainer(Trainer):
                         b.copy_(saved[n])
             core.train(was_training)
         deltas = all_reduce_deltas(deltas, device=self.args.device)
+        bad = sorted(n for n, v in deltas.items() if not math.isfinite(v))
+        if bad:  # the estimate is a host float already: no extra sync
+            if not self.finite_guard.skips:
+                raise NonFiniteError(
+                    f"SQAKD training stopped: the EWGS Hessian delta estimate at optimizer step "
+                    f"{self.state.global_step + 1} is NaN/inf for {len(bad)} quantizer(s), e.g. {bad[0]}: the batch "
+                    "or the model has NaN/inf values. Clean the data, or pass nonfinite='skip_batch' (keeps the "
+                    "previous deltas)"
+                )
+            logger.warning("sqakd: EWGS delta estimate is NaN/inf at step %d for %s: previous deltas kept",
+                           self.state.global_step + 1, bad)
+            deltas = {n: v for n, v in deltas.items() if n not in bad}
         apply_ewgs_deltas(core, deltas)
         self.ewgs_deltas = deltas
         self._last_delta_step = self.state.global_step
@@ -380,10 +408,56 @@ class SQAKDTrainer(Trainer):
         :meth:`get_train_dataloader`)."""
         self._check_train_dataset(self.train_dataset)
         self._prepare_pending = True
+        self.finite_guard.reset()
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._prepare_pending = False
+        self.check_finite(" at the end of training")
+        return output
+
+    # ---- the finiteness policy (read side; the record is written by compute_loss) ----------------
+    def check_finite(self, where: str = "") -> int:
+        """Read :attr:`finite_guard` (one host sync, all-reduced across processes); raise
+        :class:`~sqakd_hf.training.finite.NonFiniteError` on NaN/inf the policy does not skip, or on too
+        many skipped batches. Returns the number of skipped batches."""
+        g = self.finite_guard
+        steps = self.state.max_steps if self.state.max_steps and self.state.max_steps > 0 else None
+        g.planned_batches = steps * self.args.gradient_accumulation_steps if steps else None
+        g.processes = max(1, self.args.world_size)
+        return g.check(where)
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        """``Trainer.log``, after the finiteness check of the steps since the last log (so a NaN run fails
+        instead of logging a filtered loss); under ``nonfinite='skip_batch'`` training logs carry
+        ``nonfinite_skipped_batches``."""
+        skipped = self.check_finite(f" (checked at step {self.state.global_step})")
+        g = self.finite_guard
+        if g.skips and g.batches and ("loss" in logs or "train_loss" in logs):
+            logs["nonfinite_skipped_batches"] = skipped
+            if skipped > g.reported_skips:
+                logger.warning(
+                    "sqakd: skipped %d batch(es) with NaN/inf inputs or teacher outputs so far (%d new, of %d)",
+                    skipped, skipped - g.reported_skips, g.batches,
+                )
+                g.reported_skips = skipped
+        super().log(logs, start_time)
+
+    def check_weights_finite(self) -> None:
+        """Raise :class:`~sqakd_hf.training.finite.NonFiniteError` if a parameter or buffer of the student is
+        NaN/inf (one host sync)."""
+        named = [(n, t) for n, t in itertools.chain(_core(self.model).named_parameters(),
+                                                   _core(self.model).named_buffers()) if t.is_floating_point()]
+        if not named:
+            return
+        ok = torch.stack([torch.isfinite(t.detach()).all().to(self.args.device) for _, t in named]).tolist()
+        bad = [n for (n, _), good in zip(named, ok) if not good]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save: {len(bad)} tensor(s) of the student are NaN/inf, e.g. {bad[0]!r}. Training "
+                "diverged or saw NaN/inf data; save from a checkpoint taken before it (see the training error, or "
+                "train with nonfinite='error' to find the first bad step)"
+            )
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         """The Trainer's training loader; inside :meth:`train`, also :meth:`prepare_student` on its data.
@@ -417,11 +491,47 @@ class SQAKDTrainer(Trainer):
         if not isinstance(dataset, torch.utils.data.DataLoader):
             self._check_train_dataset(dataset)
         batches = self._calibration_batches(dataset, first_only=not needs_calibration)
+        if needs_calibration or force_check:  # calibration and the pre-training check need finite data
+            batches = self._finite_calibration_batches(batches)
         core = _core(self.model)
         if needs_calibration:
             calibrate(core, [call_input(core, split_labels(b)[0]) for b in batches])
-        self._check_outputs(batches[0])
+        self._check_outputs(batches[0], finite=force_check)
         self._checked_model_id = id(self.model)
+
+    def _finite_calibration_batches(self, batches: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """``batches`` whose float inputs are all finite (one host sync for all): NaN/inf is an error naming the
+        batch and column, or under ``nonfinite='skip_batch'`` the batch is left out (an error if none is left)."""
+        found = []
+        for b in batches:
+            model_inputs, _ = split_labels(b)
+            cols = [(k, v) for k, v in model_inputs.items() if isinstance(v, Tensor) and v.is_floating_point()]
+            found.append((cols, all_finite([v for _, v in cols])))
+        flags = [ok for _, ok in found if ok is not None]
+        if not flags:
+            return batches
+        ok_all = torch.stack([f.to(self.args.device) for f in flags]).tolist()
+        it = iter(ok_all)
+        ok = [True if f is None else next(it) for _, f in found]
+        if all(ok):
+            return batches
+        i = ok.index(False)
+        cols = found[i][0]
+        bad_cols = [k for k, v in cols if not bool(torch.isfinite(v).all())]
+        if not self.finite_guard.skips:
+            raise NonFiniteError(
+                f"calibration batch {i} (of {len(batches)} drawn from the training data) has NaN/inf values in "
+                f"{bad_cols}: the dataset has non-finite samples. Clean it (keep samples with torch.isfinite(x).all()) "
+                "or pass nonfinite='skip_batch' to skip such batches"
+            )
+        kept = [b for b, good in zip(batches, ok) if good]
+        logger.warning("sqakd: %d of %d calibration batches have NaN/inf inputs (%s) and are left out "
+                       "(nonfinite='skip_batch')", len(batches) - len(kept), len(batches), bad_cols)
+        if not kept:
+            raise NonFiniteError(
+                f"every calibration batch ({len(batches)}) has NaN/inf inputs ({bad_cols}): clean the training data"
+            )
+        return kept
 
     def _calibration_source(self, data: Any) -> Tuple[Any, Any]:
         """``(dataset, collator)`` as the Trainer's loaders see them (unused columns removed): taken from
@@ -461,7 +571,8 @@ class SQAKDTrainer(Trainer):
         return [self._to_device(b) for b in batches]
 
     @torch.no_grad()
-    def _check_outputs(self, batch: Mapping) -> None:
+    def _check_outputs(self, batch: Mapping, finite: bool = False) -> None:
+        """Teacher and student outputs on ``batch`` match in shape; ``finite`` (before training): and are finite."""
         core = _core(self.model)
         was_training = core.training
         core.eval()
@@ -473,6 +584,31 @@ class SQAKDTrainer(Trainer):
             core.train(was_training)
         if s.shape != t.shape:
             raise ValueError(self._mismatch_message(s, t))
+        if finite:
+            self._check_first_outputs(s, t)
+
+    def _check_first_outputs(self, s: Tensor, t: Tensor) -> None:
+        """NaN/inf teacher or student outputs on the first (finite) batch: a broken model, reported before any step.
+        Under ``skip_batch`` a teacher that fails on only some samples is left to the per-step policy.
+        (Evaluation does not run this check: it reports NaN outputs as disagreement and a NaN ``eval_kd_loss``.)"""
+        t_row = torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        flags = torch.stack([t_row.all(), t_row.any(), torch.isfinite(s).all()]).tolist()
+        teacher_ok, teacher_some, student_ok = flags
+        if not teacher_ok and not (self.finite_guard.skips and teacher_some):
+            raise NonFiniteError(
+                f"the teacher's outputs on the first training batch are NaN/inf ({int((~t_row).sum())} of "
+                f"{t_row.numel()} samples) on finite inputs: the teacher is broken. Check its weights "
+                "(torch.isfinite(p).all() for each parameter) and run it in float32 (float16 overflows)"
+                + ("" if self.finite_guard.skips else ", or pass nonfinite='skip_batch' if only some samples fail")
+            )
+        if not teacher_ok:
+            logger.warning("sqakd: the teacher's outputs are NaN/inf on %d of %d samples of the first batch: "
+                           "such batches will be skipped (nonfinite='skip_batch')", int((~t_row).sum()), t_row.numel())
+        if not student_ok:
+            raise NonFiniteError(
+                "the calibrated student's outputs on the first training batch are NaN/inf while the teacher's are "
+                "finite: check the student's weights (copied from a NaN model?) and its QuantConfig"
+            )
 
     # ---- label-free evaluation --------------------------------------------------------------
     def _prepare_student_for_evaluation(self) -> None:
@@ -514,6 +650,7 @@ class SQAKDTrainer(Trainer):
         objective), ``{prefix}_teacher_agreement``, and with labels ``{prefix}_accuracy`` (unless
         ``compute_metrics`` already reports one) and ``{prefix}_teacher_accuracy``; hidden-state targets report
         ``{prefix}_hidden_mse`` instead of the agreement and accuracies."""
+        self.check_finite(" before evaluation")
         self.prepare_student(self.train_dataset if self.train_dataset is not None else dataloader)
         self._prepare_student_for_evaluation()
         self._eval_totals = None
@@ -560,7 +697,11 @@ class SQAKDTrainer(Trainer):
     # ---- saving and sharing ----------------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Training form. transformers models: the Trainer's path (config.json carries quantization_config);
-        timm-native students: timm's layout plus quantization_config, so ``from_pretrained_timm`` reads it."""
+        timm-native students: timm's layout plus quantization_config, so ``from_pretrained_timm`` reads it.
+        Refuses (:class:`~sqakd_hf.training.finite.NonFiniteError`) after NaN/inf the policy did not skip, or
+        when a weight is NaN/inf."""
+        self.check_finite(" before saving")
+        self.check_weights_finite()
         if model_library(self.model) != "timm":
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:  # one writer per checkpoint under DDP
