@@ -47,7 +47,8 @@ class _KDKL(torch.autograd.Function):
         for sl in _chunks(s2.shape[0], s2.shape[1]):
             log_q = F.log_softmax(s2[sl].to(acc) / temperature, dim=-1)
             log_p = F.log_softmax(t2[sl].to(acc) / temperature, dim=-1)
-            out[sl] = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+            # KL >= 0; summing rounding errors can give -1e-8 when student and teacher agree (NaN stays NaN)
+            out[sl] = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1).clamp_min(0)
             del log_q, log_p
         ctx.save_for_backward(student, teacher)
         ctx.temperature = temperature
