@@ -39,6 +39,7 @@ _EXPORTS: Dict[str, str] = {
     "InputError": ".errors",
     "SQAKDCheckpointError": ".errors",
     "PushToHubError": ".errors",
+    "NonFiniteError": ".errors",
     # checkpoints
     "pack_model": ".serialization.packed",
     "save_packed": ".checkpoint",

@@ -4,6 +4,7 @@
   any work starts; the CLI prints it as one line and exits with status 2.
 * :class:`SQAKDCheckpointError`: a checkpoint that cannot be loaded as it claims.
 * :class:`PushToHubError`: an upload that failed, with the folder kept for a retry.
+* :class:`NonFiniteError`: training saw NaN/inf values (first bad step, cause, fix).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["InputError", "RecipeError", "DataError", "SQAKDCheckpointError", "PushToHubError"]
+__all__ = ["InputError", "RecipeError", "DataError", "SQAKDCheckpointError", "PushToHubError", "NonFiniteError"]
 
 
 class InputError(ValueError):
@@ -37,3 +38,7 @@ class PushToHubError(RuntimeError):
     def __init__(self, message: str, folder: Optional[Path] = None) -> None:
         super().__init__(message)
         self.folder = folder
+
+
+class NonFiniteError(RuntimeError):
+    """Training saw NaN/inf values; the message names the first bad step, the cause and the fix."""

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import NonFiniteError
+
 __all__ = ["CAUSES", "NONFINITE_POLICIES", "FiniteGuard", "NonFiniteError", "all_finite", "is_finite"]
 
 NONFINITE_POLICIES = ("error", "skip_batch")
@@ -49,10 +51,6 @@ _FIX = {
     "loss": "the loss is NaN/inf although the inputs and both models' outputs are finite: check temperature, "
     "kd_weight and ce_weight (and the labels when ce_weight > 0)",
 }
-
-
-class NonFiniteError(RuntimeError):
-    """Training saw NaN/inf values; the message names the first bad step, the cause and the fix."""
 
 
 def _float_tensors(x: Any) -> List[Tensor]:
