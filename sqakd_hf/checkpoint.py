@@ -4,7 +4,8 @@
 * :func:`save_quantized` / :func:`save_packed`: the training form or the packed form, in the model's own layout
   (transformers' ``save_pretrained`` layout, or timm's Hub layout for timm-native models);
 * :func:`load_quantized`: a saved quantized folder back as a model, whatever its layout and form;
-* :func:`load_teacher`: a teacher given by path or Hub id, loaded the way its student was built.
+* :func:`load_pretrained` / :func:`load_teacher`: a full-precision checkpoint by path or Hub id, loaded by its
+  library (or the way its student was built).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "save_quantized",
     "save_packed",
     "load_quantized",
+    "load_pretrained",
     "load_teacher",
 ]
 
@@ -160,6 +162,30 @@ def load_quantized(folder: Union[str, os.PathLike]) -> nn.Module:
     return cls.from_pretrained(folder)
 
 
+def load_pretrained(
+    name: Union[str, os.PathLike], library: str, model_class: Union[str, type, None] = None, **hub_kwargs: Any
+) -> nn.Module:
+    """A full-precision checkpoint (local folder or Hub id) loaded the way its library loads it: timm
+    (``timm.create_model`` of the folder / ``hf-hub:`` id) or transformers (``model_class``, a class or
+    the name of a transformers class, default ``AutoModel``; ``hub_kwargs`` such as revision / cache_dir
+    go to ``from_pretrained``)."""
+    name = os.fspath(name)
+    if library == "timm":
+        import timm
+
+        if os.path.isdir(name):
+            source = f"local-dir:{name}"
+        else:
+            source = name if name.startswith("hf-hub:") else f"hf-hub:{name}"
+        return timm.create_model(source, pretrained=True)
+    if library != "transformers":
+        raise ValueError(f"library must be 'timm' or 'transformers'; got {library!r}")
+    import transformers
+
+    cls = getattr(transformers, model_class) if isinstance(model_class, str) else (model_class or transformers.AutoModel)
+    return cls.from_pretrained(name, **{k: v for k, v in hub_kwargs.items() if v is not None})
+
+
 def load_teacher(teacher: Union[nn.Module, str, os.PathLike], student: Optional[nn.Module] = None) -> nn.Module:
     """An ``nn.Module`` teacher as is; a path / Hub id loaded with the student's class
     (transformers), ``timm.create_model`` (timm-native student) or ``AutoModel``."""
@@ -167,15 +193,8 @@ def load_teacher(teacher: Union[nn.Module, str, os.PathLike], student: Optional[
         return teacher
     if not isinstance(teacher, (str, os.PathLike)):
         raise TypeError(f"teacher_model must be an nn.Module, a local path or a Hub id; got {type(teacher).__name__}")
-    name = os.fspath(teacher)
     library = model_library(student) if student is not None else "transformers"
-    if library == "transformers" and student is not None:
-        return type(unwrap(student)).from_pretrained(name)
     if library == "timm":
-        import timm
-
-        source = f"local-dir:{name}" if os.path.isdir(name) else f"hf-hub:{name}"
-        return timm.create_model(source, pretrained=True)
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(name)
+        return load_pretrained(teacher, "timm")
+    model_class = type(unwrap(student)) if library == "transformers" and student is not None else None
+    return load_pretrained(teacher, "transformers", model_class)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
-from ..checkpoint import config_library
+from ..checkpoint import config_library, load_pretrained
 from ..config import QuantConfig
 from ..errors import DataError, InputError
 from ..injection import quantize_model
@@ -177,26 +177,13 @@ def inspect_teacher(args: ModelArguments) -> TeacherInfo:
     return info
 
 
-def _timm_source(info: TeacherInfo) -> str:
-    if info.local_dir is not None:
-        return f"local-dir:{info.local_dir}"
-    name = info.name
-    return name if name.startswith("hf-hub:") else f"hf-hub:{name}"
-
-
 def load_fp_teacher(info: TeacherInfo, args: Optional[ModelArguments] = None) -> nn.Module:
     """The full-precision teacher (eval mode)."""
     args = args or ModelArguments(teacher=info.name)
+    source = info.local_dir if info.library == "timm" and info.local_dir is not None else info.name
     try:
-        if info.library == "timm":
-            import timm
-
-            model = timm.create_model(_timm_source(info), pretrained=True)
-        else:
-            import transformers
-
-            cls = getattr(transformers, info.auto_class)
-            model = cls.from_pretrained(info.name, revision=args.revision, cache_dir=args.cache_dir)
+        model = load_pretrained(source, info.library, info.auto_class, revision=args.revision,
+                                cache_dir=args.cache_dir)
     except (OSError, RuntimeError) as err:
         raise InputError(f"cannot load teacher {info.name!r}{_offline_hint()}: {type(err).__name__}: {err}") from None
     return model.eval()
@@ -216,11 +203,8 @@ def load_teacher_and_student(
     if info.library == "timm":
         student = quantize_model(copy.deepcopy(teacher), quant_config)
     else:
-        import transformers
-
-        cls = getattr(transformers, info.auto_class)
-        student = cls.from_pretrained(info.name, quantization_config=quant_config, revision=args.revision,
-                                      cache_dir=args.cache_dir)
+        student = load_pretrained(info.name, "transformers", info.auto_class, quantization_config=quant_config,
+                                  revision=args.revision, cache_dir=args.cache_dir)
     student.requires_grad_(True)  # a copy of a frozen teacher would otherwise train only its quantizers
     student.train()
     return teacher, student
