@@ -11,6 +11,8 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * a finiteness policy (``nonfinite``, see :mod:`.finite`): NaN/inf in inputs, teacher/student outputs or
   the loss is recorded on the device every step and reported at every log, save and evaluation; the
   trainer refuses to save weights after one;
+* a BatchNorm statistics policy (``bn_policy``, see :mod:`.batchnorm`): by default BN layers stay in eval
+  mode during training, keeping the teacher's running statistics (weight and bias still train);
 * a separate optimizer group for quantizer parameters (own lr, no weight decay by default);
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
@@ -53,6 +55,7 @@ from ..injection import is_quantized, quant_layers, quantizer_parameters, named_
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
+from .batchnorm import batchnorm_modules, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
 from .losses import hidden_state_per_position, kd_kl_per_position
@@ -154,6 +157,7 @@ class SQAKDTrainer(Trainer):
         self._last_delta_step = -1
         #: latest EWGS deltas set by the Hessian schedule, by quantizer name
         self.ewgs_deltas: Dict[str, float] = {}
+        self._bn_cache: Tuple[Optional[nn.Module], List[Tuple[str, nn.Module]]] = (None, [])
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -288,6 +292,8 @@ class SQAKDTrainer(Trainer):
         (non-padding tokens for sequence outputs). Labels reach the student only when ``ce_weight > 0``.
         Inputs, outputs and the loss are checked for NaN/inf on the device (see :mod:`.finite`)."""
         use_ce = self.args.ce_weight > 0
+        if model.training:
+            self.apply_bn_policy(model)
         d = self._distill(model, inputs, with_ce_labels=use_ce, guard=True)
         num = (d.per_position * d.mask).sum() if d.mask is not None else d.per_position.sum()
         den = d.mask.sum() if d.mask is not None else torch.tensor(float(d.per_position.numel()), device=num.device)
@@ -317,6 +323,18 @@ class SQAKDTrainer(Trainer):
             self.update_ewgs_deltas(self._to_device(inputs))
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def apply_bn_policy(self, model: nn.Module) -> int:
+        """Put the student's BatchNorm layers in eval mode when ``args.bn_policy`` freezes their running
+        statistics at this step (called after the Trainer's ``model.train()``, before the forward). A mode flip
+        per layer, no host sync; no-op without BatchNorm. Returns how many layers were switched."""
+        if not stats_frozen(self.args.bn_policy, self.state.global_step, self.args.bn_freeze_steps):
+            return 0
+        cached, modules = self._bn_cache
+        if cached is not model:
+            modules = batchnorm_modules(model)
+            self._bn_cache = (model, modules)
+        return set_batchnorm_eval(modules)
+
     def update_ewgs_deltas(self, inputs: Mapping) -> Dict[str, float]:
         """Set every EWGS quantizer's delta from the Hessian trace of the KD loss on ``inputs``
         (see :mod:`sqakd_hf.ewgs_schedule`); model buffers (BN statistics) and RNG are left as found."""
@@ -325,6 +343,7 @@ class SQAKDTrainer(Trainer):
         saved = {n: b.detach().clone() for n, b in core.named_buffers()}
         was_training = core.training
         core.train()
+        self.apply_bn_policy(core)  # the loss the steps train on
 
         def loss_fn() -> Tensor:
             d = self._distill(core, model_inputs)
