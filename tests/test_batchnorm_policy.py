@@ -19,7 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
-from sqakd_hf.training.batchnorm import batchnorm_modules, set_batchnorm_eval, stats_frozen
+from sqakd_hf.training.batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -73,8 +73,8 @@ class _StatsPerStep(TrainerCallback):
 
 
 def test_arguments_are_validated(tmp_path):
-    assert SQAKDTrainingArguments(output_dir=str(tmp_path)).bn_policy == "frozen"
-    with pytest.raises(ValueError, match="bn_policy must be one of frozen, train, freeze_after"):
+    assert SQAKDTrainingArguments(output_dir=str(tmp_path)).bn_policy == "auto"
+    with pytest.raises(ValueError, match="bn_policy must be one of auto, frozen, train, freeze_after"):
         _args(tmp_path, bn_policy="eval")
     for bad in (None, 0, -1, True, 2.0):
         with pytest.raises(ValueError, match="bn_freeze_steps must be an integer >= 1"):
@@ -101,8 +101,8 @@ def test_helpers_find_every_batchnorm_incl_timm_and_flip_modes():
 def test_frozen_keeps_teacher_statistics_trains_affine_and_saves_them(setup, tmp_path, digits):
     teacher, ds = setup
     student = _student(teacher)
-    trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=_args(tmp_path), train_dataset=ds)
-    assert trainer.args.bn_policy == "frozen"  # the default
+    trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=_args(tmp_path, bn_policy="frozen"),
+                           train_dataset=ds)
     affine_before = _affine(student)
     trainer.train()
     assert _same(_stats(student), _stats(teacher))
@@ -173,3 +173,14 @@ def load_stats(checkpoint: str, like: nn.Module) -> dict:
     """The BN statistics stored in a checkpoint, keyed as :func:`_stats` keys them."""
     saved = load_file(os.path.join(checkpoint, "model.safetensors"))
     return {k: saved[k] for k in _stats(like) if k in saved}
+
+
+def test_auto_freezes_at_8_bits_and_trains_below():
+    """``auto``: 8-bit students keep the teacher's statistics, lower-bit ones re-estimate them."""
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                         nn.LazyLinear(2))
+    base(torch.zeros(1, 3, 8, 8))
+    for (wb, ab), expected in (((8, 8), "frozen"), ((4, 8), "train"), ((8, 4), "train"), ((2, 2), "train")):
+        model = quantize_model(copy.deepcopy(base), QuantConfig(weight_bits=wb, act_bits=ab, modules_to_not_convert=[]))
+        assert resolve_policy("auto", model) == expected, (wb, ab)
+        assert resolve_policy("train", model) == "train" and resolve_policy("frozen", model) == "frozen"

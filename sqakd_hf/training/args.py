@@ -83,16 +83,20 @@ class SQAKDTrainingArguments(TrainingArguments):
         default=8, metadata={"help": "Rademacher probes per Hutchinson Hessian-trace estimate."}
     )
     bn_policy: str = field(
-        default="frozen",
+        default="auto",
         metadata={
-            "help": "BatchNorm running statistics of the student during training. 'frozen' (default): BN layers "
+            "help": "BatchNorm running statistics of the student during training. 'auto' (default): 'frozen' when "
+            "every quantized weight and activation has >= 8 bits, else 'train'. 'frozen': BN layers "
             "stay in eval mode, so the statistics the student starts with (the teacher's) are kept while BN "
             "weight/bias still train. 'train': statistics update every step (plain model.train()). "
             "'freeze_after': they update during the first bn_freeze_steps optimizer steps, then freeze. Default "
             "by measurement (bench/results/bn_policy.md): EfficientNet-Lite0 W8A8 LSQ, 40 label-free steps on "
             "crops of one photo, top-1 agreement with the teacher on crops of another: PTQ 0.91, frozen 0.93, "
             "train 0.19, freeze_after(10) 0.63 (train-mode BN normalises with the statistics of the few unlabeled "
-            "images, which the teacher never saw). Models without BatchNorm: no effect.",
+            "images, which the teacher never saw). At low bits the quantized activations move away from the "
+            "teacher's and BN must follow them: digits test_resnet, 30 SQAKD steps (bench/results/"
+            "vision_quick_init_mse.md vs frozen): LSQ W2A2 86.1%% train vs 58.9%% frozen, EWGS W1A4 91.9%% vs 54.2%%, "
+            "PACT W1A4 88.6%% vs 59.4%%; hence 'auto'. Models without BatchNorm: no effect.",
             "choices": list(BN_POLICIES),
         },
     )

@@ -12,9 +12,24 @@ from typing import List, Optional, Tuple
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..injection import named_quantizers
+
+#: ``"auto"``: ``"frozen"`` when every quantized tensor has >= 8 bits, else ``"train"``;
 #: ``"frozen"``: running statistics never update; ``"train"``: they update every step (plain ``model.train()``);
 #: ``"freeze_after"``: they update during the first ``bn_freeze_steps`` optimizer steps, then freeze
-BN_POLICIES = ("frozen", "train", "freeze_after")
+BN_POLICIES = ("auto", "frozen", "train", "freeze_after")
+#: the lowest bit-width at which ``"auto"`` keeps the teacher's statistics
+AUTO_FROZEN_MIN_BITS = 8
+
+
+def resolve_policy(policy: str, model: nn.Module) -> str:
+    """``"auto"`` decided for ``model``: at 8 bits the quantized network's activations stay close to the
+    teacher's, so its BN statistics are kept (``"frozen"``); at lower bits they shift and BN re-estimates them
+    (``"train"``). Other policies are returned as they are."""
+    if policy != "auto":
+        return policy
+    bits = [q.bits for _, q in named_quantizers(model) if q.bits < 32]
+    return "frozen" if not bits or min(bits) >= AUTO_FROZEN_MIN_BITS else "train"
 
 
 def batchnorm_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -11,8 +11,9 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * a finiteness policy (``nonfinite``, see :mod:`.finite`): NaN/inf in inputs, teacher/student outputs or
   the loss is recorded on the device every step and reported at every log, save and evaluation; the
   trainer refuses to save weights after one;
-* a BatchNorm statistics policy (``bn_policy``, see :mod:`.batchnorm`): by default BN layers stay in eval
-  mode during training, keeping the teacher's running statistics (weight and bias still train);
+* a BatchNorm statistics policy (``bn_policy``, see :mod:`.batchnorm`): by default (``"auto"``) an 8-bit
+  student's BN layers stay in eval mode, keeping the teacher's running statistics (weight and bias still
+  train), and a lower-bit student's BN re-estimates them;
 * a separate optimizer group for quantizer parameters (own lr, no weight decay by default);
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
@@ -55,7 +56,7 @@ from ..injection import is_quantized, quant_layers, quantizer_parameters, named_
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
-from .batchnorm import batchnorm_modules, set_batchnorm_eval, stats_frozen
+from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
 from .losses import hidden_state_per_position, kd_kl_per_position
@@ -157,7 +158,7 @@ class SQAKDTrainer(Trainer):
         self._last_delta_step = -1
         #: latest EWGS deltas set by the Hessian schedule, by quantizer name
         self.ewgs_deltas: Dict[str, float] = {}
-        self._bn_cache: Tuple[Optional[nn.Module], List[Tuple[str, nn.Module]]] = (None, [])
+        self._bn_cache: Tuple[Optional[nn.Module], str, List[Tuple[str, nn.Module]]] = (None, "train", [])
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -327,12 +328,12 @@ class SQAKDTrainer(Trainer):
         """Put the student's BatchNorm layers in eval mode when ``args.bn_policy`` freezes their running
         statistics at this step (called after the Trainer's ``model.train()``, before the forward). A mode flip
         per layer, no host sync; no-op without BatchNorm. Returns how many layers were switched."""
-        if not stats_frozen(self.args.bn_policy, self.state.global_step, self.args.bn_freeze_steps):
-            return 0
-        cached, modules = self._bn_cache
+        cached, policy, modules = self._bn_cache
         if cached is not model:
-            modules = batchnorm_modules(model)
-            self._bn_cache = (model, modules)
+            policy, modules = resolve_policy(self.args.bn_policy, _core(model)), batchnorm_modules(model)
+            self._bn_cache = (model, policy, modules)
+        if not modules or not stats_frozen(policy, self.state.global_step, self.args.bn_freeze_steps):
+            return 0
         return set_batchnorm_eval(modules)
 
     def update_ewgs_deltas(self, inputs: Mapping) -> Dict[str, float]:
