@@ -165,3 +165,13 @@ def test_registration_when_transformers_came_first():
         "assert AUTO_QUANTIZER_MAPPING['sqakd'].__name__ == 'SQAKDHfQuantizer'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_code_and_help_cite_no_files_outside_the_repository():
+    """Docstrings, help text and recipes name formulas and papers, not planning files the repo does not ship."""
+    roots = [PACKAGE, PACKAGE.parent / "recipes"]
+    offenders = [
+        str(p.relative_to(PACKAGE.parent)) for root in roots for p in root.rglob("*")
+        if p.suffix in (".py", ".yaml", ".md") and any(n in p.read_text() for n in ("METHOD.md", "DESIGN.md"))
+    ]
+    assert not offenders, offenders
