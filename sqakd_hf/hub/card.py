@@ -101,10 +101,15 @@ def _load_snippet(info: ModelCardInfo) -> tuple[str, str]:
         )
         code = f'import sqakd_hf\n\nmodel = sqakd_hf.from_pretrained_timm("{target}")\nmodel.eval()'
     else:
+        without = (
+            "loads this packed checkpoint with its quantized layers' weights missing (randomly initialised), so "
+            "the model's outputs are wrong while transformers only warns"
+            if info.packed else
+            "loads the full-precision master weights without their quantizers (not the low-bit model)"
+        )
         note = (
             "Import `sqakd_hf` before calling `from_pretrained`: without that import transformers "
-            'does not know the quantization method `"sqakd"` in `config.json` and would load plain '
-            "full-precision weights."
+            f'does not know the quantization method `"sqakd"` in `config.json` and {without}.'
         )
         code = (
             "import sqakd_hf  # registers the \"sqakd\" quantization method with transformers\n"
