@@ -253,9 +253,9 @@ def _check_renamed_layers(unnamed: Dict[str, frozenset], header: CheckpointHeade
 def non_finite(tensors: Mapping[str, Tensor]) -> List[str]:
     """Names of the floating-point tensors holding a NaN or an infinity.
 
-    One fused reduction per device: the L1 norms accumulated in float32 (``torch._foreach_norm``; a NaN or
-    an inf makes the sum non-finite), one host sync; flagged tensors are confirmed with ``isfinite``, so
-    that a finite sum that overflowed is not reported."""
+    One reduction per tensor, read with one host sync per device: the L1 norm accumulated in float32 (a NaN
+    or an inf makes it non-finite); flagged tensors are confirmed with ``isfinite``, so that a finite sum
+    that overflowed is not reported."""
     groups: Dict[torch.device, List[Tuple[str, Tensor]]] = {}
     for name, t in tensors.items():
         if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and t.device.type != "meta":
@@ -263,10 +263,7 @@ def non_finite(tensors: Mapping[str, Tensor]) -> List[str]:
     bad: List[str] = []
     for items in groups.values():
         ts = [t for _, t in items]
-        try:
-            norms = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32))
-        except (RuntimeError, TypeError, AttributeError):  # e.g. a dtype the fused kernel lacks
-            norms = torch.stack([t.float().abs().sum() for t in ts])
+        norms = torch.stack([torch.linalg.vector_norm(t, 1, dtype=torch.float32) for t in ts])
         flagged = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
         bad += [items[i][0] for i in flagged if not bool(torch.isfinite(items[i][1]).all())]
     return bad

@@ -50,6 +50,7 @@ from transformers.trainer_utils import has_length
 
 from ..calibration import calibrate
 from ..checkpoint import load_teacher, model_library, save_quantized
+from ..serialization.manifest import non_finite
 from ..hub.card_info import write_model_card
 from ..hub.push import push_to_hub as push_quantized_to_hub
 from ..injection import is_quantized, quant_layers, quantizer_parameters, named_quantizers
@@ -466,12 +467,8 @@ class SQAKDTrainer(Trainer):
     def check_weights_finite(self) -> None:
         """Raise :class:`~sqakd_hf.training.finite.NonFiniteError` if a parameter or buffer of the student is
         NaN/inf (one host sync)."""
-        named = [(n, t) for n, t in itertools.chain(_core(self.model).named_parameters(),
-                                                   _core(self.model).named_buffers()) if t.is_floating_point()]
-        if not named:
-            return
-        ok = torch.stack([torch.isfinite(t.detach()).all().to(self.args.device) for _, t in named]).tolist()
-        bad = [n for (n, _), good in zip(named, ok) if not good]
+        core = _core(self.model)
+        bad = non_finite(dict(itertools.chain(core.named_parameters(), core.named_buffers())))
         if bad:
             raise NonFiniteError(
                 f"refusing to save: {len(bad)} tensor(s) of the student are NaN/inf, e.g. {bad[0]!r}. Training "
