@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantizers import METHODS
-from .quantizers.base import INIT_MODES
+from .quantizers.base import ACT_GRANULARITIES, INIT_MODES
 
 QUANT_METHOD = "sqakd"
 ALLOWED_BITS = tuple(range(1, 9)) + (32,)
@@ -43,6 +43,15 @@ class QuantConfig(QuantizationConfigMixin):
             (a non-learned absmax/min-max baseline).
         weight_bits / act_bits: 1..8, or 32 to leave that side full precision.
         weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
+        act_granularity: ``"per_token"`` (default; one dynamic step per token row of every Linear / Conv1D
+            input, ``max|x_t|`` times the method's learned parameter, computed in forward; conv inputs stay
+            per tensor) or ``"per_tensor"`` (one static step per layer input, as in the papers).
+        smooth_alpha: SmoothQuant outlier migration strength in (0, 1] (Xiao et al. 2023), or None (default,
+            off). At calibration each input channel j of a Linear whose input comes from a foldable layer is
+            divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, ``W[:, j]`` multiplied by it and ``1 / s_j``
+            folded into the preceding LayerNorm or Linear, so the full-precision function is unchanged.
+        embedding_bits: weight-only quantization of ``nn.Embedding`` tables, one step per row (1..8 bits), or
+            None (default: embeddings stay full precision). Tied embeddings are kept full precision.
         ewgs_delta: EWGS's gradient-scaling factor (latent on [0, 1], as in the paper); EWGS only.
         init: how calibration initialises the learned ranges: ``"mse"`` (default; the clip that minimises the
             squared quantization error: per output channel for weights, from a histogram of the calibration
@@ -65,6 +74,9 @@ class QuantConfig(QuantizationConfigMixin):
         weight_granularity: str = "per_channel",
         ewgs_delta: float = 1e-3,
         init: str = "mse",
+        act_granularity: str = "per_token",
+        smooth_alpha: Optional[float] = None,
+        embedding_bits: Optional[int] = None,
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
         packed: bool = False,
@@ -93,6 +105,17 @@ class QuantConfig(QuantizationConfigMixin):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {', '.join(INIT_MODES)}; got {init!r}")
         self.init = init
+        if act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {', '.join(ACT_GRANULARITIES)}; got {act_granularity!r}")
+        self.act_granularity = act_granularity
+        if smooth_alpha is not None and (isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, (int, float))
+                                         or not 0 < smooth_alpha <= 1):
+            raise ValueError(f"smooth_alpha must be a number in (0, 1] (SmoothQuant uses 0.5) or None; got {smooth_alpha!r}")
+        self.smooth_alpha = None if smooth_alpha is None else float(smooth_alpha)
+        if embedding_bits is not None and (isinstance(embedding_bits, bool) or embedding_bits not in range(1, 9)):
+            raise ValueError(f"embedding_bits must be an integer in 1..8, or None to keep embeddings full precision; "
+                             f"got {embedding_bits!r}")
+        self.embedding_bits = embedding_bits
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
                 raise ValueError(
@@ -108,8 +131,8 @@ class QuantConfig(QuantizationConfigMixin):
     @staticmethod
     def _fields() -> List[str]:
         return [
-            "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init",
-            "modules_to_not_convert", "layer_bits", "packed", "quant_method",
+            "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init", "act_granularity",
+            "smooth_alpha", "embedding_bits", "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
     @staticmethod
@@ -151,8 +174,9 @@ class QuantConfig(QuantizationConfigMixin):
 
 #: QuantConfig fields that describe storage, not the quantized function
 STORAGE_FIELDS = ("packed", "quant_method")
-#: fields a loaded checkpoint may differ in: storage, and how ranges were first initialised
-_NOT_COMPARED = STORAGE_FIELDS + ("init",)
+#: fields a loaded checkpoint may differ in: storage, and how calibration first set ranges and migrated outliers
+#: (the result of both is in the saved tensors)
+_NOT_COMPARED = STORAGE_FIELDS + ("init", "smooth_alpha")
 
 
 def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:

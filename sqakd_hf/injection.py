@@ -110,10 +110,11 @@ def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bit
     weight = layer.weight
     per_channel = config.weight_granularity == "per_channel"
     shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
+    per_token = config.act_granularity == "per_token" and cls.features_last
     with torch.device(weight.device):
         wq = build_quantizer(config.method, bits["weight_bits"], "weight", shape, cls.channel_axis, config.ewgs_delta,
                              config.init)
-        aq = build_quantizer(config.method, bits["act_bits"], "act", (), 0, config.ewgs_delta, config.init)
+        aq = build_quantizer(config.method, bits["act_bits"], "act", (), 0, config.ewgs_delta, config.init, per_token)
     return wq.to(weight.dtype), aq.to(weight.dtype)
 
 

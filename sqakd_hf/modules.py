@@ -24,6 +24,8 @@ class QuantLayer:
     input_quantizer: Quantizer
     #: axis of the output channel in ``weight`` (per-channel steps live there)
     channel_axis: int = 0
+    #: the input's features are its last dimension (token rows: per-token activation steps apply)
+    features_last: bool = True
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> "QuantLayer":
@@ -67,6 +69,8 @@ class QuantLinear(QuantLayer, nn.Linear):
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
+    features_last = False  # channels are dim 1: activations stay per tensor
+
     @classmethod
     def _empty_like(cls, layer: nn.Conv2d) -> "QuantConv2d":
         return cls(

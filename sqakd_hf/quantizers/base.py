@@ -25,6 +25,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .functional import fake_quantize
 from .ranges import histogram_stats, mse_activation_clip
 
 #: statistic name -> how to merge it across batches/ranks ("sum", "min" or "max")
@@ -48,6 +49,15 @@ _PCT_SAMPLE = 1 << 16
 _HIST_SAMPLE = 1 << 18
 #: how ranges are initialised: the error-minimising clip, or each method's own paper rule
 INIT_MODES = ("mse", "paper")
+#: activation granularity: one static step per tensor (the paper's), or one dynamic step per token row
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+
+
+def token_absmax(x: Tensor) -> Tensor:
+    """``max_j |x[..., j]|`` of every token row of ``x`` viewed as ``(-1, features)``, shape ``(rows, 1)``,
+    detached, floored at the smallest normal float (an all-zero row keeps a finite step)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return torch.linalg.vector_norm(rows, ord=math.inf, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 class Quantizer(nn.Module):
@@ -63,12 +73,18 @@ class Quantizer(nn.Module):
         channel_axis: int = 0,
         delta: Optional[float] = None,
         init: str = "paper",
+        per_token: bool = False,
     ) -> None:
         super().__init__()
         if role not in ("weight", "act"):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {', '.join(INIT_MODES)}, got {init!r}")
+        if per_token and (role != "act" or param_shape):
+            raise ValueError("per_token applies to activation quantizers with one (per-tensor) parameter set")
+        #: dynamic per-token activations: each token row ``x_t`` is quantized as ``m_t * Q(x_t / m_t)`` with
+        #: ``m_t = max|x_t|`` computed in forward; the method's parameters live in units of ``m_t``
+        self.per_token = bool(per_token)
         #: range initialisation: "mse" (minimum quantization error) or "paper" (the method's own rule)
         self.init_mode = init
         self.bits = int(bits)
@@ -88,6 +104,8 @@ class Quantizer(nn.Module):
         self._stats: Optional[Dict[str, Tensor]] = None
         #: while True, forward records statistics and returns its input unchanged
         self.observing = False
+        #: while True, forward returns its input unchanged (full-precision function, e.g. to check a fold)
+        self.bypass = False
 
     # ---- grid -------------------------------------------------------------------------------
     @property
@@ -146,6 +164,7 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         sign = "signed" if self.signed else "unsigned"
         shape = f", per_channel{list(self.param_shape)}" if self.param_shape else ""
+        shape += ", per_token" if self.per_token else ""
         return f"{self.method}, bits={self.bits}, {self.role}, {sign}{shape}, init={self.init_mode}"
 
     # ---- calibration ------------------------------------------------------------------------
@@ -166,8 +185,10 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Accumulate calibration statistics of one activation batch."""
+        """Accumulate calibration statistics of one activation batch (per token: of ``x_t / max|x_t|``)."""
         x = x.detach().float()
+        if self.per_token:
+            x = x.reshape(-1, x.shape[-1]) / token_absmax(x)
         flat = x.reshape(-1)
         flat_s = flat[:: flat.numel() // _PCT_SAMPLE] if flat.numel() > _PCT_SAMPLE else flat
         hist_pos, hist_neg = histogram_stats(flat[:: flat.numel() // _HIST_SAMPLE] if flat.numel() > _HIST_SAMPLE else flat)
@@ -211,6 +232,8 @@ class Quantizer(nn.Module):
         return x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bypass:
+            return x
         if self.observing:
             self.observe(x)
             return x
@@ -223,6 +246,17 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def fake_quantize_act(self, x: Tensor, scale: Tensor, qmin: float, qmax: float, *,
+                          zero: Optional[Tensor] = None, **kw) -> Tensor:
+        """:func:`~.functional.fake_quantize` of an activation; per token, ``scale`` and ``zero`` are in units
+        of each row's ``max|x_t|`` (no host sync; the gradient reaches the parameters through the product)."""
+        if not self.per_token:
+            return fake_quantize(x, scale, qmin, qmax, zero=zero, **kw)
+        m = token_absmax(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out = fake_quantize(rows, scale * m, qmin, qmax, zero=None if zero is None else zero * m, **kw)
+        return out.reshape(x.shape)
 
 
 def merge_stats(a: Dict[str, Tensor], b: Dict[str, Tensor]) -> Dict[str, Tensor]:

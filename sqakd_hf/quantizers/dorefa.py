@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import ActStats, Quantizer
-from .functional import fake_quantize, round_delta
+from .functional import round_delta
 
 
 class DoReFaQuantizer(Quantizer):
@@ -18,7 +18,8 @@ class DoReFaQuantizer(Quantizer):
     times a fixed per-layer magnitude (``max|w|``, or ``mean|w|`` at 1 bit) recorded
     at initialisation so that a pretrained layer keeps its scale.
     Activations: ``clip(x, 0, 1)`` then ``quantize_b`` (``clip(x, -1, 1)`` on a
-    signed grid). No tanh on activations.
+    signed grid). No tanh on activations. Per-token activations: each token row is divided by its
+    ``max|x_t|`` first, so the fixed [0, 1] clip covers every token's range (dynamic, nothing learned).
     """
 
     method = "dorefa"
@@ -46,7 +47,7 @@ class DoReFaQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "act":
             zero = self.act_zero if self.signed else None
-            return fake_quantize(x, self.act_scale, 0, self.levels, zero=zero, delta=self.delta)
+            return self.fake_quantize_act(x, self.act_scale, 0, self.levels, zero=zero, delta=self.delta)
         t = torch.tanh(x)
         # an all-zero (dead) channel has max|tanh w| = 0: any positive floor keeps 0 / 0 out (its codes are the middle)
         m = t.abs().amax(dim=self._reduce_dims(x), keepdim=bool(self.param_shape)).clamp_min(torch.finfo(t.dtype).tiny)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import ActStats, Quantizer
-from .functional import fake_quantize, round_delta
+from .functional import round_delta
 from .ranges import mse_weight_clip
 
 DEFAULT_DELTA = 1e-3
@@ -24,7 +24,8 @@ class EWGSQuantizer(Quantizer):
     ``a_q = l + (u - l) * round((2^b - 1) a_n) / (2^b - 1)``.
     Backward through the rounding: ``g * (1 + delta * sign(g) * (x_n - x_q))`` with
     ``x_n`` on the [0, 1] scale as in the paper (``delta`` is a buffer the trainer
-    may update on a schedule).
+    may update on a schedule). Per-token activations: ``[l, u]`` is a learned interval in units of each
+    token's ``max|x_t|``.
     """
 
     method = "ewgs"
@@ -84,7 +85,8 @@ class EWGSQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         width = (self.upper - self.lower).clamp_min(1e-8)
         if self.role == "act":
-            return fake_quantize(x, width / self.levels, 0, self.levels, zero=self.lower, delta=self._grid_delta())
+            return self.fake_quantize_act(x, width / self.levels, 0, self.levels, zero=self.lower,
+                                          delta=self._grid_delta())
         wn = ((x - self.lower) / width).clamp(0, 1)
         q = round_delta(wn * self.levels, self._grid_delta()) / self.levels
         return self.out_scale * (2 * q - 1)

@@ -20,7 +20,8 @@ class LSQQuantizer(Quantizer):
 
     The step's gradient is the chain rule of that formula (``round(x/s) - x/s``
     inside the range, the clip bound outside) times ``g = 1 / sqrt(N * Qp)``,
-    with N the elements per step, not counting the batch.
+    with N the elements per step, not counting the batch. Per-token activations: ``s`` is the step in units
+    of each token's ``max|x_t|`` (``s * Qp`` is a learned clip ratio).
     """
 
     method = "lsq"
@@ -62,7 +63,8 @@ class LSQQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         g = 1.0 / math.sqrt(self.features_per_sample(x) * self.qmax)
         s = grad_scale(self.scale, g).clamp_min(_EPS)
-        return fake_quantize(x, s, self.qmin, self.qmax, delta=self.delta, binary=self.binary)
+        fq = self.fake_quantize_act if self.role == "act" else fake_quantize
+        return fq(x, s, self.qmin, self.qmax, delta=self.delta, binary=self.binary)
 
     def grid(self, w: Tensor):
         s = self.scale.detach()

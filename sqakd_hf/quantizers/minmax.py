@@ -14,7 +14,8 @@ from .functional import fake_quantize
 class MinMaxQuantizer(Quantizer):
     """Weights: step = absmax / Qp, recomputed from the current weight every forward
     (``mean|w|`` for 1-bit sign). Activations: a fixed step from the calibration range
-    (``max / (2^b - 1)`` unsigned, ``absmax / Qp`` signed). Nothing is learned."""
+    (``max / (2^b - 1)`` unsigned, ``absmax / Qp`` signed); per token that is each token's own
+    ``max|x_t| / Qp`` (dynamic absmax). Nothing is learned."""
 
     method = "minmax"
 
@@ -38,8 +39,9 @@ class MinMaxQuantizer(Quantizer):
         self.scale.copy_((top / self.qmax).clamp_min(1e-8))
 
     def quantize(self, x: Tensor) -> Tensor:
-        s = self._weight_step(x) if self.role == "weight" else self.scale
-        return fake_quantize(x, s, self.qmin, self.qmax, delta=self.delta, binary=self.binary)
+        if self.role == "act":
+            return self.fake_quantize_act(x, self.scale, self.qmin, self.qmax, delta=self.delta, binary=self.binary)
+        return fake_quantize(x, self._weight_step(x), self.qmin, self.qmax, delta=self.delta, binary=self.binary)
 
     def grid(self, w: Tensor):
         s = self._weight_step(w)
