@@ -13,8 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .config import QuantConfig
-from .modules import WRAPPERS, QuantLayer, wrapper_for
-from .quantizers import Quantizer, build_quantizer
+from .modules import EMBEDDING_WRAPPERS, WRAPPERS, QuantEmbedding, QuantLayer, wrapper_for
+from .quantizers import FullPrecision, Quantizer, build_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,14 @@ def _match_patterns(patterns: List[str], names: List[str], field_name: str) -> N
 
 
 def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bits: Dict[str, int]) -> Tuple[Quantizer, Quantizer]:
+    """The ``(weight_quantizer, input_quantizer)`` of ``layer`` wrapped as ``cls``; embedding tables get
+    ``config.embedding_bits`` per row and a full-precision input placeholder (``bits`` is ignored)."""
     weight = layer.weight
+    if issubclass(cls, QuantEmbedding):
+        with torch.device(weight.device):
+            wq = build_quantizer(config.method, config.embedding_bits or 32, "weight",
+                                 cls.quantizer_param_shape(weight.shape), cls.channel_axis, config.ewgs_delta, config.init)
+            return wq.to(weight.dtype), FullPrecision("act")
     per_channel = config.weight_granularity == "per_channel"
     shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
     per_token = config.act_granularity == "per_token" and cls.features_last
@@ -156,13 +163,23 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             "transformers Conv1D layer"
         )
 
+    tables = _embedding_tables(model, report) if config.embedding_bits is not None else []
     if config.modules_to_not_convert is None:
         keep = _default_fp_layers(model, candidates)
     else:
-        _match_patterns(config.modules_to_not_convert, candidates, "modules_to_not_convert")
-        keep = {n: "matches modules_to_not_convert" for n in candidates
+        _match_patterns(config.modules_to_not_convert, candidates + tables, "modules_to_not_convert")
+        keep = {n: "matches modules_to_not_convert" for n in candidates + tables
                 if any(re.search(p, n) for p in config.modules_to_not_convert)}
     _match_patterns(list(config.layer_bits), candidates, "layer_bits")
+    for name in tables:
+        table = model.get_submodule(name)
+        if name in keep:
+            report.kept_fp.append(LayerEntry(name, type(table).__name__, reason=keep[name]))
+            continue
+        cls = EMBEDDING_WRAPPERS[type(table)]
+        wq, aq = build_layer_quantizers(table, cls, config, {})
+        _set_submodule(model, name, cls.from_float(table, wq, aq))
+        report.quantized.append(LayerEntry(name, type(table).__name__, config.embedding_bits, 32))
 
     for name in candidates:
         layer = model.get_submodule(name)
@@ -187,6 +204,27 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
         model.config.quantization_config = config  # save_pretrained records it; from_pretrained restores the model
     logger.info(report.summary())
     return model
+
+
+def _embedding_tables(model: nn.Module, report: QuantizationReport) -> List[str]:
+    """Names of the embedding tables to quantize (``embedding_bits``); a table whose weight another module
+    shares (an LM head tied to it) is kept full precision and reported, so the two stay one tensor."""
+    owners: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    tables = []
+    for name, module in model.named_modules():
+        if type(module) not in EMBEDDING_WRAPPERS:
+            continue
+        tied = [n for n in owners.get(id(module.weight), []) if n != name]
+        if tied:
+            report.kept_fp.append(LayerEntry(name, type(module).__name__,
+                                             reason=f"tied to {tied[0]} (shares its weight), kept full precision"))
+            logger.warning("sqakd: embedding %s shares its weight with %s (tied); kept full precision. Untie them "
+                           "(tie_word_embeddings=False) to quantize the table", name, tied[0])
+        else:
+            tables.append(name)
+    return tables
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Fake-quant layers: Linear, Conv2d (grouped/depthwise too) and GPT-2's Conv1D.
+"""Fake-quant layers: Linear, Conv2d (grouped/depthwise too), GPT-2's Conv1D, and weight-only Embedding.
 
 Each wrapped layer is a subclass of the layer it replaces, keeps its parameters
 under their original names (``weight``, ``bias``) so a teacher state dict loads
@@ -98,12 +98,30 @@ class QuantConv1D(QuantLayer, Conv1D):
         return out.view(size_out)
 
 
+class QuantEmbedding(QuantLayer, nn.Embedding):
+    """Weight-only fake-quant embedding table: one step per row (``weight_quantizer`` per output channel,
+    axis 0); ``input_quantizer`` is a full-precision placeholder (token ids are not quantized)."""
+
+    @classmethod
+    def _empty_like(cls, layer: nn.Embedding) -> "QuantEmbedding":
+        return cls(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
+                   norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
 WRAPPERS: Dict[Type[nn.Module], Type[QuantLayer]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
     Conv1D: QuantConv1D,
 }
 
+
+
+#: weight-only wrappers of lookup tables, used when ``QuantConfig.embedding_bits`` is set
+EMBEDDING_WRAPPERS: Dict[Type[nn.Module], Type[QuantLayer]] = {nn.Embedding: QuantEmbedding}
 
 
 def _register_timm_layers() -> None:

@@ -217,9 +217,7 @@ def _numel(shape) -> int:
 
 def _grid_shape(layer: nn.Module, config: QuantConfig) -> Tuple[int, ...]:
     """Shape of a packed layer's ``weight_scale`` / ``weight_zero_point``, as :func:`packed_state_dict` writes it."""
-    if config.weight_granularity != "per_channel":
-        return ()
-    shape = tuple(type(layer).quantizer_param_shape(layer.weight.shape))
+    shape = tuple(layer.weight_quantizer.param_shape)  # per channel / per row, or () per tensor
     return shape if _numel(shape) > 1 else ()
 
 
