@@ -120,6 +120,27 @@ class SQAKDTrainingArguments(TrainingArguments):
         default=0.1,
         metadata={"help": "nonfinite='skip_batch': more skipped batches than this fraction of the run's is an error."},
     )
+    cache_teacher_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the teacher once over the training data before training and read its outputs from disk in "
+            "every epoch (and on resume) instead of running it at each step. For datasets without random "
+            "augmentation only (checked: an error otherwise). Classifier logits and hidden states are stored in "
+            "full (the loss is unchanged); per-token logits wider than teacher_cache_top_k as the top-k "
+            "log-probabilities at the temperature plus the rest mass (the loss becomes the KL over those k+1 "
+            "outcomes, an approximation of the full KL). Stored as safetensors in teacher_cache_dir."
+        },
+    )
+    teacher_cache_top_k: int = field(
+        default=64,
+        metadata={"help": "cache_teacher_outputs: teacher tokens kept per position for per-token logits (>= 1); "
+                  "a vocabulary no wider than this is stored in full."},
+    )
+    teacher_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "cache_teacher_outputs: the cache folder (default: <output_dir>/teacher_cache). A cache "
+                  "built for another teacher, dataset, k or temperature is an error, not overwritten."},
+    )
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -147,7 +168,7 @@ class SQAKDTrainingArguments(TrainingArguments):
             raise ValueError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}; got {self.distill_target!r}")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}; got {self.hidden_loss!r}")
-        for name in ("calibration_batches", "ewgs_delta_update_steps", "ewgs_hessian_samples"):
+        for name in ("calibration_batches", "ewgs_delta_update_steps", "ewgs_hessian_samples", "teacher_cache_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")

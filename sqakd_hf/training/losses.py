@@ -140,3 +140,96 @@ def hidden_state_loss(
     ``"mse"``: mean squared error per feature; ``"cosine"``: ``1 - cosine similarity`` per position.
     """
     return _masked_mean(hidden_state_per_position(student_hidden, teacher_hidden, kind), mask)
+
+
+def _topk_terms(z: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor):
+    """``(log_q, log q_rest)`` for scaled student logits ``z`` (rows) and the teacher's top-k ``idx``."""
+    log_q = F.log_softmax(z, dim=-1)
+    log_q_rest = torch.logsumexp(log_q.scatter(-1, idx, float("-inf")), dim=-1)
+    return log_q, log_q_rest
+
+
+def _topk_kl(log_q: Tensor, log_q_rest: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+    p, r = log_p.exp(), log_r.exp()
+    top = torch.where(p > 0, p * (log_p - log_q.gather(-1, idx)), 0.0).sum(-1)
+    rest = torch.where(r > 0, r * (log_r - log_q_rest), 0.0)
+    return (top + rest).clamp_min(0)
+
+
+def _topk_target(log_q: Tensor, log_q_rest: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+    """The full-width target ``p_hat``: the teacher's top-k probabilities, and its rest mass ``r`` spread over the
+    other classes in proportion to the student's (``r q_j / q_rest``)."""
+    shift = torch.where(torch.isfinite(log_q_rest), log_r - log_q_rest, float("-inf")).unsqueeze(-1)
+    return (log_q + shift).exp().scatter(-1, idx, log_p.exp())
+
+
+class _KDKLTopK(torch.autograd.Function):
+    """Per-row KL of the (k+1)-outcome coarse-grained distributions; see :func:`kd_kl_topk_per_position`."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor, temperature: float) -> Tensor:
+        width = student.shape[-1]
+        s2, i2 = student.reshape(-1, width), idx.reshape(-1, idx.shape[-1])
+        p2, r2 = log_p.reshape(i2.shape), log_r.reshape(-1)
+        acc = _acc_dtype(student)
+        out = torch.empty(s2.shape[0], dtype=acc, device=student.device)
+        for sl in _chunks(s2.shape[0], width):
+            log_q, log_q_rest = _topk_terms(s2[sl].to(acc) / temperature, i2[sl], p2[sl], r2[sl])
+            out[sl] = _topk_kl(log_q, log_q_rest, i2[sl], p2[sl].to(acc), r2[sl].to(acc))
+            del log_q
+        ctx.save_for_backward(student, i2, p2, r2)
+        ctx.temperature = temperature
+        return out.reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        student, i2, p2, r2 = ctx.saved_tensors
+        T, acc, width = ctx.temperature, _acc_dtype(student), student.shape[-1]
+        s2, g2 = student.reshape(-1, width), grad_out.reshape(-1, 1)
+        if torch.is_grad_enabled():  # create_graph=True (double backward): plain differentiable ops, no chunking
+            log_q, log_q_rest = _topk_terms(s2.to(acc) / T, i2, p2, r2)
+            grad = (log_q.exp() - _topk_target(log_q, log_q_rest, i2, p2.to(acc), r2.to(acc))) * (g2 / T)
+            return grad.to(student.dtype).reshape(student.shape), None, None, None, None
+        grad = torch.empty_like(s2)
+        for sl in _chunks(s2.shape[0], width):
+            log_q, log_q_rest = _topk_terms(s2[sl].to(acc) / T, i2[sl], p2[sl], r2[sl])
+            target = _topk_target(log_q, log_q_rest, i2[sl], p2[sl].to(acc), r2[sl].to(acc))
+            grad[sl] = log_q.exp_().sub_(target).mul_(g2[sl] / T)
+            del log_q, target
+        return grad.reshape(student.shape), None, None, None, None
+
+
+def kd_kl_topk_per_position(
+    student_logits: Tensor, topk_indices: Tensor, topk_log_probs: Tensor, rest_log_mass: Tensor,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Per-position KD loss against a teacher known only by its top-k classes (a teacher-output cache).
+
+    The teacher is given at temperature ``T`` by the indices ``K`` of its k most likely classes, their
+    log-probabilities ``log p_K`` and the log of the remaining mass ``r = 1 - sum_K p``. The loss is the
+    KL divergence of the two distributions coarse-grained onto k + 1 outcomes (each class of ``K``, and
+    "any other class"), with ``q = softmax(z_s / T)`` and ``q_rest = 1 - sum_K q``::
+
+        sum_{i in K} p_i (log p_i - log q_i) + r (log r - log q_rest)
+
+    This is the documented approximation of the full ``KL(p || q)``: never larger than it (data
+    processing inequality), and equal to it when the teacher's distribution over the classes outside
+    ``K`` is proportional to the student's (always when k = classes - 1). Gradient w.r.t. ``z_s``:
+    ``(q - p_hat) / T`` with ``p_hat = p`` on ``K`` and ``r q_j / q_rest`` elsewhere.
+
+    Shapes: ``student_logits (..., C)``, ``topk_indices`` and ``topk_log_probs (..., k)``,
+    ``rest_log_mass (...)``. Returns fp32 (fp64 for fp64 logits) of shape ``(...)``, without the ``T^2``
+    factor, like :func:`kd_kl_per_position`; no gradient flows to the teacher's tensors.
+    """
+    lead = student_logits.shape[:-1]
+    if topk_indices.shape != topk_log_probs.shape or topk_indices.shape[:-1] != lead or rest_log_mass.shape != lead:
+        raise ValueError(
+            f"top-k teacher tensors do not match the student logits {tuple(student_logits.shape)}: indices "
+            f"{tuple(topk_indices.shape)}, log-probabilities {tuple(topk_log_probs.shape)}, rest mass "
+            f"{tuple(rest_log_mass.shape)} (expected (..., k), (..., k) and {tuple(lead)})"
+        )
+    if not 0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be > 0 and finite; got {temperature!r}")
+    return _KDKLTopK.apply(
+        student_logits, topk_indices.detach().long(), topk_log_probs.detach(), rest_log_mass.detach(), float(temperature)
+    )

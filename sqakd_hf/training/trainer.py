@@ -18,7 +18,9 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
   hidden-state targets);
-* optionally EWGS's Hessian-based delta schedule (see :mod:`.ewgs_schedule`).
+* optionally EWGS's Hessian-based delta schedule (see :mod:`.ewgs_schedule`);
+* optionally a teacher-output cache (``cache_teacher_outputs``, see :mod:`.teacher_cache`): the teacher runs
+  once over a fixed training set before the first step, and every step reads its outputs from disk.
 
 Loss reduction: the KD loss of a micro-batch is its mean over samples (or non-padding tokens);
 ``loss_is_scaled_for_ga = False`` lets the Trainer divide by the accumulation steps once. Under
@@ -50,6 +52,7 @@ from transformers.trainer_utils import has_length
 
 from ..calibration import calibrate
 from ..checkpoint import load_teacher, model_library, save_quantized
+from ..errors import InputError
 from ..serialization.manifest import non_finite
 from ..hub.card_info import write_model_card
 from ..hub.push import push_to_hub as push_quantized_to_hub
@@ -60,7 +63,11 @@ from .args import SQAKDTrainingArguments
 from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
-from .losses import hidden_state_per_position, kd_kl_per_position
+from .losses import hidden_state_per_position, kd_kl_per_position, kd_kl_topk_per_position
+from .teacher_cache import (
+    INDEX_KEY, CacheSpec, CachedTeacherCollator, IndexedDataset, TeacherCache, check_deterministic,
+    dataset_fingerprint, open_or_build, split_cached, teacher_fingerprint,
+)
 from .metrics import STAT_COLUMNS, batch_stats, shifts_labels, summarize, trainer_metrics
 
 try:
@@ -160,6 +167,8 @@ class SQAKDTrainer(Trainer):
         #: latest EWGS deltas set by the Hessian schedule, by quantizer name
         self.ewgs_deltas: Dict[str, float] = {}
         self._bn_cache: Tuple[Optional[nn.Module], str, List[Tuple[str, nn.Module]]] = (None, "train", [])
+        #: the teacher-output cache of the current (or last) training run (``args.cache_teacher_outputs``)
+        self.teacher_cache: Optional[TeacherCache] = None
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -206,9 +215,9 @@ class SQAKDTrainer(Trainer):
         unused columns. transformers has no public hook to name columns to keep (``remove_unused_columns`` is
         all-or-nothing), so this private one is overridden; tests/test_trainer_public_api.py pins it."""
         super()._set_signature_columns_if_needed()  # no public hook to keep extra columns
-        if model_library(self.model) != "transformers":
-            columns = self._signature_columns  # no public hook to keep extra columns: the Trainer's private list
-            columns += [k for k in ("pixel_values", "x") if k not in columns]
+        columns = self._signature_columns  # no public hook to keep extra columns: the Trainer's private list
+        keep = ("pixel_values", "x") if model_library(self.model) != "transformers" else ()
+        columns += [k for k in (*keep, INDEX_KEY) if k not in columns]  # INDEX_KEY: the teacher-output cache
 
     # ---- the distillation forward ----------------------------------------------------------
     def _to_device(self, batch: Mapping) -> Dict[str, Any]:
@@ -240,23 +249,32 @@ class SQAKDTrainer(Trainer):
     def _distill(
         self, model: nn.Module, inputs: Mapping, with_ce_labels: bool = False, guard: bool = False
     ) -> _Distill:
-        """One distillation forward; ``guard``: record NaN/inf in :attr:`finite_guard` (sync-free)."""
+        """One distillation forward; ``guard``: record NaN/inf in :attr:`finite_guard` (sync-free). A batch of a
+        cached run carries the teacher's outputs (:func:`~sqakd_hf.training.teacher_cache.split_cached`): then
+        the teacher does not run."""
         model_inputs, labels = split_labels(inputs)
+        model_inputs, cached = split_cached(model_inputs)
         if guard:
             model_inputs = self.finite_guard.inputs(model_inputs)
-        target = self.args.distill_target
-        t = output_tensor(self.teacher_outputs(model_inputs), target, "teacher")
+        target, T = self.args.distill_target, self.args.temperature
+        if cached is None:
+            t = output_tensor(self.teacher_outputs(model_inputs), target, "teacher")
+        else:  # full rows, or the top-k log-probabilities (the rest of the top-k form is used below)
+            t = cached.get("outputs", cached.get("topk_log_probs"))
         extra = self._extra_kwargs()
         if with_ce_labels and labels is not None and model_library(model) == "transformers":
             extra["labels"] = labels
         outputs = call_model(model, model_inputs, **extra)
         s = output_tensor(outputs, target, "student")
-        if s.shape != t.shape:
+        topk = cached is not None and "topk_indices" in cached
+        if (s.shape[:-1] != t.shape[:-1]) if topk else (s.shape != t.shape):
             raise ValueError(self._mismatch_message(s, t))
         if guard:
             t = self.finite_guard.outputs(s, t)
-        if target == "logits":
-            per = kd_kl_per_position(s, t, self.args.temperature) * (self.args.temperature**2)
+        if topk:
+            per = kd_kl_topk_per_position(s, cached["topk_indices"], t, cached["rest_log_mass"], T) * (T**2)
+        elif target == "logits":
+            per = kd_kl_per_position(s, t, T) * (T**2)
         else:
             per = hidden_state_per_position(s, t, self.args.hidden_loss)
         return _Distill(per, padding_mask(model_inputs, per), s, t, outputs, labels)
@@ -428,14 +446,47 @@ class SQAKDTrainer(Trainer):
         """``Trainer.train``, with the student calibrated and checked before the first step (see
         :meth:`get_train_dataloader`)."""
         self._check_train_dataset(self.train_dataset)
+        restore = self._use_teacher_cache() if self.args.cache_teacher_outputs else None
         self._prepare_pending = True
         self.finite_guard.reset()
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._prepare_pending = False
+            if restore is not None:
+                self.train_dataset, self.data_collator = restore
         self.check_finite(" at the end of training")
         return output
+
+    @property
+    def teacher_cache_dir(self) -> str:
+        """Where the teacher-output cache lives: ``args.teacher_cache_dir``, default ``<output_dir>/teacher_cache``."""
+        return self.args.teacher_cache_dir or os.path.join(self.args.output_dir, "teacher_cache")
+
+    def _use_teacher_cache(self) -> Tuple[Any, Any]:
+        """Open (or build, running the teacher once over the training set) the teacher-output cache, then let the
+        training loader read it: returns the ``(train_dataset, data_collator)`` to restore after training."""
+        args, data = self.args, self.train_dataset
+        if data is None or isinstance(data, torch.utils.data.IterableDataset) or not has_length(data):
+            raise InputError(
+                "cache_teacher_outputs needs a map-style train_dataset (with len() and indexing) whose samples are "
+                f"the same every epoch; got {type(data).__name__}. Materialise it, or train without the cache"
+            )
+        dataset, collator = self._calibration_source(data)
+        check_deterministic(dataset, collator)
+        fingerprint = {"teacher": teacher_fingerprint(_core(self.teacher)),
+                       "dataset": dataset_fingerprint(dataset, collator), "target": args.distill_target}
+        spec = CacheSpec(args.distill_target, args.teacher_cache_top_k, float(args.temperature))
+        self.teacher_cache, _ = open_or_build(
+            self.teacher_cache_dir, fingerprint, spec, dataset, collator,
+            lambda inputs: output_tensor(self.teacher_outputs(inputs), args.distill_target, "teacher"),
+            rank=args.process_index, world=max(1, args.world_size), barrier=self.accelerator.wait_for_everyone,
+            batch_size=args.eval_batch_size, device=args.device, num_workers=args.dataloader_num_workers,
+        )
+        restore = (self.train_dataset, self.data_collator)
+        self.train_dataset = IndexedDataset(data)
+        self.data_collator = CachedTeacherCollator(self.data_collator, self.teacher_cache)
+        return restore
 
     # ---- the finiteness policy (read side; the record is written by compute_loss) ----------------
     def check_finite(self, where: str = "") -> int:
@@ -585,7 +636,7 @@ class SQAKDTrainer(Trainer):
             mine = mine[:per_device]
         pick = [samples[i] for i in mine] if samples is not None else [dataset[order[i]] for i in mine]
         batches = [collator(pick[i : i + per_device]) for i in range(0, len(pick), per_device)]
-        return [self._to_device(b) for b in batches]
+        return [self._to_device(split_cached(b)[0]) for b in batches]
 
     @torch.no_grad()
     def _check_outputs(self, batch: Mapping, finite: bool = False) -> None:
