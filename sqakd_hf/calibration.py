@@ -18,9 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .injection import named_quantizers, quant_layers
+from .config import QuantConfig
+from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
 from .quantizers.base import STAT_OPS
+from .smoothing import SmoothingGroup, smooth_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ def _check_activations(acts: List[Tuple[str, nn.Module]], first: torch.Tensor, s
 def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[int] = None) -> nn.Module:
     """Initialise all quantizers of ``model``; returns ``model``.
 
+    With ``smooth_alpha`` set in the model's config, activation outliers are first migrated into the weights
+    (SmoothQuant, see :mod:`sqakd_hf.smoothing`; the batches are then read into a list, since they are used
+    twice); the layers migrated are listed in ``model.sqakd_smoothed``.
     Weight quantizers are initialised from the current weights. Activation
     quantizers observe the full-precision activations of ``batches`` (at most
     ``num_batches``), then derive their parameters (each method's own initialisation) and their grid's
@@ -120,6 +125,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     if not layers:
         raise ValueError("calibrate() needs a quantized model: call sqakd_hf.quantize_model(model, config) first")
     _check_weights(layers)
+    alpha = getattr(_config_or_none(model), "smooth_alpha", None)
+    if alpha is not None:  # migrate outliers first: the weight ranges and activation statistics are those after it
+        batches = list(itertools.islice(batches, num_batches))
+        num_batches = None
+        device = next(model.parameters()).device
+        groups = smooth_model(model, [to_device(b, device) for b in batches], alpha, model_forward)
+        _record_smoothing(model, groups)
     for _, layer in layers:
         layer.weight_quantizer.init_from_weight(layer.weight)
     acts = [(n, q) for n, q in named_quantizers(model) if q.role == "act" and q.bits < 32]
@@ -163,6 +175,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
     return model
+
+
+def _config_or_none(model: nn.Module) -> Optional[QuantConfig]:
+    try:
+        return get_quant_config(model)
+    except ValueError:
+        return None
+
+
+def _record_smoothing(model: nn.Module, groups: List[SmoothingGroup]) -> None:
+    """``model.sqakd_smoothed`` (and the quantization report, if any): ``"<layer> <- <source>"`` per migrated input."""
+    smoothed = [f"{t} <- {g.source}" for g in groups for t in g.targets]
+    model.sqakd_smoothed = smoothed
+    report = getattr(model, "sqakd_report", None)
+    if report is not None:
+        report.smoothed = smoothed
 
 
 def refresh_quantizer_state(model: nn.Module) -> None:

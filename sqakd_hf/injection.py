@@ -37,6 +37,8 @@ class QuantizationReport:
     method: str
     quantized: List[LayerEntry] = field(default_factory=list)
     kept_fp: List[LayerEntry] = field(default_factory=list)
+    #: ``"<layer> <- <source>"`` for every layer input SmoothQuant migrated at calibration (``smooth_alpha``)
+    smoothed: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         kept = ", ".join(f"{e.name} ({e.reason})" for e in self.kept_fp) or "none"

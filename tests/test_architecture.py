@@ -23,6 +23,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("config",),
     ("modules",),
     ("injection",),
+    ("smoothing",),
     ("calibration",),
     ("serialization",),
     ("integrations",),
