@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help=".npy array (N, 1, 8, 8) of unlabeled images")
     p.add_argument("--per-device-batch", type=int, required=True)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--cache", action="store_true", help="cache_teacher_outputs=True (cache in OUT/run/teacher_cache)")
     a = p.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ
@@ -66,7 +67,7 @@ def main() -> None:
         output_dir=os.path.join(a.out, "run"), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
         per_device_train_batch_size=a.per_device_batch, max_steps=a.steps, logging_steps=1, learning_rate=1e-3,
         lr_scheduler_type="constant", train_sampling_strategy="sequential", calibration_batches=2, seed=0,
-        ddp_backend="gloo" if distributed else None,
+        ddp_backend="gloo" if distributed else None, cache_teacher_outputs=a.cache, per_device_eval_batch_size=8,
     )
     rank = args.process_index
     trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,

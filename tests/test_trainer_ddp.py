@@ -60,6 +60,19 @@ def ddp_runs(digits, tmp_path_factory):
     return single, ddp
 
 
+@pytest.fixture(scope="module")
+def ddp_cached_run(ddp_runs):
+    """2 processes with cache_teacher_outputs: each builds half of the cache, then reads whatever rows its batches need."""
+    single, _ = ddp_runs
+    root = single.parent
+    out = root / "ddp_cached"
+    common = ["--teacher", str(root / "teacher.safetensors"), "--data", str(root / "data.npy"), "--steps", "4"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(HERE / "ddp_train.py"), "--out", str(out), "--per-device-batch", "16",
+          "--cache", *common], out)
+    return single, out
+
+
 def test_ddp_calibration_identical_on_both_ranks(ddp_runs):
     single, ddp = ddp_runs
     r0, r1 = load_file(str(ddp / "calib_rank0.safetensors")), load_file(str(ddp / "calib_rank1.safetensors"))
@@ -88,3 +101,20 @@ def test_ddp_matches_single_process_at_same_global_batch(ddp_runs):
         worst = max(worst, (f0[k].double() - ref[k].double()).abs().max().item())
         torch.testing.assert_close(f0[k], ref[k], atol=1e-5, rtol=0, msg=k)
     print(f"max |DDP - single| over final weights and quantizer params: {worst:.2e}")
+
+
+def test_ddp_with_teacher_cache_matches_single_process_without(ddp_cached_run):
+    """Each rank's batches carry the cached rows of their own samples: losses and weights equal the uncached
+    single-process run at the same global batch (same tolerances as above)."""
+    single, cached = ddp_cached_run
+    record = json.loads((cached / "run" / "teacher_cache" / "teacher_cache.json").read_text())
+    assert record["shards"] == ["rows-00000-of-00002.safetensors", "rows-00001-of-00002.safetensors"]
+    assert record["samples"] == 160
+    l_single = json.loads((single / "losses.json").read_text())["losses"]
+    l_cached = json.loads((cached / "losses.json").read_text())["losses"]
+    assert l_cached == pytest.approx(l_single, rel=1e-5)
+    f0, f1 = load_file(str(cached / "final_rank0.safetensors")), load_file(str(cached / "final_rank1.safetensors"))
+    ref = load_file(str(single / "final_rank0.safetensors"))
+    for k in ref:
+        assert torch.equal(f0[k], f1[k]), k
+        torch.testing.assert_close(f0[k], ref[k], atol=1e-5, rtol=0, msg=k)
