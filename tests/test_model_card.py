@@ -76,7 +76,7 @@ def test_body_with_metrics() -> None:
     assert "| accuracy | 0.9731 | 0.9612 | -0.0119 |" in text
     assert "| top5 | 0.9988 | 0.9975 | -0.0013 |" in text
     # size vs teacher
-    assert "50.00 MB vs 200.00 MB for the teacher (4.00x smaller, 25.0% of the teacher)" in text
+    assert "50.00 MB vs 200.00 MB full precision: 4.00x smaller, 25.0% of the full-precision size" in text
     assert "bit-packed, 2 per byte" in text
     # training hyper-parameters
     assert "| lr | 0.0001 |" in text
@@ -116,7 +116,7 @@ def test_without_metrics_sizes_or_training() -> None:
 
 def test_size_without_teacher_size() -> None:
     text = render_model_card(_info(teacher_bytes=None)).text
-    assert "**Checkpoint size:** 50.00 MB" in text
+    assert "**Checkpoint size (measured):** 50.00 MB" in text
     assert "smaller" not in text
 
 

@@ -88,14 +88,39 @@ class DataArguments:
     data_files: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "data_files passed to datasets.load_dataset (a path, list or split mapping)."}
     )
+    dataset_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "Reader options passed to datasets.load_dataset for every source, e.g. {encoding: latin-1, "
+                          "delimiter: ';'} for a csv file."},
+    )
+    train_files: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Training data as local file(s) (.csv/.tsv/.json/.jsonl/.parquet/.txt, globs allowed), "
+                          "instead of dataset_name."},
+    )
     train_split: str = field(
         default="train", metadata={"help": "Training split; slices allowed (e.g. 'train[:90%%]')."}
     )
     eval_split: Optional[str] = field(
         default=None,
-        metadata={"help": "Optional evaluation split (e.g. 'validation', 'test', 'train[90%%:]'). Labeled or not: "
-                          "evaluation reports KD loss and teacher agreement, plus accuracy when labels exist."},
+        metadata={"help": "Optional evaluation split (e.g. 'validation', 'test', 'train[90%%:]'), of eval_dataset_name "
+                          "if set, else of the training source. Labeled or not: evaluation reports KD loss and "
+                          "teacher agreement, plus accuracy when labels exist."},
     )
+    eval_files: Optional[List[str]] = field(
+        default=None,
+        metadata={"help": "Evaluation data as local file(s), read whole, with its own columns (e.g. labeled eval data "
+                          "next to unlabeled training data)."},
+    )
+    eval_dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Evaluation data from another dataset than the training data (a Hub id, local folder or "
+                          "file); its split is eval_split."},
+    )
+    eval_dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset configuration name of eval_dataset_name."})
+    eval_dataset_kwargs: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Reader options of the evaluation source (default: dataset_kwargs)."})
     image_column: Optional[str] = field(
         default=None, metadata={"help": "Image column (default: 'image', 'img' or the first Image feature)."}
     )
@@ -110,6 +135,12 @@ class DataArguments:
         metadata={"help": "Label column (default: 'label' / 'labels' if present). Never used for training unless "
                           "ce_weight > 0; used for eval accuracy."},
     )
+    eval_image_column: Optional[str] = field(
+        default=None, metadata={"help": "Image column of the evaluation data (default: image_column)."})
+    eval_text_column: Optional[str] = field(
+        default=None, metadata={"help": "Text column of the evaluation data (default: text_column)."})
+    eval_label_column: Optional[str] = field(
+        default=None, metadata={"help": "Label column of the evaluation data (default: label_column)."})
     use_labels: bool = field(
         default=True, metadata={"help": "false: drop the label column everywhere (fully unlabeled run)."}
     )
@@ -133,6 +164,42 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RecipeError(f"{name} must be a positive integer; got {value!r}")
+        for name in ("dataset_kwargs", "eval_dataset_kwargs"):
+            setattr(self, name, _mapping(name, getattr(self, name), "{encoding: latin-1}"))
+        for name in ("train_files", "eval_files"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None and (not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, str) and v for v in value)):
+                raise RecipeError(f"{name} must be a file path or a list of file paths; got {value!r}")
+        if self.train_files and self.dataset_name:
+            raise RecipeError("set either dataset_name or train_files for the training data, not both")
+        if self.eval_files and self.eval_dataset_name:
+            raise RecipeError("set either eval_files or eval_dataset_name for the evaluation data, not both")
+        if self.eval_files and self.eval_split:
+            raise RecipeError(f"eval_files are read whole: drop eval_split ({self.eval_split!r}); use "
+                              "max_eval_samples to evaluate on fewer examples")
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether evaluation data is configured."""
+        return bool(self.eval_split or self.eval_files)
+
+
+def _mapping(name: str, value: Any, example: str) -> Optional[Dict[str, Any]]:
+    """A mapping field given as a mapping or as its YAML/JSON text; anything else raises :class:`RecipeError`."""
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{name}: {value!r} is not valid YAML/JSON ({getattr(err, 'problem', None) or err}); "
+                              f"write it like {example}") from None
+    if value is not None and not isinstance(value, dict):
+        raise RecipeError(f"{name} must be a mapping of reader options like {example}; got {value!r}")
+    return dict(value) if value is not None else None
 
 
 # ---- QuantArguments: generated from QuantConfig ---------------------------------------------------

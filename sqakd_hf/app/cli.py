@@ -1,12 +1,14 @@
 """The ``sqakd-hf`` command (also ``python -m sqakd_hf``): parsing and dispatch only.
 
     sqakd-hf train RECIPE.yaml [--key value ...]     label-free QAT of a teacher checkpoint
+    sqakd-hf ptq RECIPE.yaml [--key value ...]       calibration only (post-training quantization), same outputs
     sqakd-hf eval [RECIPE.yaml] [--model_path DIR] [--key value ...]
     sqakd-hf quickstart [--output_dir DIR] [--method lsq] [--bits 4,2] [--epochs N] [--fast]
 
 Bad input (recipe keys and values, files, dataset columns, model/data modality, the output
 folder) is reported as one line on stderr with exit status 2, before any work starts. This
 module imports no torch, transformers, datasets or timm: ``--help`` and ``--version`` are fast.
+A command is one entry of :data:`COMMANDS`: a function ``(args, argv) -> exit status`` and its help.
 """
 
 from __future__ import annotations
@@ -14,20 +16,34 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, NoReturn, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 from ..errors import InputError, RecipeError
 from .distributed import is_main_process
 from .runs import METRICS_FILE, PACKED_SUBDIR, RUN_RECORD
 
-__all__ = ["main", "build_parser", "METRICS_FILE", "PACKED_SUBDIR", "RUN_RECORD"]
+__all__ = ["main", "build_parser", "Command", "COMMANDS", "METRICS_FILE", "PACKED_SUBDIR", "RUN_RECORD"]
 
 DESCRIPTION = "Label-free quantization-aware training (SQAKD) of timm and transformers checkpoints."
 EPILOG = """`sqakd-hf <command> --help` lists a command's options. Runs under `accelerate launch` unchanged, e.g.
   accelerate launch --multi_gpu --num_processes 2 -m sqakd_hf train recipes/quickstart.yaml"""
 TRAIN_USAGE = "sqakd-hf train RECIPE.yaml [--key value ...]"
+PTQ_USAGE = "sqakd-hf ptq RECIPE.yaml [--key value ...]"
 EVAL_USAGE = "sqakd-hf eval [RECIPE.yaml] [--model_path DIR] [--key value ...]"
-COMMANDS = ("train", "eval", "quickstart")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``run(args, argv)`` returns the exit status; ``argv`` holds what argparse left (the recipe
+    and its ``--key value`` overrides) when ``overrides``; ``configure`` adds argparse options otherwise."""
+
+    help: str
+    run: Callable[[argparse.Namespace, List[str]], int]
+    usage: Optional[str] = None
+    overrides: bool = True
+    configure: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    description: Optional[str] = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,22 +64,22 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``sqakd-hf`` with its ``train``, ``eval`` and ``quickstart`` subcommands. ``train`` and ``eval`` take a
-    recipe and ``--key value`` overrides, parsed by :mod:`sqakd_hf.app.recipe` (their ``--help`` lists every key)."""
+    """``sqakd-hf`` with one subcommand per entry of :data:`COMMANDS`. Recipe commands take a recipe and
+    ``--key value`` overrides, parsed by :mod:`sqakd_hf.app.recipe` (their ``--help`` lists every key)."""
     parser = _Parser(prog="sqakd-hf", usage="sqakd-hf <command> [options]", description=DESCRIPTION,
                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(title="commands", dest="command", metavar="<command>", prog="sqakd-hf")
-    commands.add_parser("train", add_help=False, usage=TRAIN_USAGE,
-                        help="quantize a teacher checkpoint by label-free distillation (SQAKD)"
-                        ).set_defaults(run=_train, overrides=True)
-    commands.add_parser("eval", add_help=False, usage=EVAL_USAGE,
-                        help="evaluate a saved quantized model (and its teacher)").set_defaults(run=_eval, overrides=True)
-    quick = commands.add_parser(
-        "quickstart", help="offline demo on scikit-learn's digits",
-        description="Offline demo on scikit-learn's digits: trains a small timm teacher (the only step that uses "
-                    "labels), then W4A4 / W2A2 students label-free with SQAKD, and compares them with PTQ.")
-    quick.set_defaults(run=_quickstart, overrides=False)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, usage=command.usage, add_help=not command.overrides,
+                                  description=command.description)
+        sub.set_defaults(run=command.run, overrides=command.overrides)
+        if command.configure is not None:
+            command.configure(sub)
+    return parser
+
+
+def _quickstart_options(quick: argparse.ArgumentParser) -> None:
     quick.add_argument("--output_dir", default=None, help="where the teacher, the students and the results go "
                                                           "(default ./sqakd-quickstart)")
     quick.add_argument("--method", default="lsq", help="quantizer: lsq, pact, dorefa, ewgs, minmax")
@@ -78,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--num_threads", type=int, default=1,
                        help="torch CPU threads (default 1: fastest for this tiny model on a shared CPU; 0 = torch's "
                             "default)")
-    return parser
 
 
 # ---- commands (heavy imports happen here) ---------------------------------------------------------------
@@ -92,20 +107,29 @@ def _wants_help(argv: List[str]) -> bool:
     return any(a in ("-h", "--help") for a in argv)
 
 
-def _train(args: argparse.Namespace, argv: List[str]) -> int:
+def _run_recipe(mode: str, usage: str, argv: List[str]) -> int:
+    """``train`` / ``ptq``: parse the recipe and its overrides, then run it (the same code path for both)."""
     from .recipe import format_recipe_help, parse_recipe, runtime_defaults
 
     if not argv or _wants_help(argv):
-        print(f"usage: {TRAIN_USAGE}\n\nRecipe keys (YAML) and overrides (--key value):")
+        print(f"usage: {usage}\n\nRecipe keys (YAML) and overrides (--key value):")
         print(format_recipe_help())
         return 0 if argv else 2
     path, overrides = _split_recipe(argv)
     if path is None:
-        raise RecipeError(f"train needs a recipe: {TRAIN_USAGE}")
+        raise RecipeError(f"{mode} needs a recipe: {usage}")
     from .train import run_train
 
-    run_train(parse_recipe(path, overrides, defaults=runtime_defaults()))
+    run_train(parse_recipe(path, overrides, defaults=runtime_defaults()), mode=mode)
     return 0
+
+
+def _train(args: argparse.Namespace, argv: List[str]) -> int:
+    return _run_recipe("train", TRAIN_USAGE, argv)
+
+
+def _ptq(args: argparse.Namespace, argv: List[str]) -> int:
+    return _run_recipe("ptq", PTQ_USAGE, argv)
 
 
 def _eval(args: argparse.Namespace, argv: List[str]) -> int:
@@ -115,12 +139,17 @@ def _eval(args: argparse.Namespace, argv: List[str]) -> int:
         print(f"usage: {EVAL_USAGE}\n")
         print(format_recipe_help(EVAL_GROUPS))
         return 0
-    eval_args, model_args, data = parse_eval_recipe(*_split_recipe(argv))
-    from .evaluate import run_eval
+    path, overrides = _split_recipe(argv)
+    eval_args, model_args, data, given = parse_eval_recipe(path, overrides)
+    from .evaluate import run_defaults, run_eval
+
+    recorded = run_defaults(eval_args.model_path, given)
+    if recorded:  # the run's own teacher, data and preprocessing, unless given
+        eval_args, model_args, data, _ = parse_eval_recipe(path, overrides, base=recorded)
     from .report import eval_table
 
-    metrics = run_eval(eval_args, model_args, data)
-    print(f"\nEvaluation on {data.dataset_name} ({data.eval_split}):")
+    metrics, source = run_eval(eval_args, model_args, data)
+    print(f"\nEvaluation on {source.label}:")
     print(eval_table(metrics, eval_args.model_path))
     return 0
 
@@ -136,6 +165,19 @@ def _quickstart(args: argparse.Namespace, argv: List[str]) -> int:
                    teacher_epochs=args.teacher_epochs, fast=args.fast, overwrite=args.overwrite_output_dir,
                    seed=args.seed, num_threads=args.num_threads)
     return 0
+
+
+#: the subcommands, in the order ``--help`` lists them
+COMMANDS: Dict[str, Command] = {
+    "train": Command("quantize a teacher checkpoint by label-free distillation (SQAKD)", _train, TRAIN_USAGE),
+    "ptq": Command("post-training quantization: calibrate the quantizers only (no training); same outputs as train",
+                   _ptq, PTQ_USAGE),
+    "eval": Command("evaluate a saved quantized model (and its teacher)", _eval, EVAL_USAGE),
+    "quickstart": Command(
+        "offline demo on scikit-learn's digits", _quickstart, overrides=False, configure=_quickstart_options,
+        description="Offline demo on scikit-learn's digits: trains a small timm teacher (the only step that uses "
+                    "labels), then W4A4 / W2A2 students label-free with SQAKD, and compares them with PTQ."),
+}
 
 
 # ---- entry point ------------------------------------------------------------------------------------------

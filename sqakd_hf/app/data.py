@@ -1,7 +1,7 @@
-"""Data for SQAKD runs: loading with `datasets`, column checks, and preprocessing.
+"""Data for SQAKD runs: column checks and preprocessing (loading is :mod:`sqakd_hf.app.sources`).
 
-* :func:`load_split` reads a split from the Hub, a local imagefolder / csv / parquet / json
-  folder or file, a ``save_to_disk`` folder, or the built-in ``sqakd_hf.data.DIGITS``;
+* :func:`load_split` (from :mod:`.sources`) reads a split from the Hub, a local imagefolder / csv /
+  parquet / json folder or file, a ``save_to_disk`` folder, or the built-in :data:`DIGITS`;
   ``streaming=True`` gives a ``datasets.IterableDataset``.
 * :func:`resolve_columns` finds (or checks) the image / text / label columns and raises
   :class:`DataError` naming the available columns when one is missing or the data does not
@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .arguments import DataArguments
+from .sources import DIGITS, DIGITS_MEAN, DIGITS_STD, AnyDataset, is_local_path, load_digits_splits, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -55,172 +54,14 @@ __all__ = [
     "UNLABELED",
 ]
 
-#: ``dataset_name`` of the built-in scikit-learn digits (no download)
-DIGITS = "sklearn:digits"
-#: the digits' ``pixel_values`` are (x / 16 - mean) / std, in [-1, 1]
-DIGITS_MEAN = (0.5, 0.5, 0.5)
-DIGITS_STD = (0.5, 0.5, 0.5)
-
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture", "photo")
 TEXT_COLUMNS = ("text", "sentence", "content", "document", "review", "question", "prompt")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "class")
-BUILDERS = ("imagefolder", "csv", "parquet", "json", "text", "arrow")
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json",
-                  ".txt": "text", ".arrow": "arrow"}
-
-AnyDataset = Any  # datasets.Dataset | datasets.IterableDataset
 #: returned by :func:`label_id_map` when the label column does not describe the teacher's classes
 UNLABELED: Dict[Any, int] = {}
 
 
-# ---- the built-in digits ------------------------------------------------------------------------------
-def load_digits_splits(
-    image_size: int = 32, test_size: float = 0.2, seed: int = 0, with_labels: bool = True
-):
-    """scikit-learn's digits (1797 real 8x8 handwritten digits) as a ``datasets.DatasetDict``.
-
-    Splits ``train`` / ``test`` (stratified, deterministic for a given ``seed``). ``pixel_values``
-    are ``3 x image_size x image_size`` float32 (bilinear upsampling, grey replicated to RGB,
-    normalised to [-1, 1] with :data:`DIGITS_MEAN` / :data:`DIGITS_STD`); ``labels`` (0..9) when
-    ``with_labels``. Returned with torch formatting.
-    """
-    import datasets
-
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:  # pragma: no cover - scikit-learn is in the demo/test extras
-        raise ImportError("the digits dataset needs scikit-learn: pip install 'sqakd-hf[demo]'") from None
-
-    if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer; got {image_size!r}")
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    x = F.interpolate(images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = ((x.clamp(0, 1) - DIGITS_MEAN[0]) / DIGITS_STD[0]).repeat(1, 3, 1, 1)
-    idx_train, idx_test = train_test_split(
-        list(range(len(labels))), test_size=test_size, random_state=seed, stratify=digits.target
-    )
-    features = {"pixel_values": datasets.Array3D(shape=(3, image_size, image_size), dtype="float32")}
-    if with_labels:
-        features["labels"] = datasets.ClassLabel(names=[str(i) for i in range(10)])
-    splits = {}
-    for name, idx in (("train", idx_train), ("test", idx_test)):
-        cols: Dict[str, Any] = {"pixel_values": x[idx].numpy()}
-        if with_labels:
-            cols["labels"] = labels[idx].tolist()
-        splits[name] = datasets.Dataset.from_dict(cols, features=datasets.Features(features)).with_format("torch")
-    return datasets.DatasetDict(splits)
-
-
 # ---- loading --------------------------------------------------------------------------------------------
-def is_local_path(name: str) -> bool:
-    """Whether ``name`` is meant as a local path (exists, or is written like one), not a Hub id."""
-    if os.path.exists(name):
-        return True
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-            or Path(name).suffix.lower() in _FILE_BUILDERS)
-
-
-def _split_base(split: str) -> str:
-    return split.split("[", 1)[0].strip()
-
-
-def _check_local(name: str, what: str) -> Path:
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise DataError(f"{what} {name!r}: no such file or directory")
-    return path
-
-
-def _load_kwargs(args: DataArguments) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {}
-    if args.data_dir is not None:
-        kwargs["data_dir"] = str(_check_local(args.data_dir, "data_dir"))
-    if args.data_files is not None:
-        files = args.data_files
-        for f in ([files] if isinstance(files, str) else
-                  [x for v in files.values() for x in ([v] if isinstance(v, str) else v)] if isinstance(files, dict)
-                  else list(files)):
-            if not any(ch in f for ch in "*?[") and not f.startswith(("hf://", "http://", "https://")):
-                _check_local(f, "data_files entry")
-        kwargs["data_files"] = files
-    return kwargs
-
-
-def _from_disk(path: Path, split: str, streaming: bool) -> AnyDataset:
-    import datasets
-
-    if "[" in split:
-        raise DataError(f"split slices like {split!r} are not supported for save_to_disk folders ({path}); "
-                        "use a plain split name and max_train_samples / max_eval_samples")
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(f"split {split!r} not found in {path}; available splits: {', '.join(loaded)}")
-        ds = loaded[split]
-    else:
-        if split != "train":
-            raise DataError(f"{path} holds a single Dataset (no splits); use split 'train' for it, not {split!r}")
-        ds = loaded
-    return ds.to_iterable_dataset() if streaming else ds
-
-
-def load_split(args: DataArguments, split: str, cache_dir: Optional[str] = None) -> AnyDataset:
-    """One split of the configured dataset (``IterableDataset`` when ``args.streaming``).
-
-    Raises :class:`DataError` for a missing local path, an unknown split (listing the
-    available ones) or a dataset that cannot be loaded (e.g. a Hub id while offline).
-    """
-    import datasets
-
-    name = args.dataset_name
-    if not name:
-        raise DataError("no dataset configured: set dataset_name (a Hub id, a local folder/file, or "
-                        f"{DIGITS!r})")
-    if name == DIGITS:
-        splits = load_digits_splits(image_size=args.image_size or 32)
-        base = _split_base(split)
-        if base not in splits or "[" in split:
-            raise DataError(f"{DIGITS} has the splits {', '.join(splits)}; got {split!r}")
-        ds = splits[base]
-        return ds.to_iterable_dataset() if args.streaming else ds
-    kwargs = _load_kwargs(args)
-    if name in BUILDERS:
-        source, kwargs["path"] = name, name
-        if not ({"data_dir", "data_files"} & set(kwargs)):
-            raise DataError(f"dataset_name {name!r} is a builder: set data_dir or data_files too")
-    elif is_local_path(name):
-        path = _check_local(name, "dataset_name")
-        source = str(path)
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            return _from_disk(path, split, args.streaming)
-        if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise DataError(f"dataset file {path} has an unsupported extension; use one of "
-                                f"{', '.join(sorted(_FILE_BUILDERS))} or a folder")
-            kwargs.update(path=builder, data_files={"train": str(path)})
-        else:
-            kwargs["path"] = str(path)
-    else:
-        source, kwargs["path"] = name, name
-        if args.dataset_config_name:
-            kwargs["name"] = args.dataset_config_name
-    try:
-        return datasets.load_dataset(split=split, streaming=args.streaming, cache_dir=cache_dir, **kwargs)
-    except ValueError as err:
-        msg = str(err)
-        if "split" in msg.lower():
-            raise DataError(f"dataset {source}: cannot load split {split!r}: {msg}") from None
-        raise DataError(f"cannot load dataset {source}: {msg}") from None
-    except (FileNotFoundError, ConnectionError, OSError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        hint = " (HF_HUB_OFFLINE is set: Hub datasets must already be in the cache)" if offline else ""
-        raise DataError(f"cannot load dataset {source!r}{hint}: {type(err).__name__}: {err}") from None
-
-
 def limit_samples(ds: AnyDataset, n: Optional[int]) -> AnyDataset:
     """The first ``n`` examples (``take`` for streaming data)."""
     if n is None:
@@ -301,12 +142,15 @@ def _only_labels(names: List[str], label_col: Optional[str]) -> Optional[str]:
     return None
 
 
-def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: str = "dataset") -> Columns:
+def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: str = "dataset", role: str = "train",
+                    need_label: bool = True) -> Columns:
     """Find the input (and label) columns for a model taking ``modality`` ('image' or 'text') input.
 
     Explicitly configured columns must exist; otherwise the usual names and feature types are
-    tried. Raises :class:`DataError` naming the available columns, and saying so when the data
-    holds the other modality (a text dataset for an image model, or the reverse).
+    tried. ``role="eval"``: the ``eval_*_column`` keys override the others. ``need_label=False``
+    (training data of a label-free run): no label column is looked for or required. Raises
+    :class:`DataError` naming the available columns, and saying so when the data holds the other
+    modality (a text dataset for an image model, or the reverse).
     """
     names = column_names(ds)
     feats = _features(ds)
@@ -319,10 +163,15 @@ def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: st
             raise DataError(f"{field_name} {col!r} does not exist in {what}; available columns: {shown}")
         return col
 
-    image_col = require("image_column", args.image_column)
-    text_col = require("text_column", args.text_column)
+    def configured(key: str) -> tuple:
+        own = getattr(args, f"eval_{key}", None) if role == "eval" else None
+        return (f"eval_{key}", own) if own is not None else (key, getattr(args, key))
+
+    image_col = require(*configured("image_column"))
+    text_col = require(*configured("text_column"))
     pair_col = require("text_pair_column", args.text_pair_column)
-    label_col = require("label_column", args.label_column)
+    label_key, label_col = configured("label_column")
+    label_col = require(label_key, label_col) if need_label or label_col is None or label_col in names else None
 
     if modality == "image":
         if image_col is None:
@@ -353,9 +202,9 @@ def resolve_columns(ds: AnyDataset, args: DataArguments, modality: str, what: st
             raise DataError(f"text_column {text_col!r} holds {kinds[text_col]} values, not text; "
                             f"available columns: {shown}")
         input_col = text_col
-    if label_col is None and args.use_labels:
+    if label_col is None and args.use_labels and need_label:
         label_col = next((c for c in LABEL_COLUMNS if c in names and c not in (input_col, pair_col)), None)
-    if not args.use_labels:
+    if not args.use_labels or not need_label:
         label_col = None
     return Columns(modality, input_col, pair_col, label_col)
 

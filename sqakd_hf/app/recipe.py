@@ -350,18 +350,29 @@ def parse_overrides(tokens: Sequence[str], groups: Groups = ARGUMENT_GROUPS) -> 
     return RecipeParser(groups).parse(tokens)[1]
 
 
-def parse_eval_recipe(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str]
-                      ) -> Tuple[EvalArguments, ModelArguments, DataArguments]:
-    """``sqakd-hf eval``'s arguments: the recipe's model and data (its ``output_dir`` as ``model_path``,
-    its eval batch size and temperature), then the overrides."""
+def parse_eval_recipe(path: Optional[Union[str, os.PathLike]], overrides: Sequence[str],
+                      base: Optional[Mapping[str, Any]] = None
+                      ) -> Tuple[EvalArguments, ModelArguments, DataArguments, Set[str]]:
+    """``sqakd-hf eval``'s arguments and the keys the user set: ``base`` (e.g. what a run record says), then the
+    recipe's model and data (its ``output_dir`` as ``model_path``, its eval batch size and temperature), then the
+    overrides."""
     parser = RecipeParser(EVAL_GROUPS)
+    if base:
+        parser.set_recipe_defaults({k: v for k, v in base.items() if k in parser.types}, "the run record")
+    given: Set[str] = set()
     if path is not None:
         values = read_recipe_file(path)
         parser.check_keys(values, f"recipe {path}", ARGUMENT_GROUPS)
         renamed = {_EVAL_FROM_RECIPE.get(k, k): v for k, v in values.items()}
-        parser.set_recipe_defaults({k: v for k, v in renamed.items() if k in parser.types}, f"recipe {path}")
+        renamed = {k: v for k, v in renamed.items() if k in parser.types}
+        parser.set_recipe_defaults(renamed, f"recipe {path}")
+        given.update(renamed)
     (eval_args, model, data), _ = parser.parse(overrides, "eval arguments")
-    return eval_args, model, data
+    for token in overrides:
+        action = parser._option_string_actions.get(str(token).partition("=")[0])
+        if action is not None:
+            given.add(action.dest)
+    return eval_args, model, data, given
 
 
 # ---- help --------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ def folder_bytes(path: Path) -> int:
 
 
 def train_summary(student: str, teacher: str, out: Path, packed_dir: Optional[Path], metrics: Metrics,
-                  eval_split: Optional[str]) -> str:
-    """E.g. ``SQAKD lsq-W4A4 student of <teacher>``, where its two forms are, and the final evaluation."""
-    lines = [f"\nSQAKD {student} student of {teacher}", f"  training form (resume / reload): {out}"]
+                  eval_split: Optional[str], kind: str = "SQAKD") -> str:
+    """E.g. ``SQAKD lsq-W4A4 student of <teacher>`` (``PTQ lsq-W4A4 model of ...`` for ``kind="PTQ"``), where its
+    two forms are, and the final evaluation."""
+    what = "student" if kind == "SQAKD" else "model"
+    lines = [f"\n{kind} {student} {what} of {teacher}", f"  training form (resume / reload): {out}"]
     if packed_dir is not None:
         lines.append(f"  packed form + model card:        {packed_dir} ({folder_bytes(packed_dir) / 1e6:.2f} MB)")
     if metrics:

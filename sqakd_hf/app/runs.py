@@ -60,21 +60,24 @@ def _write_record(out: Path, record: Dict[str, Any]) -> None:
     os.replace(tmp, out / RUN_RECORD)
 
 
-def write_run_record(recipe: "Recipe", teacher: str, status: str = INCOMPLETE) -> None:
-    """Record the run (package version, teacher, recipe values, ``status``) in its output folder."""
+def write_run_record(recipe: "Recipe", teacher: str, status: str = INCOMPLETE, **facts: Any) -> None:
+    """Record the run (package version, teacher, recipe values, ``status`` and ``facts`` such as the mode, the
+    resolved data arguments and sources) in its output folder."""
     from ..version import __version__
 
     out = Path(recipe.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_record(out, {"sqakd_hf_version": __version__, "teacher": teacher, "status": status,
-                        "recipe": _jsonable(recipe.record())})
+                        "recipe": _jsonable(recipe.record()), **_jsonable(facts)})
 
 
-def mark_run_complete(out: Path) -> None:
-    """Set the run record's status to complete (the trained model is saved)."""
-    record = read_run_record(Path(out))
-    if record:
-        _write_record(Path(out), {**record, "status": COMPLETE})
+def mark_run_complete(out: Path, **facts: Any) -> Dict[str, Any]:
+    """Set the run record's status to complete (the trained model is saved), adding ``facts`` (what the run
+    did: steps, epochs, evaluation); returns the record."""
+    record = read_run_record(Path(out)) or {}
+    record = {**record, **_jsonable(facts), "status": COMPLETE}
+    _write_record(Path(out), record)
+    return record
 
 
 def is_unfinished(record: Optional[Dict[str, Any]]) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import DataError
 from .arguments import DataArguments
+from .sources import DataSource, eval_source, load_source, train_source
 from .data import (
     UNLABELED,
     Columns,
@@ -14,7 +15,6 @@ from .data import (
     image_collator,
     label_id_map,
     limit_samples,
-    load_split,
     prepare_image_dataset,
     prepare_text_dataset,
     processor_image_transform,
@@ -28,13 +28,15 @@ __all__ = ["RawData", "load_and_check_data", "preprocess"]
 
 @dataclass
 class RawData:
-    """Loaded, checked (not yet preprocessed) splits."""
+    """Loaded, checked (not yet preprocessed) splits, and where they came from."""
 
     train: Any
     eval: Any
     train_columns: Optional[Columns]
     eval_columns: Optional[Columns]
     eval_label_map: Optional[Dict[Any, int]] = None
+    train_source: Optional[DataSource] = None
+    eval_source: Optional[DataSource] = None
 
     def train_label_map(self, id2label) -> Optional[Dict[Any, int]]:
         """Training label -> class id (only when training uses labels)."""
@@ -45,24 +47,24 @@ class RawData:
 
 def load_and_check_data(data: DataArguments, info, need_train: bool = True, keep_train_labels: bool = False,
                         cache_dir: Optional[str] = None) -> RawData:
-    """Load the configured splits and check their columns against the teacher ``info`` (raises :class:`DataError`)."""
+    """Load the configured training and evaluation sources (each with its own columns and reader options) and
+    check their columns against the teacher ``info`` (raises :class:`DataError`)."""
     modality = info.modality
-    train = train_cols = None
+    train = train_cols = source = None
     if need_train:
-        train = load_split(data, data.train_split, cache_dir)
-        what = f"dataset {data.dataset_name} (split {data.train_split})"
-        train_cols = resolve_columns(train, data, modality, what)
-        if not keep_train_labels:
-            train_cols.label = None
-        elif train_cols.label is None or label_id_map(train, train_cols.label, info.id2label) is UNLABELED:
-            raise DataError(f"ce_weight > 0 needs labels that match the teacher's classes, but {what} has none "
+        source = train_source(data)
+        train = load_source(source, cache_dir)
+        train_cols = resolve_columns(train, data, modality, source.label, need_label=keep_train_labels)
+        if keep_train_labels and (train_cols.label is None
+                                  or label_id_map(train, train_cols.label, info.id2label) is UNLABELED):
+            raise DataError(f"ce_weight > 0 needs labels that match the teacher's classes, but {source.label} has none "
                             "(set label_column, or ce_weight: 0 for label-free SQAKD)")
         train = limit_samples(train, data.max_train_samples)
     evals = eval_cols = label_map = None
-    if data.eval_split:
-        evals = load_split(data, data.eval_split, cache_dir)
-        what = f"dataset {data.dataset_name} (split {data.eval_split})"
-        eval_cols = resolve_columns(evals, data, modality, what)
+    held_out = eval_source(data)
+    if held_out is not None:
+        evals = load_source(held_out, cache_dir)
+        eval_cols = resolve_columns(evals, data, modality, held_out.label, role="eval")
         if info.task not in ("image-classification", "text-classification"):
             eval_cols.label = None
         if eval_cols.label is not None:
@@ -70,7 +72,7 @@ def load_and_check_data(data: DataArguments, info, need_train: bool = True, keep
             if label_map is UNLABELED:
                 eval_cols.label, label_map = None, None
         evals = limit_samples(evals, data.max_eval_samples)
-    return RawData(train, evals, train_cols, eval_cols, label_map)
+    return RawData(train, evals, train_cols, eval_cols, label_map, source, held_out)
 
 
 def preprocess(raw: RawData, data: DataArguments, info, teacher, processor, train_label_map=None

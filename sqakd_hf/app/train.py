@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 from ..config import QuantConfig
 from ..errors import RecipeError
-from .data import DIGITS, dataset_length, is_local_path
+from .data import dataset_length
 from .distributed import barrier, say, setup_distributed
 from .models import TeacherInfo, inspect_teacher, load_processor, load_teacher_and_student
 from .checks import check_training_ranges
@@ -30,6 +30,8 @@ from .runs import (
     write_run_record,
 )
 from .skeleton import check_quantization_plan
+from .run_card import PTQ, TRAIN, card_facts, run_result, source_records, teacher_reference
+from .sources import eval_source, resolved_data_arguments, train_source
 from .splits import load_and_check_data, preprocess
 
 logger = logging.getLogger(__name__)
@@ -37,20 +39,24 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_train", "validate_recipe"]
 
 
-def validate_recipe(recipe: Recipe) -> QuantConfig:
+def validate_recipe(recipe: Recipe, mode: str = TRAIN) -> QuantConfig:
     """Cheap checks of a parsed recipe; returns the student's :class:`~sqakd_hf.QuantConfig`."""
     if not recipe.model.teacher:
         raise RecipeError("the recipe sets no teacher (a Hub id or a local checkpoint folder)")
-    if not recipe.data.dataset_name:
-        raise RecipeError(f"the recipe sets no dataset_name (a Hub id, a local folder/file, or {DIGITS!r})")
+    train_source(recipe.data)  # raises when no training data is configured
+    has_eval = eval_source(recipe.data) is not None
     if "output_dir" not in recipe.values:
         raise RecipeError("the recipe sets no output_dir (where the student is written)")
     training = recipe.training
     check_training_ranges(training)
-    if recipe.data.streaming and training.max_steps <= 0:
+    if mode == PTQ:
+        if training.resume_from_checkpoint not in (None, "", False):
+            raise RecipeError("ptq does not train, so there is nothing to resume: drop resume_from_checkpoint")
+    elif recipe.data.streaming and training.max_steps <= 0:
         raise RecipeError("streaming: true needs max_steps > 0 (a streamed dataset has no length to count epochs)")
-    if not recipe.data.eval_split and str(getattr(training.eval_strategy, "value", "no")) != "no":
-        raise RecipeError(f"eval_strategy {training.eval_strategy.value!r} needs an eval_split")
+    if not has_eval and str(getattr(training.eval_strategy, "value", "no")) != "no" and mode != PTQ:
+        raise RecipeError(f"eval_strategy {training.eval_strategy.value!r} needs an eval_split (or eval_files / "
+                          "eval_dataset_name)")
     quant = recipe.quant.to_quant_config()
     if training.push_to_hub and not recipe.run.save_packed:
         raise RecipeError("push_to_hub uploads the packed model: it needs save_packed: true")
@@ -63,9 +69,11 @@ def _check_task(recipe: Recipe, info: TeacherInfo) -> None:
                           "distill_target: hidden_states (MSE or cosine on the last hidden state)")
 
 
-def run_train(recipe: Recipe) -> Dict[str, Any]:
-    """Run a parsed recipe; returns ``{"output_dir", "packed_dir", "metrics"}``."""
-    quant_config = validate_recipe(recipe)
+def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
+    """Run a parsed recipe: SQAKD training (``mode="train"``) or calibration only (``mode="ptq"``), then the
+    same evaluation, saving (training form, packed form, model card, metrics, run record) and push.
+    Returns ``{"output_dir", "packed_dir", "metrics"}``."""
+    quant_config = validate_recipe(recipe, mode)
     resume = check_output_dir(recipe)
     info = inspect_teacher(recipe.model)
     _check_task(recipe, info)
@@ -74,7 +82,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     push, training.push_to_hub = training.push_to_hub, False  # the packed model + card are pushed below
     setup_distributed(training)
 
-    raw = load_and_check_data(recipe.data, info, keep_train_labels=training.ce_weight > 0,
+    raw = load_and_check_data(recipe.data, info, keep_train_labels=training.ce_weight > 0 and mode == TRAIN,
                               cache_dir=recipe.model.cache_dir)
     processor = load_processor(recipe.model.teacher, info)
     barrier()  # every rank passed every check
@@ -91,21 +99,33 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=training, train_dataset=train_ds,
                            eval_dataset=eval_ds, data_collator=collator, processing_class=processor)
     if training.should_save:
-        _start_run_record(recipe, info.name, out, resume)
-    say(f"sqakd-hf: {quant_config.short_name} student of {info.name} ({info.library}, {info.task}); "
-        f"{dataset_length(train_ds) or 'streamed'} training examples, no labels used"
-        + (" (ce_weight > 0: labels used)" if training.ce_weight > 0 else ""))
-    trainer.train(resume_from_checkpoint=resume)
+        _start_run_record(recipe, out, resume, mode=mode, teacher=teacher_reference(info),
+                          teacher_on_hub=info.local_dir is None, data=resolved_data_arguments(recipe.data),
+                          sources=source_records(raw))
+    examples = dataset_length(train_ds) or "streamed"
+    if mode == PTQ:
+        say(f"sqakd-hf: PTQ {quant_config.short_name} of {info.name} ({info.library}, {info.task}): calibration "
+            f"only, on {training.calibration_batches} batch(es) drawn from {examples} examples, no labels used")
+        trainer.prepare_student(train_ds, force_check=True)
+    else:
+        say(f"sqakd-hf: {quant_config.short_name} student of {info.name} ({info.library}, {info.task}); "
+            f"{examples} training examples, no labels used"
+            + (" (ce_weight > 0: labels used)" if training.ce_weight > 0 else ""))
+        trainer.train(resume_from_checkpoint=resume)
     metrics = _final_metrics(trainer, recipe) if eval_ds is not None else {}
     trainer.save_model(str(out))  # the training form; one writer under DDP
 
     packed_dir = out / PACKED_SUBDIR if recipe.run.save_packed else None
     if trainer.is_world_process_zero():
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        result = run_result(trainer, recipe, mode, train_ds, eval_ds, raw, metrics)
         if packed_dir is not None:
-            _save_packed_with_card(trainer.model, packed_dir, processor, recipe, info.name, metrics)
-        mark_run_complete(out)
-        say(train_summary(quant_config.short_name, info.name, out, packed_dir, metrics, recipe.data.eval_split))
+            record = {**(read_run_record(out) or {}), "result": result}
+            _save_packed_with_card(trainer.model, packed_dir, processor, recipe, record, metrics,
+                                   training.hub_model_id if push else None)
+        mark_run_complete(out, result=result)
+        say(train_summary(quant_config.short_name, info.name, out, packed_dir, metrics,
+                          raw.eval_source.split_name if raw.eval_source else None, "PTQ" if mode == PTQ else "SQAKD"))
         if push:
             from ..hub.push import push_to_hub
 
@@ -116,7 +136,7 @@ def run_train(recipe: Recipe) -> Dict[str, Any]:
     return {"output_dir": str(out), "packed_dir": str(packed_dir) if packed_dir else None, "metrics": metrics}
 
 
-def _start_run_record(recipe: Recipe, teacher: str, out: Path, resume: Optional[str]) -> None:
+def _start_run_record(recipe: Recipe, out: Path, resume: Optional[str], teacher: str, **facts: Any) -> None:
     """Replace the previous run (overwrite_output_dir, or a run that failed before a complete checkpoint) and
     record this one as incomplete until its model is saved."""
     unfinished = is_unfinished(read_run_record(out)) if out.is_dir() else False
@@ -125,7 +145,7 @@ def _start_run_record(recipe: Recipe, teacher: str, out: Path, resume: Optional[
         if removed:
             why = "overwrite_output_dir" if recipe.run.overwrite_output_dir else "rerun of an unfinished run"
             logger.warning("sqakd: %s: removed the previous run's %s", why, ", ".join(removed))
-    write_run_record(recipe, teacher)
+    write_run_record(recipe, teacher, **facts)
 
 
 def _final_metrics(trainer, recipe: Recipe) -> Dict[str, Dict[str, float]]:
@@ -139,27 +159,12 @@ def _final_metrics(trainer, recipe: Recipe) -> Dict[str, Dict[str, float]]:
     return metrics
 
 
-def _training_summary(recipe: Recipe) -> Dict[str, Any]:
-    t = recipe.training
-    return {
-        "temperature": t.temperature, "learning_rate": t.learning_rate,
-        "quantizer_learning_rate": t.effective_quantizer_learning_rate, "weight_decay": t.weight_decay,
-        "lr_scheduler_type": str(getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)),
-        "optim": str(getattr(t.optim, "value", t.optim)), "epochs": t.num_train_epochs, "max_steps": t.max_steps,
-        "per_device_train_batch_size": t.per_device_train_batch_size, "dataset": recipe.data.dataset_name,
-        "labels_used": t.ce_weight > 0,
-    }
-
-
-def _save_packed_with_card(model, packed_dir: Path, processor, recipe: Recipe, teacher: str,
-                           metrics: Optional[Dict[str, Dict[str, float]]]) -> None:
+def _save_packed_with_card(model, packed_dir: Path, processor, recipe: Recipe, record: Dict[str, Any],
+                           metrics: Optional[Dict[str, Dict[str, float]]], repo_id: Optional[str]) -> None:
     from ..checkpoint import save_packed
     from ..hub.card_info import write_model_card
 
     save_packed(model, packed_dir, fp_dtype=recipe.run.packed_fp_dtype)
     if processor is not None:
         processor.save_pretrained(str(packed_dir))
-    name = recipe.data.dataset_name
-    datasets = [name] if name and not is_local_path(name) and name != DIGITS and "/" in name else None
-    write_model_card(model, packed_dir, teacher=teacher, metrics=metrics or None,
-                     training=_training_summary(recipe), datasets=datasets)
+    write_model_card(model, packed_dir, metrics=metrics or None, repo_id=repo_id, **card_facts(record))

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..serialization.packing import storage_bits
 
-__all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH"]
+__all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH", "METRIC_DESCRIPTIONS"]
 
 DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "templates" / "model_card_template.md"
 
@@ -46,10 +46,38 @@ class ModelCardInfo:
     datasets: list[str] = field(default_factory=list)
     license: str | None = None
     pipeline_tag: str | None = None
+    #: whether ``base_model`` is a Hub id (None: decide from its spelling); a local teacher is said to be local
+    base_model_on_hub: bool | None = None
+    #: "sqakd" (label-free distillation) or "ptq" (calibration only, no training)
+    mode: str = "sqakd"
+    #: whether training used labels (ce_weight > 0)
+    labels_used: bool = False
+    #: tensors kept in full precision, grouped: ``[{"group", "bytes", "share", "dtypes"}]`` (shares of the file)
+    fp_groups: list[dict[str, Any]] = field(default_factory=list)
+    #: share of the file's bytes held by the quantized layers (codes and their scales)
+    quantized_share: float | None = None
+    #: what ``teacher_bytes`` measures, e.g. "the teacher's safetensors files"
+    teacher_bytes_source: str | None = None
+    #: the evaluation data: ``{"dataset", "split", "examples"}`` (metric names come from ``metrics``)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+#: what each reported metric measures
+METRIC_DESCRIPTIONS = {
+    "accuracy": "top-1 accuracy against the evaluation labels",
+    "teacher_agreement": "share of examples (tokens for sequence outputs) where the student's top-1 prediction is the "
+                         "teacher's",
+    "kd_loss": "the training objective: T^2 KL(teacher || student) of the temperature-softened outputs",
+    "hidden_mse": "mean squared error between the student's and the teacher's last hidden states",
+}
 
 
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and _HUB_ID.match(name) is not None and not name.endswith((".", "-"))
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.1f}%" if share >= 0.001 else "<0.1%"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -146,7 +174,9 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
             raise ValueError(f"{name} must be a positive integer, got {bits!r}")
 
-    on_hub = _is_hub_id(info.base_model)
+    if info.mode not in ("sqakd", "ptq"):
+        raise ValueError(f"mode must be 'sqakd' or 'ptq', got {info.mode!r}")
+    on_hub = _is_hub_id(info.base_model) if info.base_model_on_hub is None else bool(info.base_model_on_hub)
     card_kwargs: dict[str, Any] = {}
     if on_hub:
         card_kwargs["base_model_relation"] = "quantized"
@@ -163,7 +193,7 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
     if info.base_model and on_hub:
         base_link = f"[`{info.base_model}`](https://huggingface.co/{info.base_model})"
     elif info.base_model:
-        base_link = f"`{info.base_model}`"
+        base_link = f"`{info.base_model}` (a local checkpoint, not on the Hub)"
     else:
         base_link = None
 
@@ -177,13 +207,16 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
 
     columns, rows, show_delta = _metric_table(info.metrics or {})
     note, snippet = _load_snippet(info)
-    name = info.repo_id.split("/")[-1] if info.repo_id else None
-    if name:
-        title = name
+    kind = "SQAKD" if info.mode == "sqakd" else "PTQ"
+    if info.repo_id:
+        title = info.repo_id
     elif info.base_model:
-        title = f"{Path(info.base_model).name} (SQAKD W{info.weight_bits}A{info.act_bits})"
+        teacher_name = info.base_model if on_hub else Path(info.base_model).name
+        title = f"{teacher_name} ({kind} W{info.weight_bits}A{info.act_bits}, {info.method})"
     else:
-        title = f"SQAKD W{info.weight_bits}A{info.act_bits} quantized model"
+        title = f"{kind} W{info.weight_bits}A{info.act_bits} quantized model"
+    evaluation = dict(info.evaluation or {})
+    metric_names = [row["name"] for row in rows]
 
     training_rows = [
         (k, f"{v:g}" if isinstance(v, float) else str(v)) for k, v in (info.training or {}).items()
@@ -214,4 +247,14 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
         load_note=note,
         load_snippet=snippet,
         training_rows=training_rows,
+        mode=info.mode,
+        labels_used=info.labels_used,
+        fp_groups=[{**g, "share_text": _pct(g["share"]), "dtypes": ", ".join(g.get("dtypes", []))}
+                   for g in info.fp_groups],
+        quantized_share=_pct(info.quantized_share) if info.quantized_share is not None else None,
+        teacher_bytes_source=info.teacher_bytes_source,
+        eval_dataset=evaluation.get("dataset"),
+        eval_split=evaluation.get("split"),
+        eval_examples=evaluation.get("examples"),
+        metric_descriptions=[(n, METRIC_DESCRIPTIONS.get(n)) for n in metric_names],
     )

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -16,9 +18,10 @@ from torch import nn
 from ..checkpoint import model_library
 from ..injection import get_quant_config, quant_layers
 from ..modules import WRAPPERS, QuantLayer
+from ..serialization.files import read_checkpoint_header
 from .card import ModelCardInfo, render_model_card
 
-__all__ = ["model_card_info", "write_model_card", "Metrics"]
+__all__ = ["model_card_info", "write_model_card", "checkpoint_contents", "Metrics"]
 
 Metrics = Dict[str, Dict[str, float]]
 
@@ -88,6 +91,66 @@ def _teacher_bytes(teacher: Any) -> Optional[int]:
     return None
 
 
+#: bytes per element of each safetensors dtype
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+#: at most this many full-precision groups are listed; the rest are summed into one row
+MAX_FP_GROUPS = 8
+
+
+def _group_of(owner: str) -> str:
+    """``bert.encoder.layer.3.output.LayerNorm`` -> ``bert.encoder.layer.*.output.LayerNorm``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", owner)
+
+
+def checkpoint_contents(folder: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """What the ``*.safetensors`` files of ``folder`` hold, from their headers (no tensor is loaded):
+    ``{"total_bytes", "quantized_bytes", "fp_groups": [{"group", "bytes", "share", "dtypes"}]}``.
+
+    A tensor is quantized when it is the (packed) weight of a quantized layer or a quantizer's state; the
+    quantized layers are the ones the packed file records, else (training form) those of ``model`` with fewer
+    than 32 weight bits. Every other tensor is kept in full precision; those are grouped by module, layer
+    indices collapsed (``encoder.layer.*.output.LayerNorm``), biases of quantized layers in one group. The
+    ``MAX_FP_GROUPS - 1`` largest groups are listed, largest first, the rest summed.
+    """
+    files = sorted(Path(folder).glob("*.safetensors"))
+    header = read_checkpoint_header(files)
+    if header.packed_layers:
+        quantized = set(header.packed_layers)
+    else:
+        quantized = {n for n, m in quant_layers(model)} if model is not None else set()
+        quantized = {n for n in quantized if _weight_bits(model, n) < 32}
+    total = q_bytes = 0
+    groups: Dict[str, Dict[str, Any]] = {}
+    for key, shape in header.shapes.items():
+        dtype = header.dtypes[key]
+        size = math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+        total += size
+        owner, _, leaf = key.rpartition(".")
+        if "_quantizer." in key or (owner in quantized and leaf.startswith("weight")):
+            q_bytes += size
+            continue
+        name = "biases of quantized layers" if owner in quantized else _group_of(owner or leaf)
+        group = groups.setdefault(name, {"group": name, "bytes": 0, "dtypes": set(), "tensors": 0})
+        group["bytes"] += size
+        group["dtypes"].add(dtype)
+        group["tensors"] += 1
+    ordered = sorted(groups.values(), key=lambda g: (-g["bytes"], g["group"]))
+    if len(ordered) > MAX_FP_GROUPS:
+        rest = ordered[MAX_FP_GROUPS - 1:]
+        ordered = ordered[: MAX_FP_GROUPS - 1] + [{
+            "group": f"{len(rest)} other groups", "bytes": sum(g["bytes"] for g in rest),
+            "dtypes": set().union(*(g["dtypes"] for g in rest)), "tensors": sum(g["tensors"] for g in rest)}]
+    for g in ordered:
+        g["share"] = g["bytes"] / total if total else 0.0
+        g["dtypes"] = sorted(g["dtypes"])
+    return {"total_bytes": total, "quantized_bytes": q_bytes, "fp_groups": ordered}
+
+
+def _weight_bits(model: nn.Module, name: str) -> int:
+    return int(model.get_submodule(name).weight_quantizer.bits)
+
+
 def model_card_info(
     model: nn.Module,
     *,
@@ -101,13 +164,17 @@ def model_card_info(
     datasets: Optional[List[str]] = None,
     license: Optional[str] = None,
     tags: Optional[List[str]] = None,
+    **facts: Any,
 ) -> ModelCardInfo:
     """What the model card says about ``model`` (an SQAKD-quantized transformers or timm model).
 
     ``teacher``: the teacher's Hub id / local path, or the teacher model (its ``name_or_path`` and
     size are used); by default the checkpoint the student was quantized from, if known.
     ``metrics``: ``{"teacher": {...}, "student": {...}}``. ``teacher_bytes`` defaults to the
-    teacher's size, else the student's full-precision size (same architecture).
+    teacher's size, else the student's full-precision size (same architecture). ``facts``: further
+    :class:`ModelCardInfo` fields (``base_model``: the name to show, e.g. a local teacher's folder name, while
+    ``teacher`` is measured; ``mode``, ``labels_used``, ``evaluation``, ``base_model_on_hub``, ``fp_groups``,
+    ``quantized_share``, ``teacher_bytes_source``).
     """
     config = get_quant_config(model)
     if model_library(model) == "transformers":
@@ -117,9 +184,13 @@ def model_card_info(
         model_class = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
         library, pipeline_tag = "timm", "image-classification"
     if teacher_bytes is None:
-        teacher_bytes = _teacher_bytes(teacher) or _fp_bytes(model)
+        teacher_bytes = _teacher_bytes(teacher)
+        facts.setdefault("teacher_bytes_source", "the teacher's safetensors files" if teacher_bytes else
+                         "the student's tensors at full precision")
+        teacher_bytes = teacher_bytes or _fp_bytes(model)
+    base_model = facts.pop("base_model", None) or _teacher_name(teacher, model)
     return ModelCardInfo(
-        base_model=_teacher_name(teacher, model),
+        base_model=base_model,
         method=config.method,
         weight_bits=config.weight_bits,
         act_bits=config.act_bits,
@@ -136,6 +207,7 @@ def model_card_info(
         datasets=list(datasets or []),
         license=license,
         pipeline_tag=pipeline_tag,
+        **facts,
     )
 
 
@@ -152,6 +224,11 @@ def write_model_card(model: nn.Module, save_directory: Union[str, os.PathLike], 
         info_kwargs["checkpoint_bytes"] = sum(f.stat().st_size for f in weights)
     if "packed" not in info_kwargs:
         info_kwargs["packed"] = bool(_saved_quant_config(folder).get("packed", False))
+    if weights and "fp_groups" not in info_kwargs:
+        contents = checkpoint_contents(folder, model)
+        info_kwargs["fp_groups"] = contents["fp_groups"]
+        if contents["total_bytes"]:
+            info_kwargs["quantized_share"] = contents["quantized_bytes"] / contents["total_bytes"]
     card = render_model_card(model_card_info(model, **info_kwargs))
     path = folder / "README.md"
     tmp = path.with_suffix(".md.tmp")
