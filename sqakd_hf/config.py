@@ -112,7 +112,8 @@ class QuantConfig(QuantizationConfigMixin):
                                          or not 0 < smooth_alpha <= 1):
             raise ValueError(f"smooth_alpha must be a number in (0, 1] (SmoothQuant uses 0.5) or None; got {smooth_alpha!r}")
         self.smooth_alpha = None if smooth_alpha is None else float(smooth_alpha)
-        if embedding_bits is not None and (isinstance(embedding_bits, bool) or embedding_bits not in range(1, 9)):
+        if embedding_bits is not None and (isinstance(embedding_bits, bool) or not isinstance(embedding_bits, int)
+                                           or embedding_bits not in range(1, 9)):
             raise ValueError(f"embedding_bits must be an integer in 1..8, or None to keep embeddings full precision; "
                              f"got {embedding_bits!r}")
         self.embedding_bits = embedding_bits

@@ -44,6 +44,14 @@ def test_bits_for_applies_first_matching_override():
         ({"layer_bits": {"fc": {"bits": 4}}}, "layer_bits"),
         ({"quant_method": "gptq"}, "quant_method"),
         ({"wbits": 4}, "unknown field"),
+        ({"act_granularity": "per_channel"}, "act_granularity"),
+        ({"smooth_alpha": 0}, "smooth_alpha"),
+        ({"smooth_alpha": 1.5}, "smooth_alpha"),
+        ({"smooth_alpha": "0.5"}, "smooth_alpha"),
+        ({"smooth_alpha": True}, "smooth_alpha"),
+        ({"embedding_bits": 0}, "embedding_bits"),
+        ({"embedding_bits": 16}, "embedding_bits"),
+        ({"embedding_bits": 8.0}, "embedding_bits"),
     ],
 )
 def test_bad_values_name_the_field_and_allowed_values(kwargs, field):
@@ -51,10 +59,26 @@ def test_bad_values_name_the_field_and_allowed_values(kwargs, field):
         QuantConfig(**kwargs)
     msg = str(e.value)
     if "bits" in field and field != "layer_bits":
-        assert "1..8" in msg and "32" in msg
+        assert "1..8" in msg and ("32" in msg or field == "embedding_bits")
     if field == "method":
         assert "lsq" in msg and "ewgs" in msg
 
 
 def test_short_name():
     assert QuantConfig(method="pact", weight_bits=2, act_bits=2).short_name == "pact-W2A2"
+
+
+def test_activation_smoothing_and_embedding_fields_round_trip_and_compatibility():
+    from sqakd_hf.config import check_config_compatible
+
+    cfg = QuantConfig(act_granularity="per_tensor", smooth_alpha=0.5, embedding_bits=8)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert (d["act_granularity"], d["smooth_alpha"], d["embedding_bits"]) == ("per_tensor", 0.5, 8)
+    assert QuantConfig(**d).to_dict() == cfg.to_dict()
+    assert QuantConfig().act_granularity == "per_token" and QuantConfig().embedding_bits is None
+    # the granularity and the embedding bits change the function; smooth_alpha only how calibration started
+    check_config_compatible(cfg, QuantConfig(act_granularity="per_tensor", embedding_bits=8))
+    for other in (QuantConfig(smooth_alpha=0.5, embedding_bits=8), QuantConfig(act_granularity="per_tensor",
+                                                                               smooth_alpha=0.5, embedding_bits=4)):
+        with pytest.raises(ValueError, match="act_granularity|embedding_bits"):
+            check_config_compatible(cfg, other)

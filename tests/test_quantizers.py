@@ -289,3 +289,61 @@ def test_fused_fast_path_matches_general_formula(scale_shape, scale_grad):
         results.append((y.detach(), x.grad, s.grad))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+# -------------------------------------------------------------------------------- per-token activations
+def _per_token_act(method: str, bits: int = 4):
+    """A per-token activation quantizer calibrated on one batch (MSE init)."""
+    torch.manual_seed(0)
+    q = build_quantizer(method, bits, "act", init="mse", per_token=True)
+    calib = torch.randn(4, 6, 16) * torch.logspace(-1, 1, 16)
+    q.observing = True
+    q(calib)
+    q.observing = False
+    q.init_from_stats(q.pop_stats())
+    return q
+
+
+def test_per_token_minmax_is_dynamic_absmax_per_row_by_hand():
+    q = _ready(build_quantizer("minmax", 2, "act", per_token=True), signed=True, scale=0.5)  # 1 / Qp of the row max
+    x = _t([[0.2, -1.0, 0.7], [30.0, 10.0, -5.0]])
+    # row 0: step 0.5 (absmax 1); row 1: step 15 (absmax 30); signed 2-bit grid [-2, 1]
+    assert torch.allclose(q(x), torch.tensor([[0.0, -1.0, 0.5], [15.0, 15.0, -0.0]]))
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "ewgs", "dorefa", "minmax"])
+def test_per_token_rows_are_scale_equivariant_and_gradients_defined(method):
+    """Per token, Q(c x_t) = c Q(x_t) for every row (no static range), all-zero rows stay finite and zero, and the input
+    and every learned parameter get finite gradients."""
+    q = _per_token_act(method)
+    x = torch.randn(2, 5, 16) * torch.logspace(-1, 1, 16)
+    x[0, 1] = 0.0
+    c = torch.logspace(-3, 3, 5).reshape(1, 5, 1)
+    assert torch.allclose(q(x * c), q(x) * c, rtol=1e-5, atol=1e-9)
+    xg = (x * c).requires_grad_()
+    out = q(xg)
+    assert out[0, 1].abs().max() < 1e-30  # an all-zero row stays (numerically) zero, never NaN
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    for p in q.quant_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), (method, p.shape)
+    assert "per_token" in repr(q)
+
+
+def test_per_token_beats_per_tensor_on_rows_of_different_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 32) * torch.logspace(-2, 2, 64)[:, None]  # token rows spanning 4 decades
+    err = {}
+    for per_token in (False, True):
+        q = build_quantizer("lsq", 8, "act", init="mse", per_token=per_token)
+        q.observing = True
+        q(x)
+        q.observing = False
+        q.init_from_stats(q.pop_stats())
+        err[per_token] = ((q(x) - x).norm(dim=1) / x.norm(dim=1)).mean().item()  # mean relative error per row
+    assert err[True] < err[False] / 10, err
+
+
+def test_per_token_only_for_activations():
+    with pytest.raises(ValueError, match="per_token"):
+        build_quantizer("lsq", 4, "weight", (3, 1), per_token=True)

@@ -255,7 +255,9 @@ class Quantizer(nn.Module):
             return fake_quantize(x, scale, qmin, qmax, zero=zero, **kw)
         m = token_absmax(x)
         rows = x.reshape(-1, x.shape[-1])
-        out = fake_quantize(rows, scale * m, qmin, qmax, zero=None if zero is None else zero * m, **kw)
+        # an all-zero row has a tiny step: keep its reciprocal finite (0 / step stays 0, never 0 * inf)
+        step = (scale * m).clamp_min(4.0 / torch.finfo(m.dtype).max)
+        out = fake_quantize(rows, step, qmin, qmax, zero=None if zero is None else zero * m, **kw)
         return out.reshape(x.shape)
 
 
