@@ -5,8 +5,9 @@
   inputs are crops of the natural photos scikit-learn ships;
 * all-MiniLM-L6-v2 (a real BertModel), mean-pooled sentence embeddings of real BBC News texts.
 
-After calibration only: every method is finite at W8A8, W4A8 and W4A4, and the W8A8 students stay
-close to the teacher (thresholds a regression would break; measured values are in the comments).
+After calibration only: every method is finite at W8A8, W4A8 and W4A4, and the students stay close to
+the teacher: MiniLM at the goals of per-token (default) and static per-tensor activations (thresholds a
+regression would break; measured values are in the comments).
 """
 
 from __future__ import annotations
@@ -148,9 +149,9 @@ def _embed(model, batch) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def _min_cosine(setup, method: str, wb: int, ab: int) -> float:
+def _min_cosine(setup, method: str, wb: int, ab: int, **kw) -> float:
     teacher, calib, test, reference = setup
-    student = quantize_model(copy.deepcopy(teacher), QuantConfig(method=method, weight_bits=wb, act_bits=ab))
+    student = quantize_model(copy.deepcopy(teacher), QuantConfig(method=method, weight_bits=wb, act_bits=ab, **kw))
     calibrate(student, calib)
     emb = _embed(student.eval(), test)
     assert torch.isfinite(emb).all(), f"{method} W{wb}A{ab}"
@@ -165,16 +166,31 @@ def test_minilm_every_method_is_finite(minilm_setup, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, bits, threshold", [
-    ("lsq", (8, 8), 0.98),     # measured 0.989 (paper init: 0.960)
-    ("ewgs", (8, 8), 0.98),    # measured 0.991 (paper init: 0.658)
-    ("minmax", (8, 8), 0.97),  # measured 0.984
-    ("lsq", (4, 8), 0.89),     # measured 0.918 (paper init: 0.830)
-    ("ewgs", (4, 8), 0.88),    # measured 0.904 (paper init: 0.593)
+@pytest.mark.parametrize("method, bits, granularity, threshold", [
+    # default settings (per-token dynamic activations, MSE ranges): the goal is 0.99 at W8A8, 0.90 at W4A8
+    ("lsq", (8, 8), "per_token", 0.99),         # measured 0.9973
+    ("pact", (8, 8), "per_token", 0.99),        # measured 0.9973
+    ("ewgs", (8, 8), "per_token", 0.99),        # measured 0.9967
+    ("minmax", (8, 8), "per_token", 0.99),      # measured 0.9969
+    ("lsq", (4, 8), "per_token", 0.90),         # measured 0.930
+    ("pact", (4, 8), "per_token", 0.90),        # measured 0.930
+    ("ewgs", (4, 8), "per_token", 0.90),        # measured 0.911
+    ("minmax", (4, 8), "per_token", 0.88),      # measured 0.895 (absmax weights by definition: below the 0.90 goal)
+    # the paper's static per-tensor activations: the goal is 0.97 at W8A8
+    ("lsq", (8, 8), "per_tensor", 0.975),       # measured 0.9863
+    ("pact", (8, 8), "per_tensor", 0.975),      # measured 0.9863
+    ("ewgs", (8, 8), "per_tensor", 0.98),       # measured 0.9902
+    ("minmax", (8, 8), "per_tensor", 0.97),     # measured 0.9812
 ])
-def test_minilm_calibration_stays_close(minilm_setup, method, bits, threshold):
-    cosine = _min_cosine(minilm_setup, method, *bits)
-    assert cosine >= threshold, f"{method} W{bits[0]}A{bits[1]} min cosine {cosine:.4f}"
+def test_minilm_calibration_stays_close(minilm_setup, method, bits, granularity, threshold):
+    cosine = _min_cosine(minilm_setup, method, *bits, act_granularity=granularity)
+    assert cosine >= threshold, f"{method} W{bits[0]}A{bits[1]} {granularity} min cosine {cosine:.4f}"
+
+
+def test_per_token_activations_beat_per_tensor_on_real_weights(minilm_setup):
+    """The default activation granularity is chosen by measurement (MiniLM W8A8 LSQ: 0.997 vs 0.986)."""
+    scores = {g: _min_cosine(minilm_setup, "lsq", 8, 8, act_granularity=g) for g in ("per_token", "per_tensor")}
+    assert scores["per_token"] > scores["per_tensor"] + 0.005, scores
 
 
 def test_mse_init_beats_the_paper_init_on_real_weights(minilm_setup):
