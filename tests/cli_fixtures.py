@@ -187,7 +187,6 @@ def _table(text: str, header: str) -> Dict[str, str]:
 def check_card_against_record(out: Path) -> Dict[str, Any]:
     """Check the packed model card of the run in ``out`` field by field against its run record and its saved
     files (computed here independently of the card code); returns the record."""
-    import fnmatch
     import json
 
     from huggingface_hub import ModelCard
@@ -270,7 +269,8 @@ def check_card_against_record(out: Path) -> Dict[str, Any]:
         elif name.endswith("other groups"):
             continue
         else:
-            members = [k for k in fp if fnmatch.fnmatchcase(k.rpartition(".")[0], name)
+            pattern = re.escape(name).replace(r"\*", r"\d+")  # a group's * stands for a layer index
+            members = [k for k in fp if re.fullmatch(pattern, k.rpartition(".")[0])
                        and k.rpartition(".")[0] not in layers]
         assert members, name
         expected = 100 * sum(fp[k] for k in members) / total

@@ -152,6 +152,8 @@ def test_train_then_push_to_hub(assets, tmp_path, local_hub):
     assert {"config.json", "model.safetensors", "README.md"} <= files
     card = Path(hf_hub_download("testuser/digits-lsq-w4a4", "README.md")).read_text()
     assert "W4A4" in card.replace(" ", "") and "accuracy" in card.lower()
+    assert "\n# testuser/digits-lsq-w4a4\n" in card  # titled by the Hub repo, not by a local folder
+    assert 'from_pretrained_timm("testuser/digits-lsq-w4a4")' in card
     downloaded = load_quantized(snapshot_download("testuser/digits-lsq-w4a4"))
     assert is_quantized(downloaded)
 
@@ -170,6 +172,8 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     assert proc.returncode == 0, output[-4000:]
     assert "sqakd-hf: process 0/2" in output and "sqakd-hf: process 1/2" in output  # both ranks ran
     assert output.count("SQAKD lsq-W4A4 student") == 1  # the summary is printed by rank 0 only
+    # every parameter of the student gets a gradient: DDP runs without the unused-parameter search (and its warning)
+    assert "find_unused_parameters=True was specified" not in output and "get no gradient" not in output
     out = tmp_path / "out"
     state = json.loads((out / METRICS_FILE).read_text())
     assert "teacher_agreement" in state["student"]

@@ -166,3 +166,60 @@ def test_loading_advice_matches_what_transformers_does_without_the_import():
         card = str(render_model_card(ModelCardInfo(base_model="org/teacher", method="lsq", weight_bits=4, act_bits=4,
                                                    packed=packed)))
         assert says in card and "import sqakd_hf" in card, packed
+
+
+# ---- the rendered card of real runs, field by field against each run's record --------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three real runs of the CLI: a text classifier with labeled eval files (max_steps ends it inside the first
+    epoch), a timm model without eval data (whole epochs), and a PTQ run."""
+    from cli_fixtures import (image_recipe, save_bert_teacher, save_timm_teacher, write_digits_imagefolder,
+                              write_recipe, write_text_csv)
+    from sqakd_hf.app.cli import main
+
+    root = tmp_path_factory.mktemp("card-runs")
+    bert, timm_teacher = save_bert_teacher(root / "bert-teacher"), save_timm_teacher(root / "timm-teacher")
+    train = write_text_csv(root / "text" / "train.csv", 40, with_labels=False)
+    evals = write_text_csv(root / "text" / "eval.csv", 12, seed=1)
+    imgs = write_digits_imagefolder(root / "digits", n_train=32, n_test=16)
+    common = dict(save_strategy="no", report_to="none", disable_tqdm=True, calibration_batches=1)
+    text = write_recipe(root / "text.yaml", teacher=str(bert), train_files=str(train), eval_files=str(evals),
+                        max_length=16, output_dir=str(root / "text-run"), max_steps=3, per_device_train_batch_size=8,
+                        **common)
+    assert main(["train", str(text)]) == 0
+    vision = image_recipe(root, timm_teacher, imgs, eval_split=None, max_steps=-1, num_train_epochs=1,
+                          output_dir=str(root / "timm-run"), weight_bits=2, act_bits=2)
+    assert main(["train", str(write_recipe(root / "timm.yaml", **vision))]) == 0
+    ptq = image_recipe(root, timm_teacher, imgs, output_dir=str(root / "ptq-run"), method="minmax", weight_bits=8,
+                       act_bits=8)
+    assert main(["ptq", str(write_recipe(root / "ptq.yaml", **ptq))]) == 0
+    return root
+
+
+@pytest.mark.parametrize("run", ["text-run", "timm-run", "ptq-run"])
+def test_card_of_a_real_run_matches_its_record(runs, run):
+    from cli_fixtures import check_card_against_record
+
+    record = check_card_against_record(runs / run)
+    result = record["result"]
+    if run == "text-run":
+        assert result["mode"] == "train" and result["optimizer_steps"] == 3
+        assert result["epochs"] == pytest.approx(0.6)  # 3 steps of 8 out of 40 examples, not "epochs 3"
+        assert result["eval"] == {"files": [str(runs / "text" / "eval.csv")], "split": "eval.csv", "examples": 12,
+                                  "metrics": ["accuracy", "kd_loss", "teacher_agreement"]}
+    elif run == "timm-run":
+        assert result["mode"] == "train" and result["eval"] is None
+        assert result["epochs"] == pytest.approx(1.0) and result["optimizer_steps"] == 2  # 32 images, batch 16
+    else:
+        assert result["mode"] == "ptq" and result["optimizer_steps"] == 0 and result["epochs"] == 0
+        assert result["eval"]["split"] == "test" and result["eval"]["examples"] == 16
+        assert record["sources"]["eval"]["dataset"] == str(runs / "digits")
+
+
+def test_card_says_where_the_bytes_are(runs):
+    """The packed timm student: the FP groups and the quantized share add up to the whole file."""
+    text = (runs / "timm-run" / "packed" / "README.md").read_text()
+    shares = [float(s) for s in re.findall(r"\| ([\d.]+)% \|", text)]
+    quantized = float(re.search(r"Quantized layers \(integer codes and their scales\): ([\d.]+)%", text).group(1))
+    small = text.count("| <0.1% |")
+    assert abs(sum(shares) + quantized - 100) <= 0.05 * (len(shares) + 1) + 0.1 * small

@@ -20,10 +20,10 @@ from sqakd_hf.app.recipe import InputError, RecipeError, parse_overrides, parse_
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(p.name for p in RECIPES.glob("*.yaml"))
-OFFLINE = {"quickstart.yaml"}
+OFFLINE = {"quickstart.yaml", "own_text_data.yaml"}
 HUB = sorted(set(ALL) - OFFLINE)
 EXPECTED = {"quickstart.yaml", "timm_image_classification.yaml", "transformers_text_classification.yaml",
-            "hf_vit_image_classification.yaml", "causal_lm.yaml", "cifar10_paper.yaml"}
+            "hf_vit_image_classification.yaml", "causal_lm.yaml", "cifar10_paper.yaml", "own_text_data.yaml"}
 
 
 def test_the_shipped_recipes():
@@ -36,7 +36,7 @@ def test_recipe_parses_and_builds_its_configs(name):
     assert isinstance(recipe.training, SQAKDTrainingArguments)
     config = recipe.quant.to_quant_config()
     assert isinstance(config, QuantConfig) and config.method in ("lsq", "pact", "dorefa", "ewgs")
-    assert recipe.model.teacher and recipe.data.dataset_name and "output_dir" in recipe.values
+    assert recipe.model.teacher and (recipe.data.dataset_name or recipe.data.train_files) and "output_dir" in recipe.values
     assert recipe.training.ce_weight == 0  # label-free
     assert recipe.training.temperature > 0
     text = (RECIPES / name).read_text()
@@ -161,3 +161,16 @@ def test_quant_arguments_are_quant_config_arguments():
     assert {n: f.default for n, f in fields.items()} == params
     assert all(f.metadata["help"] for f in fields.values())
     assert QuantArguments().to_quant_config().to_dict() == QuantConfig().to_dict()
+
+
+def test_own_text_data_recipe_runs_on_the_users_files(tmp_path, monkeypatch):
+    """The own-data recipe, unchanged, from a folder holding a teacher and latin-1 csv files in its layout."""
+    from cli_fixtures import save_bert_teacher, write_tweets_csv
+
+    monkeypatch.chdir(tmp_path)
+    save_bert_teacher(tmp_path / "my-tweet-classifier")
+    write_tweets_csv(tmp_path / "data" / "train.csv", 24, with_labels=False)
+    write_tweets_csv(tmp_path / "data" / "test.csv", 8, seed=1)
+    assert main(["train", str(RECIPES / "own_text_data.yaml"), "--max_steps", "1", "--disable_tqdm", "true"]) == 0
+    record = json.loads((tmp_path / "out" / "tweets-lsq-w8a8" / "sqakd_run.json").read_text())
+    assert record["status"] == "complete" and record["result"]["eval"]["examples"] == 8
