@@ -295,9 +295,8 @@ LOADING_ERRORS = {
                               ["dataset_kwargs: the csv reader of train_files", "has no option 'encodng'"]),
     "reserved reader option": (lambda p: DataArguments(train_files=[str(p["utf8"])], dataset_kwargs={"split": "x"}),
                                ["dataset_kwargs may not set 'split'"]),
-    "unknown encoding": (lambda p: DataArguments(train_files=[str(p["latin"])], streaming=True,
-                                                 dataset_kwargs={"encoding": "latin-9x"}),
-                         ["unknown encoding 'latin-9x'"]),
+    "unknown encoding": (lambda p: DataArguments(train_files=[str(p["latin"])], dataset_kwargs={"encoding": "latin-9x"}),
+                         ["dataset_kwargs: unknown encoding 'latin-9x'"]),
     "broken json": (lambda p: DataArguments(train_files=[str(p["json"])]),
                     ["cannot read", "bad.json as json", "check the file's format"]),
     "mixed file types": (lambda p: DataArguments(train_files=[str(p["utf8"]), str(p["json"])]),
@@ -340,3 +339,16 @@ def test_recorded_data_arguments_are_absolute(tmp_path, monkeypatch):
     assert values["dataset_name"] == str(tmp_path / "d") and values["eval_dataset_name"] == "org/data"
     assert values["data_files"] == {"train": str(tmp_path / "x.csv")}
     assert resolved_data_arguments(DataArguments(dataset_name=DIGITS))["dataset_name"] == DIGITS
+
+
+def test_the_encoding_error_points_at_the_first_bad_byte(tmp_path):
+    from cli_fixtures import write_tweets_csv
+    from sqakd_hf.app.sources import load_source, train_source
+
+    path = write_tweets_csv(tmp_path / "t.csv", 4, with_labels=False)
+    raw = path.read_bytes()
+    offset = next(i for i, b in enumerate(raw) if b >= 0x80)
+    with pytest.raises(DataError, match=rf"t.csv is not utf-8 text \(byte 0x{raw[offset]:02x} at offset {offset}\)"):
+        load_source(train_source(DataArguments(train_files=[str(path)])))
+    with pytest.raises(DataError, match=rf"is not ascii text \(byte 0x{raw[offset]:02x} at offset {offset}\)"):
+        load_source(train_source(DataArguments(train_files=[str(path)], dataset_kwargs={"encoding": "ascii"})))

@@ -342,6 +342,12 @@ def load_source(source: DataSource, cache_dir: Optional[str] = None) -> AnyDatas
             kwargs["path"] = name
             if source.config:
                 kwargs["name"] = source.config
+    if "encoding" in source.kwargs:
+        try:
+            codecs.lookup(str(source.kwargs["encoding"]))
+        except LookupError:
+            raise DataError(f"{source.kwargs_key}: unknown encoding {source.kwargs['encoding']!r} (e.g. utf-8, "
+                            "latin-1, cp1252)") from None
     if source.streaming and local:
         _check_encoding(source, local, kwargs["path"])  # streamed files are decoded only while training
     return _load(source, {**source.kwargs, **kwargs, "split": split}, local, cache_dir)
@@ -425,10 +431,6 @@ def _check_encoding(source: DataSource, files: List[str], builder: str) -> None:
     if builder not in _TEXT_BUILDERS:
         return
     encoding = str(source.kwargs.get("encoding", "utf-8"))
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"{source.kwargs_key}: unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
     found = _first_undecodable([f for f in files if os.path.isfile(f)], encoding)
     if found is not None:
         raise _encoding_error(source, found, encoding)
@@ -452,7 +454,7 @@ def _explain(err: BaseException, source: DataSource, builder: Optional[str], loc
         return DataError(f"{where}: its columns differ from the other files of {source.label}{detail}; one source reads "
                          "files with the same columns: put evaluation data with other columns in eval_files (each "
                          "source has its own columns), or fix the file")
-    cause = next((c for c in reversed(chain) if str(c).strip()), err)
+    cause = next((c for c in chain[1:] if str(c).strip()), err)  # the reader's own error, under datasets' wrapper
     why = " ".join(str(cause).split())
     why = why if len(why) <= 200 else why[:200] + "..."
     where = local[0] if len(local) == 1 else source.label
