@@ -299,7 +299,8 @@ class EvalArguments:
 
     model_path: Optional[str] = field(
         default=None, metadata={"help": "Saved quantized model (training or packed form); default: the recipe's "
-                                        "output_dir."})
+                                        "output_dir. Its run record (sqakd_run.json) supplies the teacher, the data "
+                                        "sources, max_length and columns of the run, unless given here."})
     batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
     temperature: float = field(default=4.0, metadata={"help": "Temperature of the reported KD loss."})
     output_file: Optional[str] = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
