@@ -49,6 +49,7 @@ _EXPORTS: Dict[str, str] = {
     "from_pretrained_timm": ".serialization.timm_layout",
     "save_pretrained_timm": ".serialization.timm_layout",
     "SQAKDHfQuantizer": ".integrations.hf_quantizer",
+    "export_compressed_tensors": ".export.compressed_tensors",
     # training
     "SQAKDTrainer": ".training.trainer",
     "SQAKDTrainingArguments": ".training.args",

@@ -28,6 +28,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("serialization",),
     ("integrations",),
     ("checkpoint",),
+    ("export",),
     ("hub",),
     ("training",),
     ("app",),
