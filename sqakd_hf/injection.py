@@ -214,11 +214,18 @@ def _embedding_tables(model: nn.Module, report: QuantizationReport) -> List[str]
     owners: Dict[int, List[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    # transformers ties the LM head to the input embedding after loading: a skeleton is not tied yet
+    names = _module_name_map(model)
+    head = _call_getter(model, "get_output_embeddings")
+    tied_by_config = (getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None
+                      and id(head) in names)
     tables = []
     for name, module in model.named_modules():
         if type(module) not in EMBEDDING_WRAPPERS:
             continue
         tied = [n for n in owners.get(id(module.weight), []) if n != name]
+        if not tied and tied_by_config and module is _call_getter(model, "get_input_embeddings"):
+            tied = [names[id(head)]]
         if tied:
             report.kept_fp.append(LayerEntry(name, type(module).__name__,
                                              reason=f"tied to {tied[0]} (shares its weight), kept full precision"))

@@ -165,6 +165,7 @@ def fake_quantize(
 
 
 def grad_scale(t: Tensor, factor: float) -> Tensor:
-    """Identity in forward; multiplies the gradient reaching ``t`` by ``factor`` (LSQ's g)."""
+    """Identity in forward (bit-exact: ``t + (u - u)``, not ``(t - u) + u``, which can move ``t`` by one ulp and
+    the grid of the packed export with it); multiplies the gradient reaching ``t`` by ``factor`` (LSQ's g)."""
     scaled = t * factor
-    return (t - scaled).detach() + scaled
+    return t.detach() + (scaled - scaled.detach())
