@@ -38,8 +38,9 @@ DIGITS_STD = (0.5, 0.5, 0.5)
 BUILDERS = ("imagefolder", "csv", "parquet", "json", "text", "arrow")
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".json": "json", ".jsonl": "json",
                  ".txt": "text", ".arrow": "arrow"}
-#: builders that read text files (their encoding matters)
+#: builders that read text files (their encoding matters), and those files' suffixes
 _TEXT_BUILDERS = ("csv", "json", "text")
+_TEXT_SUFFIXES = tuple(s for s, b in FILE_BUILDERS.items() if b in _TEXT_BUILDERS)
 #: load_dataset arguments that recipe keys set (a reader option may not set them)
 _RESERVED = {"path": "dataset_name", "name": "dataset_config_name", "split": "train_split / eval_split",
              "data_files": "data_files / train_files / eval_files", "data_dir": "data_dir", "streaming": "streaming",
@@ -337,7 +338,7 @@ def load_source(source: DataSource, cache_dir: Optional[str] = None) -> AnyDatas
                 local = [str(path)]
             else:
                 kwargs["path"] = str(path)
-                local = local or [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in FILE_BUILDERS][:1000]
+                local = local or [str(path)]  # a folder: its files are listed only to explain a failure
         else:
             kwargs["path"] = name
             if source.config:
@@ -431,19 +432,31 @@ def _check_encoding(source: DataSource, files: List[str], builder: str) -> None:
     if builder not in _TEXT_BUILDERS:
         return
     encoding = str(source.kwargs.get("encoding", "utf-8"))
-    found = _first_undecodable([f for f in files if os.path.isfile(f)], encoding)
+    found = _first_undecodable(_data_files(files), encoding)
     if found is not None:
         raise _encoding_error(source, found, encoding)
 
 
+def _data_files(paths: List[str]) -> List[str]:
+    """``paths`` with folders replaced by the data files under them (at most 1000)."""
+    found: List[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += [str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in _TEXT_SUFFIXES][:1000]
+        elif p.is_file():
+            found.append(str(p))
+    return found
+
+
 def _explain(err: BaseException, source: DataSource, builder: Optional[str], local: List[str]) -> DataError:
     """One line for a failure while `datasets` generated the data: which file, what is wrong, the fix."""
+    local = _data_files(local)
     chain = _causes(err)
     text = " ".join(str(err).split())
     encoding = str(source.kwargs.get("encoding", "utf-8"))
     if any(isinstance(c, (UnicodeDecodeError, LookupError)) or "Invalid UTF8" in str(c) for c in chain):
         with contextlib.suppress(LookupError, OSError):
-            found = _first_undecodable([f for f in local if os.path.isfile(f)], encoding)
+            found = _first_undecodable(local, encoding)
             if found is not None:
                 return _encoding_error(source, found, encoding)
     if type(err).__name__ == "DatasetGenerationCastError" or "must have the same columns" in text:
