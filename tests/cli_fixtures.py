@@ -256,10 +256,10 @@ def check_card_against_record(out: Path) -> Dict[str, Any]:
         sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     width = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
-    nbytes = {k: int(np.prod(s)) * width[dtypes[k]] for k, s in sizes.items()}
+    nbytes = {k: int(np.prod(s)) * width[dtypes[k]] for k, s in sizes.items() if int(np.prod(s))}
     total = sum(nbytes.values())
     fp = {k: b for k, b in nbytes.items() if "_quantizer." not in k
-          and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2].startswith("weight"))}
+          and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2].startswith("weight_"))}
     groups = _table(text, "Group")
     listed = 0.0
     for name, (dtype, share) in groups.items():

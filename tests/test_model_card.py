@@ -223,3 +223,32 @@ def test_card_says_where_the_bytes_are(runs):
     quantized = float(re.search(r"Quantized layers \(integer codes and their scales\): ([\d.]+)%", text).group(1))
     small = text.count("| <0.1% |")
     assert abs(sum(shares) + quantized - 100) <= 0.05 * (len(shares) + 1) + 0.1 * small
+
+
+def test_fp_groups_follow_what_is_actually_quantized(tmp_path):
+    """The groups come from the saved file: with 4-bit embeddings the embeddings leave the FP list."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cli_fixtures import save_bert_teacher, tiny_bert_tokenizer
+    from sqakd_hf import QuantConfig, calibrate
+    from sqakd_hf.checkpoint import save_packed
+    from sqakd_hf.hub.card_info import checkpoint_contents
+
+    teacher = save_bert_teacher(tmp_path / "t")
+    batch = dict(tiny_bert_tokenizer()(["the movie was great", "awful plot"], padding=True, return_tensors="pt"))
+    found = {}
+    for name, extra in (("linear", {}), ("embeddings", {"embedding_bits": 4})):
+        model = AutoModelForSequenceClassification.from_pretrained(teacher, quantization_config=QuantConfig(
+            method="lsq", weight_bits=4, act_bits=8, **extra))
+        calibrate(model, [batch])
+        save_packed(model, tmp_path / name)
+        contents = checkpoint_contents(tmp_path / name)
+        assert contents["total_bytes"] == sum(  # every byte of tensor data is accounted for
+            g["bytes"] for g in contents["fp_groups"]) + contents["quantized_bytes"]
+        found[name] = contents
+    groups = {g["group"] for g in found["linear"]["fp_groups"]}
+    assert {"bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"} <= groups
+    groups = {g["group"] for g in found["embeddings"]["fp_groups"]}
+    assert not any("_embeddings" in g for g in groups) and "bert.embeddings.LayerNorm" in groups
+    share = lambda c: c["quantized_bytes"] / c["total_bytes"]  # noqa: E731
+    assert share(found["embeddings"]) > share(found["linear"]) + 0.2

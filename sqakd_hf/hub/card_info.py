@@ -107,27 +107,32 @@ def checkpoint_contents(folder: Union[str, os.PathLike], model: Optional[nn.Modu
     """What the ``*.safetensors`` files of ``folder`` hold, from their headers (no tensor is loaded):
     ``{"total_bytes", "quantized_bytes", "fp_groups": [{"group", "bytes", "share", "dtypes"}]}``.
 
-    A tensor is quantized when it is the (packed) weight of a quantized layer or a quantizer's state; the
-    quantized layers are the ones the packed file records, else (training form) those of ``model`` with fewer
-    than 32 weight bits. Every other tensor is kept in full precision; those are grouped by module, layer
+    A tensor is quantized when it is the packed weight (codes, scales, zero points) of a layer the packed file
+    records as quantized (linear, conv, embedding: whatever was quantized), or a quantizer's state; in the
+    training form, the weight of a layer of ``model`` with fewer than 32 weight bits. Every other tensor is kept in full precision; those are grouped by module, layer
     indices collapsed (``encoder.layer.*.output.LayerNorm``), biases of quantized layers in one group. The
     ``MAX_FP_GROUPS - 1`` largest groups are listed, largest first, the rest summed.
     """
     files = sorted(Path(folder).glob("*.safetensors"))
     header = read_checkpoint_header(files)
-    if header.packed_layers:
+    packed = bool(header.packed_layers)
+    if packed:
         quantized = set(header.packed_layers)
+        quantized_leaf = lambda leaf: leaf.startswith("weight_")  # noqa: E731  codes, scales, zero points
     else:
         quantized = {n for n, m in quant_layers(model)} if model is not None else set()
         quantized = {n for n in quantized if _weight_bits(model, n) < 32}
+        quantized_leaf = lambda leaf: leaf == "weight" or leaf.startswith("weight_")  # noqa: E731  master weights
     total = q_bytes = 0
     groups: Dict[str, Dict[str, Any]] = {}
     for key, shape in header.shapes.items():
         dtype = header.dtypes[key]
         size = math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+        if size == 0:
+            continue  # an empty placeholder holds no bytes
         total += size
         owner, _, leaf = key.rpartition(".")
-        if "_quantizer." in key or (owner in quantized and leaf.startswith("weight")):
+        if "_quantizer." in key or (owner in quantized and quantized_leaf(leaf)):
             q_bytes += size
             continue
         name = "biases of quantized layers" if owner in quantized else _group_of(owner or leaf)
