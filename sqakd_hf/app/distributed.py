@@ -115,10 +115,10 @@ def choose_find_unused_parameters(training: Any, model: Any, dataset: Any, colla
 
     if training.world_size <= 1 or training.ddp_find_unused_parameters is not None:
         return
-    try:
-        examples = [dataset[i] for i in range(min(2, len(dataset)))]
+    try:  # one example shows the graph's structure
+        examples = [dataset[i] for i in range(min(1, len(dataset)))]
     except TypeError:  # a streamed dataset
-        examples = list(itertools.islice(iter(dataset), 2))
+        examples = list(itertools.islice(iter(dataset), 1))
     unused = unused_parameters(unwrap(model), collator(examples), training.distill_target)
     training.ddp_find_unused_parameters = bool(unused)
     if unused:
