@@ -1,4 +1,5 @@
-"""``sqakd-hf train``: checks, data, teacher and student, SQAKD training, evaluation, saving, pushing.
+"""``sqakd-hf train`` / ``ptq``: checks, data, teacher and student, SQAKD training (or calibration only),
+evaluation, saving (training form, packed form + model card, metrics, run record), pushing.
 
 Runs unchanged as one process or under ``accelerate launch`` (DDP). Every check of the input
 runs on every rank before any model is loaded or any rank waits on another.
