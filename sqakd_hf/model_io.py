@@ -38,7 +38,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     (``accelerate.utils.extract_model_from_parallel``, as the Trainer's ``accelerator.unwrap_model``)."""
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(model, keep_fp32_wrapper=True)
+    return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

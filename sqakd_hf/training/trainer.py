@@ -91,6 +91,13 @@ def _iterable_shard_types() -> Tuple[type, ...]:
 
 _SHARD_TYPES = _iterable_shard_types()
 
+
+def _forget_other_accelerator(model: nn.Module) -> None:
+    """Drop the mark an earlier trainer's accelerator left on a plain module (or that ``copy.deepcopy`` of such a
+    teacher carried over to a student): accelerate returns a marked module unprepared, so this trainer's
+    accelerator would not compile, wrap (DDP) or place it."""
+    model.__dict__.pop("_is_accelerate_prepared", None)
+
 @dataclass
 class _Distill:
     """One distillation forward: per-position losses and what evaluation needs."""
@@ -141,6 +148,7 @@ class SQAKDTrainer(Trainer):
             )
         if model is not None:
             self._check_student(model, args)
+            _forget_other_accelerator(model)
         train_dataset = kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         self._check_train_dataset(train_dataset)
         teacher = load_teacher(teacher_model, model)
@@ -200,6 +208,7 @@ class SQAKDTrainer(Trainer):
             raise ValueError("train_dataset is empty: SQAKD needs (unlabeled) training inputs to distill on")
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        _forget_other_accelerator(teacher)
         teacher.requires_grad_(False)
         teacher.eval()
         if getattr(getattr(teacher, "config", None), "use_cache", None):

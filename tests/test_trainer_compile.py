@@ -1,0 +1,71 @@
+"""torch_compile=True end to end: a quantized student and its teacher compiled by the Trainer (inductor, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(3):
+        for i in range(0, len(x), 64):
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _run(teacher, ds, out, method, **kw):
+    # accelerate keeps the first Accelerator's dynamo setting for the whole process: start from a fresh state
+    AcceleratorState._reset_state(True)
+    student = quantize_model(copy.deepcopy(teacher).train().requires_grad_(True),
+                             QuantConfig(method=method, weight_bits=4, act_bits=4, modules_to_not_convert=[]))
+    args = SQAKDTrainingArguments(output_dir=str(out), report_to="none", use_cpu=True, save_strategy="no",
+                                  disable_tqdm=True, seed=0, logging_steps=1, per_device_train_batch_size=16,
+                                  max_steps=3, calibration_batches=1, train_sampling_strategy="sequential",
+                                  learning_rate=1e-3, lr_scheduler_type="constant", **kw)
+    trainer = SQAKDTrainer(model=student, teacher_model=teacher, train_dataset=ds, args=args)
+    trainer.train()
+    compiled = isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled == bool(kw.get("torch_compile")), (type(trainer.model_wrapped), trainer.accelerator.state.dynamo_plugin.backend, type(trainer.teacher), type(trainer.model))
+    assert isinstance(trainer.teacher, torch._dynamo.eval_frame.OptimizedModule) == compiled
+    return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("method", ["lsq", "ewgs"])
+def test_torch_compile_trains_like_eager(teacher, digits, tmp_path, method):
+    ds = datasets.Dataset.from_dict({"pixel_values": digits[0][:64].numpy()}).with_format("torch")
+    torch._dynamo.reset()
+    compiled, losses = _run(teacher, ds, tmp_path / "c", method, torch_compile=True)
+    _, eager = _run(teacher, ds, tmp_path / "e", method)
+    assert len(losses) == 3 and losses == pytest.approx(eager, rel=1e-3)
+    # the quantized student's forward is one graph (no graph breaks in the quantizers)
+    student = compiled.model
+    explained = torch._dynamo.explain(student)(ds[:16]["pixel_values"])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def test_torch_compile_with_teacher_cache(teacher, digits, tmp_path):
+    ds = datasets.Dataset.from_dict({"pixel_values": digits[0][:64].numpy()}).with_format("torch")
+    torch._dynamo.reset()
+    _, losses = _run(teacher, ds, tmp_path / "c", "lsq", torch_compile=True, cache_teacher_outputs=True)
+    _, eager = _run(teacher, ds, tmp_path / "e", "lsq")
+    assert losses == pytest.approx(eager, rel=1e-3)
