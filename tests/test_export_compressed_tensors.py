@@ -251,3 +251,37 @@ def test_minilm_w8a8_loads_without_sqakd_hf(tmp_path: Path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+# ---- our packed form without import sqakd_hf -----------------------------------------------------------
+def test_packed_form_without_sqakd_hf_fails_loudly(exported, tmp_path: Path):
+    """transformers without sqakd_hf does not know quant_method "sqakd": the packed layers' empty weight guards make it
+    stop with a size mismatch instead of loading those layers' weights at random; with sqakd_hf it loads as before."""
+    from safetensors.torch import load_file, save_file
+
+    from sqakd_hf import save_packed
+    from sqakd_hf.serialization.packed import GUARDS_KEY
+
+    student = exported["students"]["bert-pact-w4a4"]
+    save_packed(student, tmp_path / "packed")
+    code = ("import sys, transformers; transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1]); "
+            "assert not any(m.split('.')[0] == 'sqakd_hf' for m in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "packed")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}, cwd=str(tmp_path))
+    assert run.returncode != 0 and "ignore_mismatched_sizes" in run.stderr, run.stderr[-3000:]
+    assert "attention.self.query.weight" in run.stderr and "MISMATCH" in run.stderr  # the report names the weights
+
+    batch = torch.load(exported["root"] / "bert-pact-w4a4.batch.pt")
+    loaded, info = FAMILIES["bert"].auto.from_pretrained(tmp_path / "packed", output_loading_info=True)
+    assert not any(info.values()), info
+    ref = logits(student, batch)
+    assert float((logits(loaded, batch) - ref).abs().max() / ref.abs().max()) <= 2e-3  # float16 head
+
+    # a packed file written before the guards still loads
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != GUARDS_KEY}
+    state = {k: v for k, v in load_file(tmp_path / "packed" / "model.safetensors").items() if v.numel()}
+    save_file(state, str(tmp_path / "packed" / "model.safetensors"), metadata=metadata)
+    legacy, info = FAMILIES["bert"].auto.from_pretrained(tmp_path / "packed", output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(logits(legacy, batch), logits(loaded, batch))

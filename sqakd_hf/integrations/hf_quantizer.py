@@ -149,6 +149,7 @@ class SQAKDHfQuantizer(HfQuantizer):
         NaN / infinite tensors are refused (``ValueError`` naming them) before anything is written."""
         if getattr(self.quantization_config, "packed", False):
             state, _, metadata = packed.packed_state_dict(model, self.fp_dtype)
+            packed.add_weight_guards(state, metadata)  # plain transformers refuses the file instead of random weights
             return state, metadata
         manifest.check_finite(model.state_dict(), f"{type(model).__name__}")
         return None, manifest.quant_metadata(model, packed=False)

@@ -1,11 +1,16 @@
 """Packed low-bit checkpoints: integer weight codes bit-packed into bytes, plus scales.
 
-File layout (``model.safetensors``): every quantized layer ``<name>`` stores
+File layout (``model.safetensors``): every quantized layer ``<name>`` (Linear, conv, Conv1D, and embedding
+tables quantized per row with ``embedding_bits``) stores
 
 * ``<name>.weight_packed``: ``uint8`` codes from :func:`sqakd_hf.serialization.packing.pack_codes`
   (row-major order of the weight, first code in the low bits);
 * ``<name>.weight_scale`` / ``<name>.weight_zero_point``: the grid, one value per
   output channel (or one per tensor), with ``weight = scale * (code - zero_point)``.
+
+* ``<name>.weight`` (transformers layout): an empty ``uint8`` tensor, a guard. transformers loading the file without
+  ``import sqakd_hf`` (quant_method "sqakd" unknown to it) then stops with a size mismatch for that weight instead
+  of initialising it at random; with ``sqakd_hf`` the guard is read into an empty placeholder and dropped.
 
 The FP master weight and the weight quantizer's own parameters are dropped; everything
 else (full-precision layers, biases, norms, activation quantizers) is kept. The weight of the
@@ -53,10 +58,13 @@ __all__ = [
     "check_packed_sizes",
     "load_packed_state_dict",
     "check_not_packed",
+    "add_weight_guards",
 ]
 
 FORMAT_KEY, FORMAT_PACKED = "sqakd_format", "packed"
 FP_DTYPE_KEY = "sqakd_fp_dtype"
+#: safetensors metadata key: the packed layers' ``weight`` guards are in the file (see :func:`add_weight_guards`)
+GUARDS_KEY = "sqakd_weight_guards"
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point")
 _FP16_MAX = torch.finfo(torch.float16).max
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -201,6 +209,19 @@ def pack_model(
     return state, config
 
 
+def add_weight_guards(state: Dict[str, Tensor], metadata: Dict[str, str]) -> None:
+    """Add the empty ``<name>.weight`` guard of every packed layer listed in ``metadata`` (see the module docstring)
+    and record in ``metadata`` that the file has them."""
+    for name in json.loads(metadata.get(LAYERS_KEY) or "{}"):
+        state[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
+    metadata[GUARDS_KEY] = "1"
+
+
+def _weight_shape(layer: nn.Module) -> Tuple[int, ...]:
+    """A packed layer's weight shape (its ``weight`` is a placeholder until :func:`finish_packed_load`)."""
+    return tuple(getattr(layer, "packed_weight_shape", layer.weight.shape))
+
+
 # ---- loading packed layers ------------------------------------------------------------------------
 _MISMATCH_FIX = ("The file was not written by sqakd_hf.save_packed for this config; re-export it from the "
                  "training checkpoint.")
@@ -246,8 +267,8 @@ def prepare_packed_layers(
     ``prefix``), or from its ``*.weight_packed`` names when it has none. Each packed layer gets
     ``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` buffers shaped from its weight shape,
     bits and the config's granularity, and a stateless :class:`PackedWeightQuantizer`; its ``weight``
-    becomes a non-persistent placeholder (so no loader expects it in the checkpoint), made a parameter
-    again by :func:`finish_packed_load`, which also checks the sizes of the loaded tensors. An
+    becomes a placeholder (empty, to receive the file's guard, where the file has one; else non-persistent, so no
+    loader expects it in the checkpoint), made a parameter again by :func:`finish_packed_load`, which also checks the sizes of the loaded tensors. An
     incomplete file, or bits / shapes / layers that contradict the model built from the config, raise
     :class:`SQAKDCheckpointError`. Returns the packed layers' names in ``model``.
     """
@@ -262,6 +283,7 @@ def prepare_packed_layers(
             f"holds packed tensors for {len(bases)}. {_INCOMPLETE_FIX}"
         )
     names = {n: local_name(n, layers, prefix) for n in recorded}
+    guarded = header.metadata.get(GUARDS_KEY) == "1"
     extra = sorted(n for n, local in names.items() if local is None)
     if extra:
         raise SQAKDCheckpointError(
@@ -290,14 +312,18 @@ def prepare_packed_layers(
         layer.register_buffer("weight_scale", torch.empty(grid, dtype=weight.dtype, device=device))
         layer.register_buffer("weight_zero_point", torch.empty(grid, dtype=weight.dtype, device=device))
         del layer.weight
-        layer.register_buffer("weight", torch.empty(shape, dtype=weight.dtype, device=device), persistent=False)
+        layer.packed_weight_shape, layer.packed_weight_dtype = shape, weight.dtype
+        if guarded:  # the file's empty guard loads into an empty placeholder
+            layer.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+        else:
+            layer.register_buffer("weight", torch.empty(shape, dtype=weight.dtype, device=device), persistent=False)
         layer.weight_quantizer = PackedWeightQuantizer(bits, grid, layer.channel_axis).to(device)
     return sorted(names.values())
 
 
 def _size_problem(name: str, layer: nn.Module, shapes: Mapping[str, Tuple[int, ...]]) -> str:
     """What is wrong with the sizes of a packed layer's tensors (``shapes`` by suffix), or ``""``."""
-    bits, shape = layer.weight_quantizer.bits, tuple(layer.weight.shape)
+    bits, shape = layer.weight_quantizer.bits, _weight_shape(layer)
     got, need = _numel(shapes["weight_packed"]), packed_num_bytes(_numel(shape), bits)
     if got != need:
         fits = [b for b in range(1, 9) if packed_num_bytes(_numel(shape), b) == got]
@@ -346,16 +372,16 @@ def finish_packed_load(model: nn.Module, where: str = "<checkpoint>") -> List[st
         )
     for name, layer in layers:
         wq = layer.weight_quantizer
-        placeholder = layer.weight
-        grid = tuple(type(layer).quantizer_param_shape(placeholder.shape))
+        placeholder, shape = layer.weight, _weight_shape(layer)
+        grid = tuple(type(layer).quantizer_param_shape(shape))
         codes = layer._buffers.pop("weight_packed")
         scale = layer._buffers.pop("weight_scale")
         grid = grid if scale.numel() > 1 else ()
         scale = scale.reshape(grid)
         zero = layer._buffers.pop("weight_zero_point").to(scale.dtype).reshape(grid)
-        codes = unpack_codes(codes, wq.bits, tuple(placeholder.shape)).to(device=scale.device, dtype=scale.dtype)
-        weight = (scale * (codes - zero)).to(device=placeholder.device, dtype=placeholder.dtype)
-        del layer.weight
+        codes = unpack_codes(codes, wq.bits, shape).to(device=scale.device, dtype=scale.dtype)
+        weight = (scale * (codes - zero)).to(device=placeholder.device, dtype=layer.packed_weight_dtype)
+        del layer.weight, layer.packed_weight_shape, layer.packed_weight_dtype
         layer.weight = nn.Parameter(weight)
         wq.set_grid(scale.to(placeholder.device), zero.to(placeholder.device))
     return [n for n, _ in layers]
