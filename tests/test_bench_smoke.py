@@ -32,3 +32,20 @@ def test_micro_vision_run_writes_results(tmp_path):
     assert 0.0 <= row["sqakd"]["teacher_agreement"] <= 1.0
     assert (tmp_path / "vision_accuracy_micro.png").stat().st_size > 0
     assert "## micro run" in out.read_text()
+
+
+def test_gpu_workloads_smoke_runs_every_variant_on_cpu(tmp_path):
+    """bench/gpu_workloads.py in its tiny CPU mode: every variant builds and steps (the GPU run uses the same code)."""
+    workloads = pytest.importorskip("bench.gpu_workloads")
+    md = workloads.main(["--smoke", "--out", str(tmp_path), "--threads", "0"], log=lambda msg: None)
+    result = json.loads((tmp_path / "workloads_smoke_cpu.json").read_text())
+    assert result["preset"] == "smoke" and set(result["workloads"]) == {"vision", "llama"}
+    for name, data in result["workloads"].items():
+        rows = data["variants"]
+        for variant in ("fp", "fake_quant", "sqakd", "sqakd_cache"):
+            assert rows[variant]["median_s"] > 0, (name, variant)
+        assert data["ratios"]["sqakd_cache_vs_fake_quant"] > 0
+    assert result["workloads"]["vision"]["variants"]["torchao_qat"] is None  # torchao fake-quantizes Linear only
+    assert "| sqakd_cache |" in md.read_text()
+    with pytest.raises(SystemExit):
+        workloads.parse(["--variants", "fp,nope"])
