@@ -165,7 +165,12 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             "transformers Conv1D layer"
         )
 
-    tables = _embedding_tables(model, report) if config.embedding_bits is not None else []
+    if config.embedding_bits is None:
+        tables = []
+        report.kept_fp.extend(LayerEntry(n, type(m).__name__, reason="embedding table (embedding_bits=None)")
+                              for n, m in model.named_modules() if type(m) in EMBEDDING_WRAPPERS)
+    else:
+        tables = _embedding_tables(model, report)
     if config.modules_to_not_convert is None:
         keep = _default_fp_layers(model, candidates)
     else:
