@@ -50,6 +50,7 @@ _EXPORTS: Dict[str, str] = {
     "save_pretrained_timm": ".serialization.timm_layout",
     "SQAKDHfQuantizer": ".integrations.hf_quantizer",
     "export_compressed_tensors": ".export.compressed_tensors",
+    "export_onnx": ".export.onnx",
     # training
     "SQAKDTrainer": ".training.trainer",
     "SQAKDTrainingArguments": ".training.args",

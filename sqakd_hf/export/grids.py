@@ -44,7 +44,7 @@ class WeightCodes:
     """A weight as signed integer codes: ``weight = scale * codes``."""
 
     codes: Tensor  #: int8, the weight's shape, in ``[-2**(bits-1), 2**(bits-1) - 1]``
-    scale: Tensor  #: one value per output channel (``(out, 1)``) or per tensor (``(1,)``), the weight's dtype
+    scale: Tensor  #: per output channel (broadcastable to the weight, e.g. ``(out, 1)``) or per tensor (``(1,)``)
     bits: int  #: container width (the grid's own bits, or one more for a half-integer zero point)
 
     @property
@@ -101,7 +101,7 @@ def weight_codes(name: str, layer: nn.Module) -> WeightCodes:
                       "quantize its weights with method='lsq' or 'minmax', or at most 7 bits")
     codes = (factor * wq.codes(w).to(torch.float64) - shift).to(torch.int8)
     out_scale = (scale / factor).to(w.dtype)
-    out_scale = out_scale.reshape(-1, *([1] * (w.dim() - 1))) if out_scale.numel() > 1 else out_scale.reshape(1)
+    out_scale = out_scale.reshape(wq.param_shape) if out_scale.numel() > 1 else out_scale.reshape(1)
     expected = wq(w).detach()
     if not bool(((out_scale * codes.to(w.dtype) - expected).abs() <= _STEP_TOLERANCE * out_scale.abs()).all()):
         raise _refuse(name, f"its {type(wq).__name__} grid does not reproduce the fake-quant weight",

@@ -1,0 +1,160 @@
+"""ONNX QDQ export: the fake-quant student as an ONNX graph with QuantizeLinear / DequantizeLinear pairs carrying
+exactly our learned scales, for onnxruntime and other ONNX engines.
+
+While exporting, every quantized layer's quantizers are swapped for their integer grids (:mod:`.grids`):
+
+* the weight becomes the constant ``scale * codes`` behind a per-channel (or per-tensor) ``int8`` Q/DQ pair, which
+  recovers the codes exactly (b-bit codes travel in the 8-bit container);
+* the input activation is clipped to its b-bit grid, then quantized by a per-tensor ``int8`` Q/DQ pair with the
+  grid's scale and integer zero point (unsigned grids: ``-2**(b-1)``).
+
+The graph is traced by ``torch.onnx.export(..., dynamo=False)`` from ``torch.fake_quantize_per_*_affine``; the
+model is restored afterwards. Grids without an exact integer form (and per-token activations) are refused with
+:class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..injection import quant_layers
+from ..model_io import unwrap
+from .grids import ActGrid, WeightCodes, act_grid, weight_codes
+
+__all__ = ["export_onnx", "QDQWeight", "QDQInput"]
+
+#: ONNX opset: per-channel QuantizeLinear / DequantizeLinear need 13
+OPSET = 17
+_INT8 = (-128, 127)
+
+
+class QDQWeight(nn.Module):
+    """A weight on its integer grid, as ``DequantizeLinear(QuantizeLinear(scale * codes))`` in int8."""
+
+    def __init__(self, codes: WeightCodes, channel_axis: int) -> None:
+        super().__init__()
+        self.register_buffer("grid_weight", codes.scale * codes.codes.to(codes.scale.dtype))
+        self.register_buffer("scale", codes.scale.reshape(-1).float())
+        self.register_buffer("zero_point", torch.zeros(codes.scale.numel(), dtype=torch.int32))
+        self.axis = channel_axis % codes.codes.dim()
+        self.per_channel = codes.per_channel
+
+    def forward(self, _weight: Tensor) -> Tensor:
+        if self.per_channel:
+            out = torch.fake_quantize_per_channel_affine(self.grid_weight.float(), self.scale, self.zero_point,
+                                                         self.axis, *_INT8)
+        else:
+            out = torch.fake_quantize_per_tensor_affine(self.grid_weight.float(), self.scale, self.zero_point, *_INT8)
+        return out.to(self.grid_weight.dtype)
+
+
+class QDQInput(nn.Module):
+    """An input activation clipped to its b-bit grid, then ``DequantizeLinear(QuantizeLinear(x))`` in int8."""
+
+    def __init__(self, grid: ActGrid) -> None:
+        super().__init__()
+        half = 2 ** (grid.bits - 1)
+        step = float(grid.scale)
+        self.scale, self.zero_point = step, int(grid.zero_point)
+        self.low, self.high = step * (-half - grid.zero_point), step * (half - 1 - grid.zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.clamp(x, self.low, self.high)
+        return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point, *_INT8).to(x.dtype)
+
+
+class _Identity(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _qdq_modules(model: nn.Module) -> List[Tuple[nn.Module, nn.Module, nn.Module]]:
+    """``(layer, weight module, input module)`` for every quantized layer; inexact grids are refused."""
+    swaps = []
+    for name, layer in quant_layers(model):
+        inputs = act_grid(name, layer.input_quantizer)
+        if layer.weight_quantizer.bits >= 32:
+            weight: nn.Module = _Identity()
+        else:
+            weight = QDQWeight(weight_codes(name, layer), layer.channel_axis)
+        swaps.append((layer, weight, _Identity() if inputs is None else QDQInput(inputs)))
+    if not swaps:
+        raise InputError(f"{type(model).__name__} has no quantized layer to export")
+    return swaps
+
+
+@contextlib.contextmanager
+def qdq_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """While open, ``model``'s quantized layers compute with :class:`QDQWeight` / :class:`QDQInput` (the function the
+    ONNX graph holds); the original quantizers are restored on exit."""
+    swaps = _qdq_modules(model)
+    saved = [(layer, layer.weight_quantizer, layer.input_quantizer) for layer, _, _ in swaps]
+    try:
+        for layer, weight, inputs in swaps:
+            layer.weight_quantizer, layer.input_quantizer = weight.to(layer.weight.device), inputs
+        yield model
+    finally:
+        for layer, weight, inputs in saved:
+            layer.weight_quantizer, layer.input_quantizer = weight, inputs
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    example_inputs: Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]],
+    *,
+    output_names: Optional[List[str]] = None,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Write the quantized ``model`` as an ONNX QDQ graph to ``path`` (atomically); returns the path.
+
+    ``example_inputs``: a tensor, a tuple of positional tensors (timm-style ``forward(x)``), or a mapping of keyword
+    tensors (transformers: ``input_ids``, ``attention_mask``, ``pixel_values``...); their names become the graph's
+    inputs, with the batch dimension (and the sequence dimension of 2-D token inputs) dynamic when
+    ``dynamic_batch``. Outputs are named ``output_names`` (default ``logits``). Raises
+    :class:`~sqakd_hf.errors.InputError` for grids without an exact integer form (see :mod:`.grids`).
+    """
+    model = unwrap(model)
+    if isinstance(example_inputs, Mapping):
+        names, args, kwargs = list(example_inputs), (), dict(example_inputs)
+        values = list(example_inputs.values())
+    else:
+        values = [example_inputs] if isinstance(example_inputs, Tensor) else list(example_inputs)
+        names, args, kwargs = [f"input_{i}" if i else "input" for i in range(len(values))], tuple(values), {}
+    output_names = output_names or ["logits"]
+    dynamic: Dict[str, Dict[int, str]] = {}
+    if dynamic_batch:
+        for name, value in zip(names, values):
+            axes = {0: "batch"}
+            if value.dim() == 2 and not value.is_floating_point():
+                axes[1] = "sequence"
+            dynamic[name] = axes
+        dynamic.update({name: {0: "batch"} for name in output_names})
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.sqakd-tmp-{os.getpid()}")
+    was_training = model.training
+    config = getattr(model, "config", None)
+    return_dict = getattr(config, "return_dict", None)
+    try:
+        model.eval()
+        if return_dict is not None:
+            config.return_dict = False  # a tuple output traces cleanly
+        with qdq_mode(model), torch.no_grad():
+            torch.onnx.export(model, args, str(staging), kwargs=kwargs, input_names=names, output_names=output_names,
+                              dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
+        os.replace(staging, target)
+    finally:
+        model.train(was_training)
+        if return_dict is not None:
+            config.return_dict = return_dict
+        if staging.exists():
+            staging.unlink()
+    return target

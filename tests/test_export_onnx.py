@@ -1,0 +1,84 @@
+"""ONNX QDQ export: graphs whose QuantizeLinear / DequantizeLinear carry our learned scales, run in onnxruntime and
+compared with the fake-quant student (a real digits CNN on held-out real digits; a tiny BERT classifier)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from sqakd_hf import QuantConfig, calibrate, export_onnx, quant_layers, quantize_model  # noqa: E402
+from sqakd_hf.errors import InputError  # noqa: E402
+from sqakd_hf.export.onnx import qdq_mode  # noqa: E402
+from test_hf_quantizer import FAMILIES, load_student, logits, save_teacher  # noqa: E402
+
+STATIC = {"act_granularity": "per_tensor"}
+
+
+def _run(path: Path, inputs: dict) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+def _ops(path: Path) -> dict:
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    return {op: ops.count(op) for op in set(ops)}
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (2, 8)])
+def test_digits_cnn_agrees_in_onnxruntime(digits, digits_teacher, bits, tmp_path: Path):
+    """Conv student (per-channel weights, unsigned activations after ReLU) on the 450 held-out real digits:
+    top-1 agreement with the fake-quant student >= 99.5% (measured 100%), logits within 1e-4 of max|logit|."""
+    x_tr, _, x_te, _ = digits
+    student = quantize_model(copy.deepcopy(digits_teacher), QuantConfig(method="lsq", weight_bits=bits[0],
+                                                                        act_bits=bits[1], **STATIC))
+    calibrate(student, [x_tr[:256]])
+    student.eval()
+    with torch.no_grad():
+        ref = student(x_te)
+    export_onnx(student, tmp_path / "digits.onnx", x_tr[:2])
+    out = _run(tmp_path / "digits.onnx", {"input": x_te})
+    agreement = float((out.argmax(1) == ref.argmax(1).numpy()).mean())
+    assert agreement >= 0.995, agreement
+    err = np.abs(out - ref.numpy()).max(1) / float(ref.abs().max())  # per image
+    assert float(np.median(err)) <= 1e-5 and float((err > 1e-4).mean()) <= 0.01, (np.median(err), err.max())
+    ops = _ops(tmp_path / "digits.onnx")
+    n_layers = len(list(quant_layers(student)))
+    assert ops.get("DequantizeLinear", 0) >= 2 * n_layers and ops.get("Clip", 0) >= n_layers
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), student.state_dict().values()))
+
+
+def test_bert_classifier_in_onnxruntime(tmp_path: Path):
+    """Token inputs with dynamic batch and sequence; W4A8 with one layer's inputs on the unsigned grid."""
+    family = FAMILIES["bert"]
+    save_teacher(family, tmp_path / "teacher")
+    student = load_student(family, tmp_path / "teacher", QuantConfig(method="lsq", weight_bits=4, act_bits=8,
+                                                                    **STATIC)).eval()
+    next(layer for _, layer in quant_layers(student)).input_quantizer.set_signed(False)
+    batch = family.batch()
+    ref = logits(student, batch)
+    with qdq_mode(student):  # the swapped-in Q/DQ modules compute the student's function
+        assert torch.equal(logits(student, batch), ref)
+    assert torch.equal(logits(student, batch), ref)  # and the quantizers are back
+    export_onnx(student, tmp_path / "bert.onnx", batch)
+    out = _run(tmp_path / "bert.onnx", batch)
+    assert float(np.abs(out - ref.numpy()).max() / ref.abs().max()) <= 1e-4
+    longer = {k: torch.cat([v, v[:, :5]], dim=1)[:2] for k, v in batch.items()}  # other batch and sequence sizes
+    out = _run(tmp_path / "bert.onnx", longer)
+    ref = logits(student, longer)
+    assert float(np.abs(out - ref.numpy()).max() / ref.abs().max()) <= 1e-4
+
+
+def test_inexact_grids_are_refused(tmp_path: Path):
+    family = FAMILIES["bert"]
+    save_teacher(family, tmp_path / "teacher")
+    student = load_student(family, tmp_path / "teacher", QuantConfig(method="lsq", weight_bits=4, act_bits=8))
+    with pytest.raises(InputError, match="per token"):
+        export_onnx(student, tmp_path / "out.onnx", family.batch())
+    assert not any(tmp_path.glob("*.onnx*")) and not any(tmp_path.glob(".out.onnx*"))
