@@ -108,8 +108,13 @@ class QuantEmbedding(QuantLayer, nn.Embedding):
                    norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        if self.max_norm is not None or self.weight_quantizer.observing:  # max_norm renormalises the table in place
+            return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                               self.scale_grad_by_freq, self.sparse)
+        # only the looked-up rows are quantized (the quantizers are row-local): not the whole table every step
+        rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        flat = self.weight_quantizer.quantize_rows(rows.reshape(-1, rows.shape[-1]), ids.reshape(-1))
+        return flat.reshape(rows.shape)
 
 
 WRAPPERS: Dict[Type[nn.Module], Type[QuantLayer]] = {

@@ -347,3 +347,29 @@ def test_per_token_beats_per_tensor_on_rows_of_different_scale():
 def test_per_token_only_for_activations():
     with pytest.raises(ValueError, match="per_token"):
         build_quantizer("lsq", 4, "weight", (3, 1), per_token=True)
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "ewgs", "minmax", "dorefa"])
+@pytest.mark.parametrize("init", ["mse", "paper"])
+def test_embedding_quantizes_only_looked_up_rows_exactly(method, init):
+    """QuantEmbedding quantizes the looked-up rows only; values and every gradient equal quantizing the table."""
+    from torch import nn
+
+    from sqakd_hf.modules import QuantEmbedding
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 16, padding_idx=0)
+    wq = build_quantizer(method, 4, "weight", (50, 1), 0, 1e-3, init)
+    wq.init_from_weight(emb.weight)
+    q = QuantEmbedding.from_float(emb, wq, FullPrecision("act"))
+    ids = torch.randint(0, 50, (3, 7))
+    ids[0, 0] = 0
+    out = q(ids)
+    full = torch.nn.functional.embedding(ids, q.quantized_weight(), 0)
+    assert torch.equal(out, full)
+    out.pow(2).sum().backward()
+    rows_grads = {n: p.grad.clone() for n, p in q.named_parameters()}
+    q.zero_grad()
+    full.pow(2).sum().backward()
+    for n, p in q.named_parameters():
+        assert torch.allclose(rows_grads[n], p.grad, atol=1e-6), n

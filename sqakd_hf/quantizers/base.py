@@ -227,8 +227,8 @@ class Quantizer(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
     def features_per_sample(self, x: Tensor) -> int:
         """N in LSQ's gradient scale: elements per step, not counting the batch."""
-        if self.role == "weight":
-            return x.numel() // max(1, math.prod(self.param_shape)) if self.param_shape else x.numel()
+        if self.role == "weight":  # per channel: the elements of one channel (also for a subset of the channels)
+            return x.numel() // max(1, x.shape[self.channel_axis % x.dim()]) if self.param_shape else x.numel()
         return x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -246,6 +246,17 @@ class Quantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def quantize_rows(self, rows: Tensor, index: Tensor) -> Tensor:
+        """``forward`` of the rows ``index`` of a weight quantized per row (channel axis 0), computing only those
+        rows: every per-row parameter and buffer is gathered at ``index`` (gradients scatter back to it).
+        Equals ``forward(weight)[index]`` for the row-local quantizers of every method."""
+        if not self.param_shape or self.channel_axis != 0:
+            raise ValueError("quantize_rows needs a weight quantizer with one step per row (channel axis 0)")
+        tensors = dict(self.named_parameters(recurse=False))
+        tensors.update((k, v) for k, v in self.named_buffers(recurse=False) if v is not None)
+        gathered = {k: v.index_select(0, index) for k, v in tensors.items() if tuple(v.shape) == self.param_shape}
+        return torch.func.functional_call(self, gathered, (rows,), strict=False)
 
     def fake_quantize_act(self, x: Tensor, scale: Tensor, qmin: float, qmax: float, *,
                           zero: Optional[Tensor] = None, **kw) -> Tensor:
