@@ -41,7 +41,7 @@ CASES = {
     "bert-pact-w4a4": ("bert", dict(method="pact", weight_bits=4, act_bits=4, **STATIC), True),
     "bert-dorefa-w5": ("bert", dict(method="dorefa", weight_bits=5, act_bits=32), False),
     "bert-minmax-w8a8": ("bert", dict(method="minmax", weight_bits=8, act_bits=8, **STATIC), False),
-    "bert-lsq-w6a5": ("bert", dict(method="lsq", weight_bits=6, act_bits=5, **STATIC), False),
+    "bert-lsq-w6a5-emb4": ("bert", dict(method="lsq", weight_bits=6, act_bits=5, embedding_bits=4, **STATIC), False),
 }
 #: logits of the reloaded folder within this fraction of max|logit| of the fake-quant student's
 LOGIT_RTOL = 1e-5
@@ -106,7 +106,7 @@ def test_loads_without_sqakd_hf_and_reproduces_the_student(exported):
         err = float((out - ref).abs().max() / ref.abs().max())
         assert err <= LOGIT_RTOL, f"{name}: max logit difference {err:.2e} of max|logit|"
         if name in exported["students"]:  # every quantized layer, and only those, carries a scheme
-            expected = [n for n, _ in quant_layers(exported["students"][name])]
+            expected = [n for n, m in quant_layers(exported["students"][name]) if isinstance(m, torch.nn.Linear)]
             assert report[name]["quantized"] == expected, name
 
 
@@ -143,6 +143,11 @@ def test_weight_layouts(exported):
     bits = sorted(g["weights"]["num_bits"] for g in mixed["config_groups"].values())
     assert bits == [2, 3] and all(g["weights"]["strategy"] == "tensor" for g in mixed["config_groups"].values())
     assert _tensors(root, "llama-mixed-w3w2-tensor")["model.layers.0.mlp.up_proj.weight_packed"].get_shape() == [64, 2]
+
+    # quantized embedding tables: their grid values, dense (transformers cannot initialise a compressed Embedding)
+    table = exported["students"]["bert-lsq-w6a5-emb4"].get_submodule("bert.embeddings.word_embeddings")
+    with safe_open(str(root / "bert-lsq-w6a5-emb4" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("bert.embeddings.word_embeddings.weight"), table.quantized_weight().detach())
 
 
 def test_half_integer_grids_become_odd_codes_one_bit_wider(exported):

@@ -14,6 +14,9 @@ Each quantized ``nn.Linear`` is written with our learned grid, exactly (:mod:`.g
 * input activations: static per-tensor ``input_scale`` (and ``input_zero_point`` for unsigned grids,
   written as ``symmetric: false``).
 
+Quantized embedding tables (weight-only) are written as their grid values in the model's dtype (exact, not smaller):
+transformers 5.24 cannot initialise an ``nn.Embedding`` whose weight compressed-tensors replaced.
+
 Layers with the same grid layout share one config group whose ``targets`` name them exactly; every
 other ``nn.Linear`` is listed in ``ignore``. Grids that have no exact integer form are refused with
 :class:`~sqakd_hf.errors.InputError`, never approximated.
@@ -36,7 +39,7 @@ from ..checkpoint import load_quantized, model_library
 from ..errors import InputError
 from ..injection import quant_layers
 from ..model_io import unwrap
-from ..modules import QuantLinear
+from ..modules import QuantEmbedding, QuantLinear
 from ..serialization.files import atomic_save_directory
 from .grids import ActGrid, WeightCodes, act_grid, weight_codes
 
@@ -80,6 +83,8 @@ def _plan(model: nn.Module) -> List[_Layer]:
     """The exported grid of every quantized layer; layers the format cannot hold are refused."""
     plan = []
     for name, layer in quant_layers(model):
+        if isinstance(layer, QuantEmbedding):
+            continue  # written dense (see the module docstring)
         if not isinstance(layer, QuantLinear):
             raise InputError(f"cannot export layer {name} to compressed-tensors: it is a {type(layer).__name__}, and "
                              "the format quantizes nn.Linear layers only; export the packed form "
@@ -149,6 +154,10 @@ def compressed_state_dict(model: nn.Module, plan: Optional[List[_Layer]] = None)
 
     plan = _plan(model) if plan is None else plan
     state = {k: v for k, v in model.state_dict().items() if ".weight_quantizer." not in k and ".input_quantizer." not in k}
+    for name, layer in quant_layers(model):
+        if isinstance(layer, QuantEmbedding) and layer.weight_quantizer.bits < 32:
+            with torch.no_grad():
+                state[f"{name}.weight"] = layer.quantized_weight().detach()
     for layer in plan:
         weight = state.pop(f"{layer.name}.weight")
         codes = layer.weights.codes.cpu()
