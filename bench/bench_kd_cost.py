@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict
@@ -177,16 +176,9 @@ def _timing(name: str, reps: int, device: str) -> Dict[str, float]:
         trainer.teacher_outputs(batch)
 
     steps = {"fp": fp_step, "sqakd": kd_step, "teacher_fwd": teacher_fwd}
-    for fn in steps.values():  # warm-up (allocates optimizer state)
-        fn()
-    times = {k: [] for k in steps}
-    for _ in range(reps):
-        for k, fn in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
+    from .gpu_workloads import time_interleaved
+
+    times = time_interleaved(steps, reps, device, warmup=1)  # the warm-up allocates optimizer state
     return {f"{k}_s_per_step": statistics.median(v) for k, v in times.items()}
 
 

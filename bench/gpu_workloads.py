@@ -19,8 +19,9 @@ Variants, each one optimizer step on a fixed batch:
 * ``torchao_qat``: torchao's QAT "prepare" (int8 per-token dynamic activations, int4 per-channel weights) on the
   Linear layers (torchao fake-quantizes Linear only: absent for resnet50), same loss as ``fp``.
 
-Each variant runs alone (built, warm-up steps, timed steps, freed): median wall time per step (synchronised) and
-peak memory (``torch.cuda.max_memory_allocated``; not measured on CPU). Goals (issue "Speed at scale"): SQAKD
+On CUDA each variant runs alone (built, warm-up steps, timed steps, freed): median wall time per step
+(synchronised) and peak memory (``torch.cuda.max_memory_allocated``). On CPU the variants are timed in turn
+(interleaved, so that load drift on a shared machine hits all alike) and memory is not measured. Goals (issue "Speed at scale"): SQAKD
 <= 1.5x FP, fake-quant <= 1.2x FP, peak memory <= 1.3x FP on GPU; with the cache <= 1.1x the fake-quant step.
 """
 
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,7 +58,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu": {"vision": ("resnet18", 32, 64),
             "llama": (dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2), 128, 4),
-            "warmup": 2, "reps": 7},
+            "warmup": 2, "reps": 9},
     "smoke": {"vision": ("resnet18", 32, 2),
               "llama": (dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2), 16, 2),
@@ -68,6 +69,24 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: Dict[str, Callable[[], None]], reps: int, device: Any, warmup: int = 1
+                     ) -> Dict[str, List[float]]:
+    """Seconds per call of each step, called in turn ``reps`` times (after ``warmup`` rounds), synchronised."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 # ---- workloads: (FP model, batch without labels, labels, loss of FP-style variants) ---------------------------
@@ -203,29 +222,42 @@ def measure(workload: str, variant: str, preset: str, device: torch.device, bf16
     if device.type == "cuda":  # peak over the steps: resident weights, gradients, optimizer state, activations
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(PRESETS[preset]["warmup"]):
-        step()
-    times: List[float] = []
-    for _ in range(PRESETS[preset]["reps"]):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    times = time_interleaved({variant: step}, PRESETS[preset]["reps"], device, PRESETS[preset]["warmup"])[variant]
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     del step
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times, "peak_mib": peak}
 
 
-def run(preset: str, device: torch.device, workloads: List[str], variants: List[str], log=print) -> Dict[str, Any]:
+def measure_interleaved(workload: str, variants: List[str], preset: str, device: torch.device,
+                        bf16: bool) -> Dict[str, Optional[Dict[str, Any]]]:
+    """All variants built at once and stepped in turn (one step each per round), so that load drift on a shared CPU
+    hits all alike; time only (no memory)."""
+    steps: Dict[str, Callable[[], None]] = {}
+    for v in variants:
+        fp, inputs, labels = build_workload(workload, preset, device)
+        step = make_step(v, fp, inputs, labels, device, bf16)
+        if step is not None:
+            steps[v] = step
+    times = time_interleaved(steps, PRESETS[preset]["reps"], device, PRESETS[preset]["warmup"])
+    return {v: ({"median_s": statistics.median(times[v]), "min_s": min(times[v]), "times_s": times[v], "peak_mib": None}
+                if v in times else None) for v in variants}
+
+
+def run(preset: str, device: torch.device, workloads: List[str], variants: List[str], log=print,
+        interleave: Optional[bool] = None) -> Dict[str, Any]:
+    """Every workload x variant; ``interleave`` (default: on CPU) times the variants in turn, else each alone with
+    its peak memory."""
     bf16 = device.type == "cuda"
+    interleave = device.type == "cpu" if interleave is None else interleave
     out: Dict[str, Any] = {"preset": preset, "device": str(device), "bf16": bf16, "torch": torch.__version__,
+                           "timing": "interleaved" if interleave else "each variant alone",
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                            "workloads": {}}
     for w in workloads:
-        rows: Dict[str, Any] = {}
+        rows: Dict[str, Any] = measure_interleaved(w, variants, preset, device, bf16) if interleave else {}
         for v in variants:
-            rows[v] = measure(w, v, preset, device, bf16)
+            if not interleave:
+                rows[v] = measure(w, v, preset, device, bf16)
             r = rows[v]
             log(f"[workloads] {w} {v}: " + ("n/a" if r is None else f"{r['median_s'] * 1e3:.1f} ms"
                                             + (f", peak {r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "")))
@@ -261,16 +293,17 @@ def markdown(result: Dict[str, Any]) -> str:
     for w, data in result["workloads"].items():
         rows = data["variants"]
         fp = rows.get("fp") or {}
-        lines += [f"## {data['config']}", "", "| variant | median step (ms) | x FP | peak memory (MiB) | x FP |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {data['config']}", "", f"Timing: {result.get('timing')}.", "",
+                  "| variant | median step (ms) | min (ms) | x FP (median) | peak memory (MiB) | x FP |",
+                  "|---|---|---|---|---|---|"]
         for v, r in rows.items():
             if r is None:
-                lines.append(f"| {v} | n/a | | | |")
+                lines.append(f"| {v} | n/a | | | | |")
                 continue
             xt = r["median_s"] / fp["median_s"] if fp else float("nan")
             mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             xm = "" if r["peak_mib"] is None or not fp.get("peak_mib") else f"{r['peak_mib'] / fp['peak_mib']:.2f}"
-            lines.append(f"| {v} | {r['median_s'] * 1e3:.1f} | {xt:.2f} | {mem} | {xm} |")
+            lines.append(f"| {v} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | {xt:.2f} | {mem} | {xm} |")
         rt = data["ratios"]
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
         lines += ["", f"Goals: fake-quant/FP {fmt(rt['fake_quant_vs_fp'])} (<= 1.2 GPU, <= 1.15 CPU); SQAKD/FP "

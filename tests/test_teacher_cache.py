@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import datasets
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

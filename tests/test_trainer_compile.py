@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate.state import AcceleratorState
-from torch import nn
 
 from sqakd_hf import QuantConfig, SQAKDTrainer, SQAKDTrainingArguments, quantize_model
 
-
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    x, y, _, _ = digits
-    torch.manual_seed(0)
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(3):
-        for i in range(0, len(x), 64):
-            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_teacher_cache import mlp_teacher  # noqa: E402,F401  (the fixture: a digits MLP trained with labels)
 
 
 def _run(teacher, ds, out, method, **kw):
@@ -51,7 +35,8 @@ def _run(teacher, ds, out, method, **kw):
 
 
 @pytest.mark.parametrize("method", ["lsq", "ewgs"])
-def test_torch_compile_trains_like_eager(teacher, digits, tmp_path, method):
+def test_torch_compile_trains_like_eager(mlp_teacher, digits, tmp_path, method):
+    teacher = mlp_teacher
     ds = datasets.Dataset.from_dict({"pixel_values": digits[0][:64].numpy()}).with_format("torch")
     torch._dynamo.reset()
     compiled, losses = _run(teacher, ds, tmp_path / "c", method, torch_compile=True)
@@ -63,7 +48,8 @@ def test_torch_compile_trains_like_eager(teacher, digits, tmp_path, method):
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
-def test_torch_compile_with_teacher_cache(teacher, digits, tmp_path):
+def test_torch_compile_with_teacher_cache(mlp_teacher, digits, tmp_path):
+    teacher = mlp_teacher
     ds = datasets.Dataset.from_dict({"pixel_values": digits[0][:64].numpy()}).with_format("torch")
     torch._dynamo.reset()
     _, losses = _run(teacher, ds, tmp_path / "c", "lsq", torch_compile=True, cache_teacher_outputs=True)
