@@ -149,9 +149,18 @@ def _topk_terms(z: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor):
     return log_q, log_q_rest
 
 
-def _topk_kl(log_q: Tensor, log_q_rest: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
+def _topk_split(z: Tensor, idx: Tensor):
+    """``(log q on K, log q_rest, log q with -inf on K)`` for scaled student logits ``z``: one log-softmax, its
+    top-k entries read, then masked in place (no second full-width tensor)."""
+    log_q = F.log_softmax(z, dim=-1)
+    log_q_k = log_q.gather(-1, idx)
+    log_q.scatter_(-1, idx, float("-inf"))
+    return log_q_k, torch.logsumexp(log_q, dim=-1), log_q
+
+
+def _topk_kl_from(log_q_k: Tensor, log_q_rest: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     p, r = log_p.exp(), log_r.exp()
-    top = torch.where(p > 0, p * (log_p - log_q.gather(-1, idx)), 0.0).sum(-1)
+    top = torch.where(p > 0, p * (log_p - log_q_k), 0.0).sum(-1)
     rest = torch.where(r > 0, r * (log_r - log_q_rest), 0.0)
     return (top + rest).clamp_min(0)
 
@@ -174,9 +183,8 @@ class _KDKLTopK(torch.autograd.Function):
         acc = _acc_dtype(student)
         out = torch.empty(s2.shape[0], dtype=acc, device=student.device)
         for sl in _chunks(s2.shape[0], width):
-            log_q, log_q_rest = _topk_terms(s2[sl].to(acc) / temperature, i2[sl], p2[sl], r2[sl])
-            out[sl] = _topk_kl(log_q, log_q_rest, i2[sl], p2[sl].to(acc), r2[sl].to(acc))
-            del log_q
+            log_q_k, log_q_rest, _ = _topk_split(s2[sl].to(acc) / temperature, i2[sl])
+            out[sl] = _topk_kl_from(log_q_k, log_q_rest, p2[sl].to(acc), r2[sl].to(acc))
         ctx.save_for_backward(student, i2, p2, r2)
         ctx.temperature = temperature
         return out.reshape(student.shape[:-1])
@@ -192,10 +200,14 @@ class _KDKLTopK(torch.autograd.Function):
             return grad.to(student.dtype).reshape(student.shape), None, None, None, None
         grad = torch.empty_like(s2)
         for sl in _chunks(s2.shape[0], width):
-            log_q, log_q_rest = _topk_terms(s2[sl].to(acc) / T, i2[sl], p2[sl], r2[sl])
-            target = _topk_target(log_q, log_q_rest, i2[sl], p2[sl].to(acc), r2[sl].to(acc))
-            grad[sl] = log_q.exp_().sub_(target).mul_(g2[sl] / T)
-            del log_q, target
+            # outside K: q_j (1 - r / q_rest); on K: q_i - p_i (one exp pass, in place)
+            log_q_k, log_q_rest, q = _topk_split(s2[sl].to(acc) / T, i2[sl])
+            shift = torch.where(torch.isfinite(log_q_rest), r2[sl].to(acc) - log_q_rest, float("-inf"))
+            scale = g2[sl] / T
+            q.exp_().mul_((1 - shift.exp()).unsqueeze(-1) * scale)
+            q.scatter_(-1, i2[sl], (log_q_k.exp() - p2[sl].to(acc).exp()) * scale)
+            grad[sl] = q
+            del q
         return grad.reshape(student.shape), None, None, None, None
 
 
