@@ -52,8 +52,10 @@ class DoReFaQuantizer(Quantizer):
         # an all-zero (dead) channel has max|tanh w| = 0: any positive floor keeps 0 / 0 out (its codes are the middle)
         m = t.abs().amax(dim=self._reduce_dims(x), keepdim=bool(self.param_shape)).clamp_min(torch.finfo(t.dtype).tiny)
         wn = t / (2 * m) + 0.5
-        q = round_delta(wn * self.levels, self.delta) / self.levels
-        return self.magnitude * (2 * q - 1)
+        # magnitude * (2 code / L - 1), written as the exported grid scale * (code - zero) so that the packed
+        # form dequantizes to the same floats
+        scale, zero, _, _ = self.grid(x)
+        return scale * (round_delta(wn * self.levels, self.delta) - zero)
 
     def grid(self, w: Tensor):
         # value = magnitude * (2 code / L - 1) = (2 magnitude / L) * (code - L / 2)

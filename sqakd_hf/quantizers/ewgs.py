@@ -88,8 +88,9 @@ class EWGSQuantizer(Quantizer):
             return self.fake_quantize_act(x, width / self.levels, 0, self.levels, zero=self.lower,
                                           delta=self._grid_delta())
         wn = ((x - self.lower) / width).clamp(0, 1)
-        q = round_delta(wn * self.levels, self._grid_delta()) / self.levels
-        return self.out_scale * (2 * q - 1)
+        # out_scale * (2 code / L - 1) as the exported grid scale * (code - zero): the packed form dequantizes
+        # to the same floats
+        return (2 * self.out_scale / self.levels) * (round_delta(wn * self.levels, self._grid_delta()) - self.levels / 2)
 
     def grid(self, w: Tensor):
         scale = 2 * self.out_scale.detach() / self.levels
