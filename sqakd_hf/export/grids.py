@@ -136,8 +136,8 @@ def act_grid(name: str, aq: Quantizer) -> Optional[ActGrid]:
                          "sqakd_hf.calibrate(model, batches) (or train with SQAKDTrainer) first")
     if getattr(aq, "per_token", False):
         raise _refuse(name, "its activations are quantized per token with a learned clip ratio (step s * max|x_t|); "
-                      "compressed-tensors' dynamic per-token grid has the fixed step 2 max|x_t| / (2^b - 1), so the "
-                      "learned ratio cannot be written",
+                      "a deploy format's dynamic per-token grid has a fixed step (compressed-tensors: 2 max|x_t| / "
+                      "(2^b - 1)), so the learned ratio cannot be written",
                       "train the student with QuantConfig(act_granularity='per_tensor') (static steps), or keep the "
                       "packed form (sqakd_hf.save_packed)")
     if aq.binary:
