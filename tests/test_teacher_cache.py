@@ -300,3 +300,36 @@ def test_lm_topk_cache_matches_full_kl_within_tolerance(lm_data, tmp_path):
         _train(teacher, _lm_student(teacher), lm_data, tmp_path / "k", **{**kw, "teacher_cache_top_k": 8})
     with pytest.raises(InputError, match="temperature"):
         _train(teacher, _lm_student(teacher), lm_data, tmp_path / "k", **{**kw, "temperature": 2.0})
+
+
+def test_shards_are_memory_mapped_in_every_dtype_and_the_reader_pickles(tmp_path):
+    """bf16 rows (a bf16 teacher on GPU) read back bit-exactly; a reader sent to a data-loader worker re-maps."""
+    import pickle
+
+    from sqakd_hf.training.teacher_cache import TeacherCache, read_manifest, write_manifest, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    rows = {"outputs": torch.randn(10, 7, generator=g).bfloat16(), "sample_index": torch.tensor([4, 0, 2, 3, 1]),
+            "offsets": torch.tensor([0, 2, 4, 6, 8, 10])}
+    write_shard(tmp_path, 0, 1, rows)
+    write_manifest(tmp_path, {}, {"mode": "full", "width": 7, "masked": False, "sample_shape": [2], "dtype": "bfloat16"},
+                   ["rows-00000-of-00001.safetensors"], 5)
+    assert torch.equal(mmap_safetensors(tmp_path / "rows-00000-of-00001.safetensors")["outputs"], rows["outputs"])
+    reader = TeacherCache(tmp_path, read_manifest(tmp_path))
+    got = reader.lookup(torch.tensor([0, 4]))["outputs"]
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 7)
+    assert torch.equal(got[0], rows["outputs"][2:4]) and torch.equal(got[1], rows["outputs"][0:2])
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._shards is None and torch.equal(clone.lookup(torch.tensor([0, 4]))["outputs"], got)
+    with pytest.raises(DataError, match="not in the teacher-output cache of 5 samples"):
+        reader.lookup(torch.tensor([5]))
+
+
+def test_a_changed_sample_is_a_dataset_mismatch(mlp_teacher, digits_ds, tmp_path):
+    out = tmp_path / "run"
+    _train(mlp_teacher, _student(mlp_teacher), digits_ds, out, max_steps=1, cache_teacher_outputs=True)
+    x = digits_ds[:]["pixel_values"].clone()
+    x[0] += 0.5  # same length, one sample changed (sample 0 is always hashed)
+    changed = datasets.Dataset.from_dict({"pixel_values": x.numpy()}).with_format("torch")
+    with pytest.raises(InputError, match="the training data"):
+        _train(mlp_teacher, _student(mlp_teacher), changed, out, max_steps=1, cache_teacher_outputs=True)
