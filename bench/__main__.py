@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .runner import SECTIONS, log as _log, run_section, setup
+from .runner import DEFAULT_SECTIONS, SECTIONS, log as _log, run_section, setup
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,8 +33,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the short run (< 10 min on a 2-core CPU)")
     mode.add_argument("--micro", action="store_true", help="a seconds-long smoke run of the mechanics (for tests)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; --quick and --micro "
+                         "leave out real_text, the real-task section)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="processes for the two quality sections (default 2: vision and text side by side)")
@@ -43,7 +44,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="keep library logs and warnings")
     args = ap.parse_args(argv)
     args.mode = "quick" if args.quick else "micro" if args.micro else "full"
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.sections = (list(DEFAULT_SECTIONS[args.mode]) if args.sections is None
+                     else [s.strip() for s in args.sections.split(",") if s.strip()])
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
@@ -79,6 +81,13 @@ def main(argv: Optional[List[str]] = None, log: Callable[[str], None] = _log) ->
                 run[s], run["meta"]["sections_s"][s] = run_section(s, args.mode, args.seed, args.threads,
                                                                    args.verbose, log)
         run["meta"]["wall_s"] = time.perf_counter() - t0
+        if "real_text" in run:  # its own files: real_text.{json,md}
+            from . import real_text
+
+            meta = {**run["meta"], "wall_s": run["meta"]["sections_s"]["real_text"]}
+            log(f"[bench] wrote {real_text.write(args.out, args.mode, run.pop('real_text'), meta)}")
+            if not set(args.sections) - {"real_text"}:
+                return args.out / "real_text.md"
         out = report.write(args.out, args.mode, run)
         log(f"[bench] {args.mode} run: {run['meta']['wall_s'] / 60:.1f} min; wrote {out}")
         return out

