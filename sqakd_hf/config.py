@@ -129,6 +129,15 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"packed must be a bool; got {packed!r}")
         self.packed = packed
 
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A saved config (``config.json``'s ``quantization_config``). One written before ``act_granularity``
+        existed was quantized with static per-tensor activations, and is read so."""
+        config_dict = dict(config_dict)
+        if config_dict.get("quant_method", QUANT_METHOD) == QUANT_METHOD:
+            config_dict.setdefault("act_granularity", "per_tensor")
+        return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+
     @staticmethod
     def _fields() -> List[str]:
         return [

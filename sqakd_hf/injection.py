@@ -276,7 +276,7 @@ def get_quant_config(model: nn.Module) -> QuantConfig:
     if cfg is None:
         cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if isinstance(cfg, Mapping):
-        cfg = QuantConfig(**{k: v for k, v in cfg.items()})
+        cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
         raise ValueError(
             f"{type(model).__name__} is not an SQAKD-quantized model: quantize it with sqakd_hf.quantize_model(model, "

@@ -82,3 +82,11 @@ def test_activation_smoothing_and_embedding_fields_round_trip_and_compatibility(
                                                                                smooth_alpha=0.5, embedding_bits=4)):
         with pytest.raises(ValueError, match="act_granularity|embedding_bits"):
             check_config_compatible(cfg, other)
+
+
+def test_a_saved_config_without_act_granularity_reads_as_per_tensor():
+    """Checkpoints written before per-token activations existed were quantized per tensor."""
+    old = {k: v for k, v in QuantConfig().to_dict().items() if k != "act_granularity"}
+    assert QuantConfig.from_dict(old).act_granularity == "per_tensor"
+    assert QuantConfig(**old).act_granularity == "per_token"  # a new config gets the default
+    assert QuantConfig.from_dict(QuantConfig().to_dict()).act_granularity == "per_token"
