@@ -3,6 +3,7 @@
     sqakd-hf train RECIPE.yaml [--key value ...]     label-free QAT of a teacher checkpoint
     sqakd-hf ptq RECIPE.yaml [--key value ...]       calibration only (post-training quantization), same outputs
     sqakd-hf eval [RECIPE.yaml] [--model_path DIR] [--key value ...]
+    sqakd-hf export MODEL_DIR --format compressed-tensors|onnx --output PATH   deploy formats
     sqakd-hf quickstart [--output_dir DIR] [--method lsq] [--bits 4,2] [--epochs N] [--fast]
 
 Bad input (recipe keys and values, files, dataset columns, model/data modality, the output
@@ -31,6 +32,7 @@ EPILOG = """`sqakd-hf <command> --help` lists a command's options. Runs under `a
 TRAIN_USAGE = "sqakd-hf train RECIPE.yaml [--key value ...]"
 PTQ_USAGE = "sqakd-hf ptq RECIPE.yaml [--key value ...]"
 EVAL_USAGE = "sqakd-hf eval [RECIPE.yaml] [--model_path DIR] [--key value ...]"
+EXPORT_USAGE = "sqakd-hf export MODEL_DIR --format {compressed-tensors,onnx} --output PATH [--overwrite]"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,15 @@ def _quickstart_options(quick: argparse.ArgumentParser) -> None:
                             "default)")
 
 
+def _export_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("model_dir", help="a run folder of train/ptq, its packed/ folder, or a saved quantized folder")
+    sub.add_argument("--format", required=True, choices=("compressed-tensors", "onnx"),
+                     help="compressed-tensors: a folder plain transformers (no sqakd_hf) and vLLM load; "
+                          "onnx: one QDQ .onnx file for onnxruntime")
+    sub.add_argument("--output", required=True, help="the folder (compressed-tensors) or .onnx file to write")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
 # ---- commands (heavy imports happen here) ---------------------------------------------------------------
 def _split_recipe(argv: List[str]):
     if argv and not argv[0].startswith("-"):
@@ -154,6 +165,17 @@ def _eval(args: argparse.Namespace, argv: List[str]) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, argv: List[str]) -> int:
+    from pathlib import Path
+
+    from .export import run_export
+
+    written = run_export(Path(args.model_dir), args.format, Path(args.output), overwrite=args.overwrite)
+    if is_main_process():
+        print(f"wrote {args.format} to {written}")
+    return 0
+
+
 def _quickstart(args: argparse.Namespace, argv: List[str]) -> int:
     try:
         bits = [int(b) for b in str(args.bits).split(",") if b.strip()]
@@ -173,6 +195,12 @@ COMMANDS: Dict[str, Command] = {
     "ptq": Command("post-training quantization: calibrate the quantizers only (no training); same outputs as train",
                    _ptq, PTQ_USAGE),
     "eval": Command("evaluate a saved quantized model (and its teacher)", _eval, EVAL_USAGE),
+    "export": Command(
+        "write a saved quantized model as compressed-tensors or ONNX QDQ (loads without sqakd_hf)", _export,
+        EXPORT_USAGE, overrides=False, configure=_export_options,
+        description="Write a saved quantized model in a deploy format: compressed-tensors (plain transformers "
+                    "from_pretrained, vLLM) or ONNX QDQ (onnxruntime). Grids the format cannot hold exactly "
+                    "(e.g. per-token activations) are refused with the fix."),
     "quickstart": Command(
         "offline demo on scikit-learn's digits", _quickstart, overrides=False, configure=_quickstart_options,
         description="Offline demo on scikit-learn's digits: trains a small timm teacher (the only step that uses "

@@ -16,6 +16,7 @@ model is restored afterwards. Grids without an exact integer form (and per-token
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -123,6 +124,10 @@ def export_onnx(
     """
     model = unwrap(model)
     if isinstance(example_inputs, Mapping):
+        # the traced graph takes keyword inputs in the order of forward's signature, whatever the mapping's order
+        order = list(inspect.signature(model.forward).parameters)
+        example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                     else len(order)))
         names, args, kwargs = list(example_inputs), (), dict(example_inputs)
         values = list(example_inputs.values())
     else:
