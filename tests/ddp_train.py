@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help=".npy array (N, 1, 8, 8) of unlabeled images")
     p.add_argument("--per-device-batch", type=int, required=True)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--cache", action="store_true", help="cache_teacher_outputs=True (cache in OUT/run/teacher_cache)")
+    p.add_argument("--cache", action="store_true", help="cache_teacher_outputs=True (cache in OUT/run/_teacher_cache)")
     a = p.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ

@@ -165,9 +165,9 @@ def test_classifier_cache_equals_uncached_run_and_skips_the_teacher(mlp_teacher,
     assert calls.per_epoch == [0, 0] and ref_calls.per_epoch == [6, 6]
     # one forward per build batch (96 / 16) plus the pre-training output check
     assert calls.n == 6 + 1
-    record = json.loads((tmp_path / "cached" / "teacher_cache" / MANIFEST_NAME).read_text())
+    record = json.loads((tmp_path / "cached" / "_teacher_cache" / MANIFEST_NAME).read_text())
     assert record["layout"]["mode"] == "full" and record["samples"] == 96
-    shard = mmap_safetensors(tmp_path / "cached" / "teacher_cache" / record["shards"][0])
+    shard = mmap_safetensors(tmp_path / "cached" / "_teacher_cache" / record["shards"][0])
     with torch.no_grad():
         torch.testing.assert_close(shard["outputs"], mlp_teacher(digits_ds[:]["pixel_values"]))
     assert trainer.teacher_cache is not None
@@ -177,7 +177,7 @@ def test_resume_reuses_the_cache(mlp_teacher, digits_ds, tmp_path):
     out = tmp_path / "run"
     _train(mlp_teacher, _student(mlp_teacher), digits_ds, out, max_steps=4, save_strategy="steps", save_steps=2,
            cache_teacher_outputs=True)
-    manifest = out / "teacher_cache" / MANIFEST_NAME
+    manifest = out / "_teacher_cache" / MANIFEST_NAME
     stamps = {p.name: p.stat().st_mtime_ns for p in manifest.parent.iterdir()}
     student = _student(mlp_teacher)
     calls = Calls(mlp_teacher)  # after the copy: a deepcopy would copy the hook
@@ -276,7 +276,7 @@ def test_lm_topk_cache_matches_full_kl_within_tolerance(lm_data, tmp_path):
     kw = dict(max_steps=1, per_device_train_batch_size=8, per_device_eval_batch_size=8, temperature=1.0,
               cache_teacher_outputs=True, teacher_cache_top_k=16)
     trainer, calls, _ = _train(teacher, student, lm_data, tmp_path / "k", **kw)
-    record = json.loads((tmp_path / "k" / "teacher_cache" / MANIFEST_NAME).read_text())
+    record = json.loads((tmp_path / "k" / "_teacher_cache" / MANIFEST_NAME).read_text())
     assert record["layout"]["mode"] == "topk" and record["fingerprint"]["top_k"] == 16
     collate = CachedTeacherCollator(trainer.data_collator, trainer.teacher_cache)
     batch = collate([IndexedDataset(lm_data)[i] for i in range(16, 24)])

@@ -107,7 +107,7 @@ def test_ddp_with_teacher_cache_matches_single_process_without(ddp_cached_run):
     """Each rank's batches carry the cached rows of their own samples: losses and weights equal the uncached
     single-process run at the same global batch (same tolerances as above)."""
     single, cached = ddp_cached_run
-    record = json.loads((cached / "run" / "teacher_cache" / "teacher_cache.json").read_text())
+    record = json.loads((cached / "run" / "_teacher_cache" / "teacher_cache.json").read_text())
     assert record["shards"] == ["rows-00000-of-00002.safetensors", "rows-00001-of-00002.safetensors"]
     assert record["samples"] == 160
     l_single = json.loads((single / "losses.json").read_text())["losses"]

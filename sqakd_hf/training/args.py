@@ -138,7 +138,8 @@ class SQAKDTrainingArguments(TrainingArguments):
     )
     teacher_cache_dir: Optional[str] = field(
         default=None,
-        metadata={"help": "cache_teacher_outputs: the cache folder (default: <output_dir>/teacher_cache). A cache "
+        metadata={"help": "cache_teacher_outputs: the cache folder (default: <output_dir>/_teacher_cache; the leading underscore keeps "
+                  "the Trainer's Hub uploads of output_dir from sending it). A cache "
                   "built for another teacher, dataset, k or temperature is an error, not overwritten."},
     )
 

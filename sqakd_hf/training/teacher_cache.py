@@ -1,6 +1,7 @@
 """Teacher-output cache: the frozen teacher runs once over a fixed dataset, every epoch reads its outputs from disk.
 
-Layout (a folder next to the run, ``{output_dir}/teacher_cache`` by default):
+Layout (a folder next to the run, ``{output_dir}/_teacher_cache`` by default; the Trainer's
+Hub uploads of ``output_dir`` skip names starting with ``_``):
 
 * ``rows-{rank}-of-{world}.safetensors``: one shard per process that built the cache, each written atomically
   (temporary file, then ``os.replace``): ``sample_index`` (the dataset indices it holds), ``offsets`` (sample

@@ -469,8 +469,9 @@ class SQAKDTrainer(Trainer):
 
     @property
     def teacher_cache_dir(self) -> str:
-        """Where the teacher-output cache lives: ``args.teacher_cache_dir``, default ``<output_dir>/teacher_cache``."""
-        return self.args.teacher_cache_dir or os.path.join(self.args.output_dir, "teacher_cache")
+        """Where the teacher-output cache lives: ``args.teacher_cache_dir``, default ``<output_dir>/_teacher_cache``
+        (the Trainer's Hub uploads of ``output_dir`` skip names starting with ``_``)."""
+        return self.args.teacher_cache_dir or os.path.join(self.args.output_dir, "_teacher_cache")
 
     def _use_teacher_cache(self) -> Tuple[Any, Any]:
         """Open (or build, running the teacher once over the training set) the teacher-output cache, then let the
