@@ -204,7 +204,8 @@ def smooth_model(model: nn.Module, batches: Sequence[Any], alpha: float,
         finally:
             trace.remove()
         _all_reduce_max(trace.absmax)
-        if reference is None or not torch.isfinite(torch.stack([v.max() for v in trace.absmax.values()])).all():
+        if reference is None or not trace.absmax or \
+                not torch.isfinite(torch.stack([v.max() for v in trace.absmax.values()])).all():
             return []  # non-finite activations: calibrate() names the batch and layer
         folded = []
         gen = torch.Generator().manual_seed(0)
