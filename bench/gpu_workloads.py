@@ -21,7 +21,8 @@ Variants, each one optimizer step on a fixed batch:
 
 On CUDA each variant runs alone (built, warm-up steps, timed steps, freed): median wall time per step
 (synchronised) and peak memory (``torch.cuda.max_memory_allocated``). On CPU the variants are timed in turn
-(interleaved, so that load drift on a shared machine hits all alike) and memory is not measured. Goals (issue "Speed at scale"): SQAKD
+(interleaved, so that load drift on a shared machine hits all alike), in CPU time of this process (run with
+``--threads 1``), and memory is not measured. Goals (issue "Speed at scale"): SQAKD
 <= 1.5x FP, fake-quant <= 1.2x FP, peak memory <= 1.3x FP on GPU; with the cache <= 1.1x the fake-quant step.
 """
 
@@ -71,10 +72,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: Dict[str, Callable[[], None]], reps: int, device: Any, warmup: int = 1
-                     ) -> Dict[str, List[float]]:
-    """Seconds per call of each step, called in turn ``reps`` times (after ``warmup`` rounds), synchronised."""
+def time_interleaved(steps: Dict[str, Callable[[], None]], reps: int, device: Any, warmup: int = 1,
+                     cpu_time: bool = False) -> Dict[str, List[float]]:
+    """Seconds per call of each step, called in turn ``reps`` times (after ``warmup`` rounds), synchronised: wall
+    time, or with ``cpu_time`` (CPU only) this process's CPU time (``time.process_time``: with one torch thread,
+    other processes on a shared machine do not count; contention for caches and memory bandwidth still does)."""
     device = torch.device(device)
+    clock = time.process_time if cpu_time and device.type == "cpu" else time.perf_counter
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -82,10 +86,10 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], reps: int, device: An
     for _ in range(reps):
         for k, step in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
             _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return times
 
 
@@ -238,7 +242,7 @@ def measure_interleaved(workload: str, variants: List[str], preset: str, device:
         step = make_step(v, fp, inputs, labels, device, bf16)
         if step is not None:
             steps[v] = step
-    times = time_interleaved(steps, PRESETS[preset]["reps"], device, PRESETS[preset]["warmup"])
+    times = time_interleaved(steps, PRESETS[preset]["reps"], device, PRESETS[preset]["warmup"], cpu_time=True)
     return {v: ({"median_s": statistics.median(times[v]), "min_s": min(times[v]), "times_s": times[v], "peak_mib": None}
                 if v in times else None) for v in variants}
 
@@ -250,7 +254,9 @@ def run(preset: str, device: torch.device, workloads: List[str], variants: List[
     bf16 = device.type == "cuda"
     interleave = device.type == "cpu" if interleave is None else interleave
     out: Dict[str, Any] = {"preset": preset, "device": str(device), "bf16": bf16, "torch": torch.__version__,
-                           "timing": "interleaved" if interleave else "each variant alone",
+                           "timing": ("interleaved" if interleave else "each variant alone")
+                           + (", wall time" if device.type == "cuda" else ", CPU time of the process"),
+                           "threads": torch.get_num_threads(),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                            "workloads": {}}
     for w in workloads:
