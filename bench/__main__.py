@@ -13,6 +13,7 @@ other jobs, two intra-op threads ran the same step 3-30x slower than one (spin-w
 from __future__ import annotations
 
 import argparse
+import importlib
 import multiprocessing
 import shlex
 import sys
@@ -81,13 +82,15 @@ def main(argv: Optional[List[str]] = None, log: Callable[[str], None] = _log) ->
                 run[s], run["meta"]["sections_s"][s] = run_section(s, args.mode, args.seed, args.threads,
                                                                    args.verbose, log)
         run["meta"]["wall_s"] = time.perf_counter() - t0
-        if "real_text" in run:  # its own files: real_text.{json,md}
-            from . import real_text
-
-            meta = {**run["meta"], "wall_s": run["meta"]["sections_s"]["real_text"]}
-            log(f"[bench] wrote {real_text.write(args.out, args.mode, run.pop('real_text'), meta)}")
-            if not set(args.sections) - {"real_text"}:
-                return args.out / "real_text.md"
+        written = None
+        for name in ("real_text", "real_vision"):  # their own files: real_<name>.{json,md}
+            if name in run:
+                module = importlib.import_module(f".{name}", __package__)
+                meta = {**run["meta"], "wall_s": run["meta"]["sections_s"][name]}
+                written = module.write(args.out, args.mode, run.pop(name), meta)
+                log(f"[bench] wrote {written}")
+        if written is not None and not set(args.sections) - {"real_text", "real_vision"}:
+            return written
         out = report.write(args.out, args.mode, run)
         log(f"[bench] {args.mode} run: {run['meta']['wall_s'] / 60:.1f} min; wrote {out}")
         return out

@@ -7,8 +7,8 @@ from typing import Any, Callable, Dict
 
 import torch
 
-SECTIONS = ("vision", "text", "cost", "size", "real_text")
-#: sections run when ``--sections`` is not given: the real-task section only in full mode (it takes ~40 min)
+SECTIONS = ("vision", "text", "cost", "size", "real_text", "real_vision")
+#: sections run when ``--sections`` is not given: the real-task sections only in full mode (~1 h on 2 CPU cores)
 DEFAULT_SECTIONS = {"full": SECTIONS, "quick": SECTIONS[:4], "micro": SECTIONS[:4]}
 METHODS = ("lsq", "pact", "dorefa", "ewgs")
 
@@ -18,6 +18,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
     from .common import Budget
     from .quality_text import TextSetup
     from .real_text import RealTextSetup
+    from .real_vision import RealVisionSetup
     from .quality_vision import VisionSetup
 
     if mode == "full":
@@ -28,8 +29,10 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                               [(8, 8), (4, 8), (4, 4)]),
             "cost": {"batch_size": 16, "seq_len": 128, "reps": 5},
             "size": [8, 4, 2, 1],
-            "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(300, 16, 5e-5, weight_decay=0.01, seed=seed),
+            "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(150, 16, 5e-5, weight_decay=0.01, seed=seed),
                                        [("lsq", 4, 8), ("lsq", 4, 4)], jobs=2),
+            "real_vision": RealVisionSetup(224, 960, 192, Budget(60, 16, 1e-5, weight_decay=0.0, seed=seed),
+                                           [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
         }
     if mode == "quick":
         return {
@@ -40,6 +43,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "size": [8, 4, 2, 1],
             "real_text": RealTextSetup(48, 500, 4000, 150, 16, 1e-4, Budget(40, 16, 5e-5, weight_decay=0.01, seed=seed),
                                        [("lsq", 4, 8)]),
+            "real_vision": RealVisionSetup(160, 320, 96, Budget(20, 16, 1e-5, weight_decay=0.0, seed=seed),
+                                           [("lsq", 8, 8, 1e-5)]),
         }
     return {  # micro: mechanics only
         "vision": VisionSetup(8, 2, Budget(2, 32, 1e-3, calibration_batches=1, seed=seed), ("lsq",), [(4, 4)],
@@ -49,6 +54,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
         "size": [4],
         "real_text": RealTextSetup(16, 24, 48, 2, 8, 1e-4, Budget(2, 8, 5e-5, calibration_batches=1, seed=seed),
                                    [("lsq", 4, 8)], cache=None, eval_batch_size=8),
+        "real_vision": RealVisionSetup(64, 8, 8, Budget(1, 4, 1e-5, calibration_batches=1, seed=seed),
+                                       [("lsq", 8, 8, 1e-5)]),
     }
 
 
@@ -67,9 +74,9 @@ def setup(threads: int, verbose: bool) -> None:
 
 
 def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, log: Callable[[str], None] = log):
-    """Run one section (``vision``, ``text``, ``cost``, ``size``, ``real_text``); returns ``(result, seconds)``."""
+    """Run one section (``vision``, ``text``, ``cost``, ``size``, ``real_text``, ``real_vision``); returns ``(result, seconds)``."""
     setup(threads, verbose)
-    from . import common, cost, quality_text, quality_vision, real_text, size
+    from . import common, cost, quality_text, quality_vision, real_text, real_vision, size
 
     cfg = presets(mode, seed)
     jobs = {
@@ -78,6 +85,7 @@ def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, lo
         "cost": lambda: cost.run(**cfg["cost"], mode=mode, log=log),
         "size": lambda: size.run(cfg["size"], log),
         "real_text": lambda: real_text.run(cfg["real_text"], log),
+        "real_vision": lambda: real_vision.run(cfg["real_vision"], log),
     }
     with common.Timer() as t:
         result = jobs[name]()

