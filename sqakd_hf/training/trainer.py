@@ -98,6 +98,7 @@ def _forget_other_accelerator(model: nn.Module) -> None:
     accelerator would not compile, wrap (DDP) or place it."""
     model.__dict__.pop("_is_accelerate_prepared", None)
 
+
 @dataclass
 class _Distill:
     """One distillation forward: per-position losses and what evaluation needs."""
