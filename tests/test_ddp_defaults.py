@@ -1,17 +1,17 @@
 """DDP's ``find_unused_parameters`` is chosen from what the student actually uses: False when every trainable
 parameter gets a gradient (no per-step graph search, no warning), True when some do not (e.g. a pooler when the
-last hidden state is distilled). Real tiny BERT and timm students; the quantizers need no calibration."""
+last hidden state is distilled). Real tiny BERT and timm students; the quantizers need no calibration. SQAKDTrainer
+applies it before DDP wraps the student (2-process runs in tests/test_trainer_ddp.py and tests/test_cli.py print no
+warning)."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cli_fixtures import save_bert_teacher, save_timm_teacher, tiny_bert_tokenizer
 from sqakd_hf import QuantConfig, quantize_model
-from sqakd_hf.app.distributed import choose_find_unused_parameters, unused_parameters
+from sqakd_hf.training.ddp import unused_parameters
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_hidden_state_target_leaves_the_pooler_unused(bert_dir):
     assert "pooler.dense.weight" not in unused_parameters(student, _text_batch(), "hidden_states")
 
 
-def test_timm_student_and_the_training_argument(tmp_path):
+def test_timm_student_uses_every_parameter(tmp_path):
     import timm
 
     from sqakd_hf.app.data import image_collator
@@ -59,12 +59,3 @@ def test_timm_student_and_the_training_argument(tmp_path):
                                                                                                 act_bits=2))
     data = [{"pixel_values": torch.randn(3, 32, 32)} for _ in range(3)]
     assert unused_parameters(student, image_collator(data[:2])) == []
-    args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=None, distill_target="logits")
-    choose_find_unused_parameters(args, student, data, image_collator)
-    assert args.ddp_find_unused_parameters is False
-    args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=True, distill_target="logits")
-    choose_find_unused_parameters(args, student, data, image_collator)  # the recipe's own value is kept
-    assert args.ddp_find_unused_parameters is True
-    args = SimpleNamespace(world_size=1, ddp_find_unused_parameters=None, distill_target="logits")
-    choose_find_unused_parameters(args, student, data, image_collator)  # one process: nothing to choose
-    assert args.ddp_find_unused_parameters is None

@@ -34,6 +34,8 @@ def _run(cmd, out: Path) -> None:
     proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    # SQAKDTrainer chose find_unused_parameters=False (the student uses every parameter): DDP does not warn
+    assert "find_unused_parameters=True" not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ def test_trainer_push_to_hub_uploads_packed_model_and_card(local_hub: LocalHub, 
     assert meta["base_model"] == teacher_id and meta["base_model_relation"] == "quantized"
     assert "sqakd" in meta["tags"] and "4-bit" in meta["tags"]
     assert "import sqakd_hf" in card and f"{metrics['eval_teacher_agreement']:.4f}" in card
+    assert f"| epochs | {round(trainer.state.epoch, 3)} |" in card  # the epochs trained, not num_train_epochs
     assert '"packed": true' in files["config.json"].decode()
     assert (tmp_path / "out" / "README.md").read_text() .startswith("---")  # card also written locally
     # what landed on the Hub loads back (packed form) and predicts like the trained student

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 from ..config import QuantConfig
 from ..errors import RecipeError
 from .data import dataset_length
-from .distributed import barrier, choose_find_unused_parameters, say, setup_distributed
+from .distributed import barrier, say, setup_distributed
 from .models import TeacherInfo, inspect_teacher, load_processor, load_teacher_and_student
 from .checks import check_training_ranges
 from .recipe import Recipe
@@ -93,8 +93,6 @@ def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
                                                  raw.train_label_map(info.id2label))
     if info.modality == "image":
         training.remove_unused_columns = False  # images are transformed on the fly from their raw column
-    if mode == TRAIN:
-        choose_find_unused_parameters(training, student, train_ds, collator)
     out = Path(training.output_dir)
 
     from ..training.trainer import SQAKDTrainer

@@ -60,6 +60,7 @@ from ..injection import is_quantized, quant_layers, quantizer_parameters, named_
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
+from .ddp import unused_parameters
 from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
@@ -550,8 +551,23 @@ class SQAKDTrainer(Trainer):
             self._prepare_pending = False
             self._check_student(self.model, self.args)
             self.prepare_student(loader, force_check=True)
+            self._choose_find_unused_parameters(loader)
             self._last_delta_step = -1
         return loader
+
+    def _choose_find_unused_parameters(self, loader: Any) -> None:
+        """Under DDP, unless ``ddp_find_unused_parameters`` is set: False when the objective reaches every trainable
+        parameter of the student (DDP then neither searches the graph each step nor warns), True with a note
+        otherwise (e.g. a pooler when hidden states are distilled). Runs before the model is wrapped."""
+        handler = self.accelerator.ddp_handler  # the DistributedDataParallelKwargs the Trainer passed to accelerate
+        if self.args.world_size <= 1 or self.args.ddp_find_unused_parameters is not None or handler is None:
+            return
+        batch = self._calibration_batches(loader, first_only=True)[0]
+        unused = unused_parameters(_core(self.model), batch, self.args.distill_target)
+        handler.find_unused_parameters = bool(unused)
+        if unused and self.is_world_process_zero():
+            logger.warning("sqakd: %d trainable parameter(s) get no gradient (e.g. %s): DDP runs with "
+                           "find_unused_parameters=True", len(unused), unused[0])
 
     def prepare_student(self, dataset: Any = None, force_check: bool = False) -> None:
         """Calibrate the student's quantizers if any is uninitialised, then check teacher/student
@@ -801,7 +817,8 @@ class SQAKDTrainer(Trainer):
         return {
             "temperature": a.temperature, "kd_weight": a.kd_weight, "ce_weight": a.ce_weight,
             "learning_rate": a.learning_rate, "quantizer_learning_rate": a.effective_quantizer_learning_rate,
-            "epochs": a.num_train_epochs, "global_steps": self.state.global_step,
+            # epochs actually trained (a max_steps run may end long before num_train_epochs)
+            "epochs": round(float(self.state.epoch or 0.0), 3), "global_steps": self.state.global_step,
         }
 
     def create_model_card(
