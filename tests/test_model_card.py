@@ -162,7 +162,7 @@ def test_invalid_library() -> None:
 def test_loading_advice_matches_what_transformers_does_without_the_import():
     """Without ``import sqakd_hf`` a packed folder loads with random quantized weights, a training-form
     folder as plain FP weights: the card says which, for transformers models."""
-    for packed, says in ((True, "randomly initialised"), (False, "full-precision master weights")):
+    for packed, says in ((True, "size-mismatch error"), (False, "full-precision master weights")):
         card = str(render_model_card(ModelCardInfo(base_model="org/teacher", method="lsq", weight_bits=4, act_bits=4,
                                                    packed=packed)))
         assert says in card and "import sqakd_hf" in card, packed

@@ -130,8 +130,8 @@ def _load_snippet(info: ModelCardInfo) -> tuple[str, str]:
         code = f'import sqakd_hf\n\nmodel = sqakd_hf.from_pretrained_timm("{target}")\nmodel.eval()'
     else:
         without = (
-            "loads this packed checkpoint with its quantized layers' weights missing (randomly initialised), so "
-            "the model's outputs are wrong while transformers only warns"
+            "stops with a size-mismatch error naming the quantized layers' weights (this packed checkpoint stores "
+            "them as integer codes that only `sqakd_hf` can unpack)"
             if info.packed else
             "loads the full-precision master weights without their quantizers (not the low-bit model)"
         )
