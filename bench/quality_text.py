@@ -37,6 +37,14 @@ def bbc_news() -> Tuple[List[str], List[int], List[str]]:
     return texts, labels, classes
 
 
+def encode(tok: Any, texts: Sequence[str], labels: Sequence[int], idx: Sequence[int],
+           max_length: int) -> Dict[str, torch.Tensor]:
+    """Columns of the samples ``idx``: token ids padded to ``max_length`` plus ``labels``."""
+    enc = tok([texts[i] for i in idx], truncation=True, max_length=max_length, padding="max_length",
+              return_tensors="pt")
+    return {**enc, "labels": torch.tensor([labels[i] for i in idx])}
+
+
 def _subsample(idx: List[int], labels: List[int], n: int, seed: int) -> List[int]:
     """A stratified subset of ``n`` indices (all when ``n`` is 0 or too large)."""
     if not n or n >= len(idx):
@@ -71,12 +79,7 @@ def run(setup: TextSetup, log=print) -> Dict[str, Any]:
     tr, te = _subsample(tr, labels, setup.train_limit, seed), _subsample(te, labels, setup.test_limit, seed)
     tok = AutoTokenizer.from_pretrained(model_dir())
 
-    def encode(idx: List[int]) -> Dict[str, torch.Tensor]:
-        enc = tok([texts[i] for i in idx], truncation=True, max_length=setup.max_length, padding="max_length",
-                  return_tensors="pt")
-        return {**enc, "labels": torch.tensor([labels[i] for i in idx])}
-
-    train_cols, test_cols = encode(tr), encode(te)
+    train_cols, test_cols = (encode(tok, texts, labels, idx, setup.max_length) for idx in (tr, te))
     train = datasets.Dataset.from_dict({k: v.numpy() for k, v in train_cols.items()}).with_format("torch")
     test_labels = test_cols.pop("labels")
     test_batches = batched(test_cols, 32)
