@@ -12,13 +12,12 @@ teacher's), or one image of the model's input size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from ..errors import InputError
 from .evaluate import _run_record_of, load_saved_model
 
 FORMATS = ("compressed-tensors", "onnx")
-_EXAMPLE_TEXT = "An example sentence to trace the graph."
 
 
 def _check_paths(model_dir: Path, fmt: str, output: Path, overwrite: bool) -> None:
@@ -37,46 +36,17 @@ def _check_paths(model_dir: Path, fmt: str, output: Path, overwrite: bool) -> No
 
 def _tokenizer(model_dir: Path) -> Optional[Any]:
     """The model's tokenizer: from its folder, the run around it, or the run's teacher; None for image models."""
-    from transformers import AutoTokenizer
+    from ..export.inputs import load_tokenizer
 
-    record = _run_record_of(model_dir)
-    candidates = [model_dir, model_dir.parent, record.get("teacher")]
-    for source in candidates:
-        if not source:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(str(source))
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def _image_size(model: Any) -> int:
-    config = getattr(model, "config", None)
-    size = getattr(config, "image_size", None)
-    if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = (cfg.get("input_size") or (3, 224, 224))[-1]
-    return int(size[-1] if isinstance(size, (list, tuple)) else size)
+    return load_tokenizer(model_dir, model_dir.parent, _run_record_of(model_dir).get("teacher"))
 
 
 def example_inputs(model: Any, model_dir: Path) -> Any:
-    """One example input that traces the model: a tokenized sentence for text models, one image otherwise."""
-    import torch
+    """One example input that traces the model: its tokenizer's encoding of one sentence, or one image."""
+    from ..export.inputs import example_inputs as build, takes_text
 
-    from ..checkpoint import model_library
-
-    config = getattr(model, "config", None)
-    channels = getattr(config, "num_channels", None)
-    if model_library(model) == "transformers" and channels is None:
-        tokenizer = _tokenizer(model_dir)
-        if tokenizer is None:
-            raise InputError(f"no tokenizer found for {model_dir} (nor for the teacher of its run record): save the "
-                             "tokenizer into the folder (tokenizer.save_pretrained) so the ONNX graph can be traced")
-        encoded: Dict[str, Any] = tokenizer([_EXAMPLE_TEXT], return_tensors="pt")
-        return dict(encoded)
-    size = _image_size(model)
-    return torch.zeros(1, int(channels or 3), size, size)
+    tokenizer = _tokenizer(model_dir) if takes_text(model) else None
+    return build(model, tokenizer, where=f"{model_dir} (nor for the teacher of its run record)")
 
 
 def run_export(model_dir: Path, fmt: str, output: Path, overwrite: bool = False) -> Path:

@@ -16,10 +16,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..serialization.packing import storage_bits
 
-__all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH", "METRIC_DESCRIPTIONS"]
+__all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH", "METRIC_DESCRIPTIONS", "FORMS"]
 
 DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "templates" / "model_card_template.md"
 
+#: the forms a card can describe
+FORMS = ("packed", "training", "compressed-tensors", "onnx")
+#: the file an ONNX upload holds the graph in
+ONNX_FILE = "model.onnx"
 _BASE_TAGS = ("sqakd", "quantized", "knowledge-distillation", "qat")
 # "name" or "owner/name" with Hub-legal characters; local paths ("./x", "/x", "a/b/c") do not match.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -60,6 +64,13 @@ class ModelCardInfo:
     teacher_bytes_source: str | None = None
     #: the evaluation data: ``{"dataset", "split", "examples"}`` (metric names come from ``metrics``)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    #: the uploaded form: "packed" / "training" (sqakd_hf's own, from ``packed`` when None), "compressed-tensors"
+    #: (plain transformers, vLLM) or "onnx" (a QDQ graph for onnxruntime)
+    form: str | None = None
+
+    @property
+    def stored_form(self) -> str:
+        return self.form or ("packed" if self.packed else "training")
 
 
 #: what each reported metric measures
@@ -118,9 +129,49 @@ def _metric_table(
     return columns, rows, show_delta
 
 
+def _compressed_tensors_snippet(info: ModelCardInfo, target: str) -> tuple[str, str]:
+    note = ("This checkpoint is in the compressed-tensors format: plain `transformers` loads it (no `sqakd_hf` "
+            "needed) once the `compressed-tensors` package is installed.")
+    text = info.pipeline_tag not in (None, "image-classification")
+    processor = "AutoTokenizer" if text else "AutoImageProcessor"
+    code = (f"# pip install transformers compressed-tensors\nfrom transformers import {processor}, {info.model_class}\n\n"
+            f'model = {info.model_class}.from_pretrained("{target}")\nmodel.eval()\n'
+            f'{"tokenizer" if text else "processor"} = {processor}.from_pretrained("{target}")')
+    if info.pipeline_tag == "text-generation":
+        note += " vLLM serves it as is: `vllm serve " + target + "`, or from Python as below."
+        code += (f'\n\n# or with vLLM (GPU): pip install vllm\nfrom vllm import LLM\n\nllm = LLM(model="{target}")\n'
+                 'print(llm.generate(["The capital of France is"])[0].outputs[0].text)')
+    return note, code
+
+
+def _onnx_snippet(info: ModelCardInfo, target: str) -> tuple[str, str]:
+    note = (f"`{ONNX_FILE}` is an ONNX graph with QuantizeLinear / DequantizeLinear pairs carrying the learned scales; "
+            "onnxruntime runs it (no `sqakd_hf` and no PyTorch needed). `config.json` holds the labels"
+            + (" and the preprocessing (mean, std, input size)" if info.library == "timm" else "") + ".")
+    head = ("# pip install onnxruntime huggingface_hub" + ("" if info.library == "timm" else " transformers")
+            + ("\nimport numpy as np" if info.library == "timm" or info.pipeline_tag in (None, "image-classification")
+               else "") + "\nimport onnxruntime as ort\nfrom huggingface_hub import hf_hub_download\n")
+    session = f'\nsession = ort.InferenceSession(hf_hub_download("{target}", "{ONNX_FILE}"))\n'
+    if info.library == "transformers" and info.pipeline_tag not in (None, "image-classification"):
+        code = (head + "from transformers import AutoTokenizer\n" + session
+                + f'tokenizer = AutoTokenizer.from_pretrained("{target}")\n'
+                + 'inputs = tokenizer(["An example sentence."], return_tensors="np")\n'
+                + "feeds = {i.name: inputs[i.name] for i in session.get_inputs()}\n"
+                + "logits = session.run(None, feeds)[0]")
+    else:
+        code = (head + session + "image = session.get_inputs()[0]\n"
+                + "pixels = np.zeros([1, *image.shape[1:]], np.float32)  # your images, resized and normalised\n"
+                + "logits = session.run(None, {image.name: pixels})[0]")
+    return note, code
+
+
 def _load_snippet(info: ModelCardInfo) -> tuple[str, str]:
     """Return (explanatory sentence, python code) for loading the checkpoint."""
     target = info.repo_id or "path/to/this/checkpoint"
+    if info.stored_form == "compressed-tensors":
+        return _compressed_tensors_snippet(info, target)
+    if info.stored_form == "onnx":
+        return _onnx_snippet(info, target)
     if info.library == "timm":
         note = (
             "Import `sqakd_hf` first: it provides the loader that rebuilds the timm model with "
@@ -150,6 +201,8 @@ def _load_snippet(info: ModelCardInfo) -> tuple[str, str]:
 def _tags(info: ModelCardInfo) -> list[str]:
     tags = [*_BASE_TAGS[:2], f"{info.weight_bits}-bit", *_BASE_TAGS[2:],
             f"w{info.weight_bits}a{info.act_bits}", info.method, info.library, *info.tags]
+    if info.stored_form in ("compressed-tensors", "onnx"):
+        tags.append(info.stored_form)
     if info.pipeline_tag:
         tags.append(info.pipeline_tag)
     seen: list[str] = []
@@ -174,6 +227,10 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
             raise ValueError(f"{name} must be a positive integer, got {bits!r}")
 
+    if info.stored_form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {info.form!r}")
+    if info.stored_form == "compressed-tensors" and info.library != "transformers":
+        raise ValueError("the compressed-tensors form is for transformers models")
     if info.mode not in ("sqakd", "ptq"):
         raise ValueError(f"mode must be 'sqakd' or 'ptq', got {info.mode!r}")
     on_hub = _is_hub_id(info.base_model) if info.base_model_on_hub is None else bool(info.base_model_on_hub)
@@ -235,6 +292,7 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
         library=info.library,
         model_class=info.model_class,
         packed=info.packed,
+        form=info.stored_form,
         storage_bits=container,
         codes_per_byte=max(1, 8 // container),
         checkpoint_size=checkpoint_size,

@@ -122,7 +122,8 @@ def checkpoint_contents(folder: Union[str, os.PathLike], model: Optional[nn.Modu
     else:
         quantized = {n for n, m in quant_layers(model)} if model is not None else set()
         quantized = {n for n in quantized if _weight_bits(model, n) < 32}
-        quantized_leaf = lambda leaf: leaf == "weight" or leaf.startswith("weight_")  # noqa: E731  master weights
+        # master weights (training form); codes, scales and input steps (compressed-tensors)
+        quantized_leaf = lambda leaf: leaf == "weight" or leaf.startswith(("weight_", "input_"))  # noqa: E731
     total = q_bytes = 0
     groups: Dict[str, Dict[str, Any]] = {}
     for key, shape in header.shapes.items():
@@ -179,7 +180,7 @@ def model_card_info(
     teacher's size, else the student's full-precision size (same architecture). ``facts``: further
     :class:`ModelCardInfo` fields (``base_model``: the name to show, e.g. a local teacher's folder name, while
     ``teacher`` is measured; ``mode``, ``labels_used``, ``evaluation``, ``base_model_on_hub``, ``fp_groups``,
-    ``quantized_share``, ``teacher_bytes_source``).
+    ``quantized_share``, ``teacher_bytes_source``, ``form``: the uploaded form, "compressed-tensors" or "onnx").
     """
     config = get_quant_config(model)
     if model_library(model) == "transformers":
@@ -219,14 +220,17 @@ def model_card_info(
 def write_model_card(model: nn.Module, save_directory: Union[str, os.PathLike], **info_kwargs: Any) -> Path:
     """Render the model card of ``model`` into ``save_directory/README.md``; returns its path.
 
-    Keyword arguments go to :func:`model_card_info`. ``checkpoint_bytes`` and ``packed`` default
-    to what ``save_directory`` holds (its ``model.safetensors`` and ``config.json``).
+    Keyword arguments go to :func:`model_card_info`. ``checkpoint_bytes``, ``packed`` and ``form`` default
+    to what ``save_directory`` holds (its ``*.safetensors`` files, else its ``*.onnx`` graph, and ``config.json``).
     """
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     weights = sorted(folder.glob("*.safetensors"))
-    if info_kwargs.get("checkpoint_bytes") is None and weights:
-        info_kwargs["checkpoint_bytes"] = sum(f.stat().st_size for f in weights)
+    files = weights or sorted(folder.glob("*.onnx"))  # an ONNX upload: the graph file is the checkpoint
+    if info_kwargs.get("checkpoint_bytes") is None and files:
+        info_kwargs["checkpoint_bytes"] = sum(f.stat().st_size for f in files)
+    if "form" not in info_kwargs and _saved_quant_config(folder).get("quant_method") == "compressed-tensors":
+        info_kwargs["form"] = "compressed-tensors"
     if "packed" not in info_kwargs:
         info_kwargs["packed"] = bool(_saved_quant_config(folder).get("packed", False))
     if weights and "fp_groups" not in info_kwargs:
