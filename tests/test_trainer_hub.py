@@ -75,3 +75,49 @@ def test_trainer_saves_timm_native_students_in_timm_layout(tmp_path: Path) -> No
     student.eval()
     with torch.no_grad():
         assert torch.equal(student(x), loaded.eval()(x))
+
+
+def test_trainer_push_to_hub_in_deploy_formats(local_hub: LocalHub, tmp_path: Path) -> None:
+    """format= passes through: the compressed-tensors folder (with the trainer's tokenizer) loads with plain
+    transformers, the ONNX graph runs in onnxruntime, each reproducing the trained student."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("compressed_tensors")
+    ort = pytest.importorskip("onnxruntime")
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoTokenizer
+
+    from cli_fixtures import save_bert_teacher
+
+    teacher_dir = save_bert_teacher(tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    student = AutoModelForSequenceClassification.from_pretrained(
+        teacher_dir, quantization_config=QuantConfig(method="lsq", weight_bits=4, act_bits=8,
+                                                     act_granularity="per_tensor"))
+    sentences = ["the movie was great and fun", "awful boring plot", "a plain day", "fun"] * 4
+    encoded = tokenizer(sentences, padding="max_length", max_length=12)
+    data = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    trainer = SQAKDTrainer(model=student, teacher_model=str(teacher_dir), train_dataset=data,
+                           processing_class=tokenizer, args=_args(tmp_path / "out", hub_model_id="testuser/ct"))
+    trainer.train()
+    batch = tokenizer(sentences[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = trainer.model.eval()(**batch).logits
+
+    trainer.push_to_hub(format="compressed-tensors")
+    files = local_hub.repos["testuser/ct"]
+    assert "tokenizer_config.json" in files and "pip install transformers compressed-tensors" in files["README.md"].decode()
+    loaded = AutoModelForSequenceClassification.from_pretrained("testuser/ct")
+    assert type(loaded.hf_quantizer).__name__ == "CompressedTensorsHfQuantizer"
+    with torch.no_grad():
+        out = loaded.eval()(**batch).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+    trainer.args.hub_model_id = "testuser/onnx"
+    trainer.push_to_hub(format="onnx")
+    assert "InferenceSession" in local_hub.repos["testuser/onnx"]["README.md"].decode()
+    session = ort.InferenceSession(hf_hub_download("testuser/onnx", "model.onnx"))
+    feeds = tokenizer(sentences[:3], return_tensors="np", padding=True)
+    out = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    assert float(np.abs(out - ref.numpy()).max() / ref.abs().max()) <= 1e-4

@@ -850,10 +850,13 @@ class SQAKDTrainer(Trainer):
         blocking: bool = True,
         token: Optional[str] = None,
         revision: Optional[str] = None,
+        format: str = "packed",
         **kwargs: Any,
     ):
-        """Save the training form to ``output_dir`` (with the model card), then upload the packed
-        low-bit form and the card to ``args.hub_model_id`` (default: the output folder's name)."""
+        """Save the training form to ``output_dir`` (with the model card), then upload the student in ``format``
+        (``"packed"``: the packed low-bit form; ``"compressed-tensors"`` / ``"onnx"``: a deploy form that loads
+        without ``sqakd_hf``, with the trainer's ``processing_class``; see :func:`sqakd_hf.push_to_hub`) and its card
+        to ``args.hub_model_id`` (default: the output folder's name)."""
         self.save_model(_internal_call=True)  # not a user call: no second push from save_model
         if not self.is_world_process_zero():
             return None
@@ -863,5 +866,6 @@ class SQAKDTrainer(Trainer):
         return push_quantized_to_hub(
             _core(self.model), repo_id, commit_message=commit_message, private=self.args.hub_private_repo,
             token=token or self.args.hub_token, revision=revision, teacher=self.teacher_ref,
-            metrics=self._card_metrics(), training=self._card_training(),
+            metrics=self._card_metrics(), training=self._card_training(), format=format,
+            processor=self.processing_class,
         )
