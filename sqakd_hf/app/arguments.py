@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..config import STORAGE_FIELDS, QuantConfig
 from ..errors import RecipeError
+from ..hub.push import HUB_FORMATS
 
 __all__ = [
     "LIBRARIES",
@@ -286,8 +287,16 @@ class RunArguments:
         default=True, metadata={"help": "Also report the teacher's accuracy on the eval split (for the comparison "
                                         "and the model card)."}
     )
+    hub_format: str = field(
+        default="packed",
+        metadata={"help": "What push_to_hub uploads: packed (our packed form, loads with import sqakd_hf), "
+                          "compressed-tensors (plain transformers and vLLM; transformers models with per_tensor or no "
+                          "activation quantization) or onnx (a QDQ graph for onnxruntime, with config and tokenizer)."},
+    )
 
     def __post_init__(self) -> None:
+        if self.hub_format not in HUB_FORMATS:
+            raise RecipeError(f"hub_format must be one of {', '.join(HUB_FORMATS)}; got {self.hub_format!r}")
         if self.packed_fp_dtype not in PACKED_FP_DTYPES:
             raise RecipeError(f"packed_fp_dtype must be {', '.join(PACKED_FP_DTYPES[:-1])} or {PACKED_FP_DTYPES[-1]}; "
                               f"got {self.packed_fp_dtype!r}")

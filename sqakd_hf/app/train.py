@@ -59,12 +59,16 @@ def validate_recipe(recipe: Recipe, mode: str = TRAIN) -> QuantConfig:
         raise RecipeError(f"eval_strategy {training.eval_strategy.value!r} needs an eval_split (or eval_files / "
                           "eval_dataset_name)")
     quant = recipe.quant.to_quant_config()
-    if training.push_to_hub and not recipe.run.save_packed:
-        raise RecipeError("push_to_hub uploads the packed model: it needs save_packed: true")
+    if training.push_to_hub and recipe.run.hub_format == "packed" and not recipe.run.save_packed:
+        raise RecipeError("push_to_hub uploads the packed model: it needs save_packed: true (or a deploy hub_format: "
+                          "compressed-tensors, onnx)")
     return quant
 
 
 def _check_task(recipe: Recipe, info: TeacherInfo) -> None:
+    if recipe.training.push_to_hub and recipe.run.hub_format == "compressed-tensors" and info.library != "transformers":
+        raise RecipeError(f"hub_format: compressed-tensors is for transformers models; {info.name!r} is a "
+                          f"{info.library} model: use hub_format: onnx or packed")
     if info.task == "feature-extraction" and recipe.training.distill_target == "logits":
         raise RecipeError(f"teacher {info.name!r} has no logits (task feature-extraction): set "
                           "distill_target: hidden_states (MSE or cosine on the last hidden state)")
@@ -120,8 +124,8 @@ def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
     if trainer.is_world_process_zero():
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
         result = run_result(trainer, recipe, mode, train_ds, eval_ds, raw, metrics)
+        record = {**(read_run_record(out) or {}), "result": result}
         if packed_dir is not None:
-            record = {**(read_run_record(out) or {}), "result": result}
             _save_packed_with_card(trainer.model, packed_dir, processor, recipe, record, metrics,
                                    training.hub_model_id if push else None)
         mark_run_complete(out, result=result)
@@ -131,8 +135,14 @@ def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
             from ..hub.push import push_to_hub
 
             repo_id = training.hub_model_id or out.resolve().name
-            commit = push_to_hub(packed_dir, repo_id, token=training.hub_token, private=training.hub_private_repo)
-            say(f"pushed the packed model and its model card to {getattr(commit, 'repo_url', repo_id)}")
+            fmt = recipe.run.hub_format
+            if fmt == "packed":
+                commit = push_to_hub(packed_dir, repo_id, token=training.hub_token, private=training.hub_private_repo)
+            else:  # the deploy form of the training form (full-precision head), with the run's card facts
+                commit = push_to_hub(trainer.model, repo_id, format=fmt, token=training.hub_token,
+                                     private=training.hub_private_repo, metrics=metrics or None, processor=processor,
+                                     **card_facts(record))
+            say(f"pushed the {fmt} model and its model card to {getattr(commit, 'repo_url', repo_id)}")
     barrier()
     return {"output_dir": str(out), "packed_dir": str(packed_dir) if packed_dir else None, "metrics": metrics}
 
