@@ -252,3 +252,35 @@ def test_fp_groups_follow_what_is_actually_quantized(tmp_path):
     assert not any("_embeddings" in g for g in groups) and "bert.embeddings.LayerNorm" in groups
     share = lambda c: c["quantized_bytes"] / c["total_bytes"]  # noqa: E731
     assert share(found["embeddings"]) > share(found["linear"]) + 0.2
+
+
+def _snippet(card: str) -> str:
+    return re.search(r"## How to load\n.*?```python\n(.*?)```", card, re.S).group(1)
+
+
+def test_compressed_tensors_card_loads_with_plain_transformers() -> None:
+    card = str(render_model_card(_info(form="compressed-tensors")))
+    snippet = _snippet(card)
+    assert "import sqakd_hf" not in card and "pip install transformers compressed-tensors" in snippet
+    assert 'AutoModelForImageClassification.from_pretrained("someone/vit-base-w4a8-sqakd")' in snippet
+    assert 'AutoImageProcessor.from_pretrained("someone/vit-base-w4a8-sqakd")' in snippet and "vllm" not in card
+    assert "**Format:** compressed-tensors" in card and "4x smaller" not in card and "4.00x smaller" in card
+    meta = ModelCard(card).data.to_dict()
+    assert meta["base_model_relation"] == "quantized" and "compressed-tensors" in meta["tags"]
+    with pytest.raises(ValueError, match="compressed-tensors form is for transformers"):
+        render_model_card(_info(form="compressed-tensors", library="timm", model_class="resnet18"))
+    with pytest.raises(ValueError, match="form must be one of"):
+        render_model_card(_info(form="gguf"))
+
+
+def test_onnx_card_runs_in_onnxruntime_and_says_when_the_file_is_larger() -> None:
+    card = str(render_model_card(_info(form="onnx", library="timm", model_class="resnet18",
+                                       checkpoint_bytes=300_000_000)))
+    snippet = _snippet(card)
+    assert 'ort.InferenceSession(hf_hub_download("someone/vit-base-w4a8-sqakd", "model.onnx"))' in snippet
+    assert "np.zeros([1, *image.shape[1:]], np.float32)" in snippet and "sqakd_hf" not in snippet
+    assert "ONNX file size (measured):** 300.00 MB vs 200.00 MB full precision: 1.50x larger, 150.0%" in card
+    assert "preprocessing (mean, std, input size)" in card and "onnx" in ModelCard(card).data.to_dict()["tags"]
+    text = _snippet(str(render_model_card(_info(form="onnx", pipeline_tag="text-classification",
+                                                model_class="AutoModelForSequenceClassification"))))
+    assert "AutoTokenizer" in text and "feeds = {i.name: inputs[i.name] for i in session.get_inputs()}" in text
