@@ -29,7 +29,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                               [(8, 8), (4, 8), (4, 4)]),
             "cost": {"batch_size": 16, "seq_len": 128, "reps": 5},
             "size": [8, 4, 2, 1],
-            "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(150, 16, 5e-5, weight_decay=0.01, seed=seed),
+            "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 5e-5, weight_decay=0.01, seed=seed),
                                        [("lsq", 4, 8), ("lsq", 4, 4)], jobs=2),
             "real_vision": RealVisionSetup(224, 640, 192, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
