@@ -169,3 +169,14 @@ def test_formats_the_model_cannot_take_fail_before_the_hub(local_hub: LocalHub, 
         push_to_hub(student, "testuser/bad-format", format="gguf")
     assert not {"testuser/timm-ct", "testuser/per-token", "testuser/bad-format"} & set(local_hub.repos)
     assert not any("POST /api/repos/create" in r for r in local_hub.requests)
+
+
+def test_onnx_push_of_a_text_model_without_tokenizer_fails_before_the_hub(local_hub: LocalHub, tmp_path):
+    family = FAMILIES["bert"]
+    save_teacher(family, tmp_path / "teacher")  # no tokenizer saved with it
+    student = load_student(family, tmp_path / "teacher", QuantConfig(method="lsq", weight_bits=4, act_bits=8, **STATIC))
+    with pytest.raises(InputError, match=r"^no tokenizer found for .*teacher: save the tokenizer next to the model"):
+        push_to_hub(student, "testuser/no-tokenizer", format="onnx")
+    assert "testuser/no-tokenizer" not in local_hub.repos
+    push_to_hub(student, "testuser/no-tokenizer", format="compressed-tensors")  # a tokenizer is optional there
+    assert "model.safetensors" in local_hub.repos["testuser/no-tokenizer"]

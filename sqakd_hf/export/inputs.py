@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -46,12 +47,21 @@ def example_inputs(model: nn.Module, tokenizer: Optional[Any] = None,
     return torch.zeros(1, int(channels or 3), size, size)
 
 
+#: files a saved tokenizer holds at least one of (transformers builds an empty-vocabulary tokenizer from a bare
+#: config.json: a folder without any of these holds no tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(*sources: Any) -> Optional[Any]:
     """The tokenizer saved in the first of ``sources`` (folders or Hub ids; empty ones skipped) that holds one."""
     from transformers import AutoTokenizer
 
     for source in sources:
         if not source:
+            continue
+        folder = Path(str(source))
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             continue
         try:
             return AutoTokenizer.from_pretrained(str(source))
