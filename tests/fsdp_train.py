@@ -8,8 +8,8 @@ Two modes:
   (``run/checkpoint-*``) and the final model (``final``).
 * ``--raw`` (CPU, gloo): torch's ``fully_shard`` applied by hand to the calibrated student, launched with
   ``torchrun --nproc_per_node 2`` or plain ``python`` (one process, no sharding, the same global batch). Writes the
-  losses and the gathered full state dict (``raw_losses.json``, ``raw_state.safetensors``, rank 0).
-  ``--scalars-1d`` first turns 0-dim parameters into 1-element 1-D ones (``fully_shard`` refuses scalars).
+  losses and the gathered full state dict (``raw_losses.json``, ``raw_state.safetensors``, rank 0). The quantizers'
+  per-tensor parameters are 1-element 1-D tensors, so ``fully_shard`` (which refuses 0-dim parameters) takes them.
 """
 
 from __future__ import annotations
@@ -64,17 +64,6 @@ class DumpCalibration(TrainerCallback):
         save_file(quantizer_state(model), self.path)
 
 
-def scalars_to_1d(model: torch.nn.Module) -> int:
-    """Replace every 0-dim parameter by a 1-element 1-D one (same value); returns how many."""
-    n = 0
-    for mod in model.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if p.dim() == 0:
-                setattr(mod, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-                n += 1
-    return n
-
-
 def raw(a: argparse.Namespace) -> None:
     """SQAKD steps on a student sharded with ``fully_shard`` (each decoder layer, then the root), gloo on CPU."""
     import torch.distributed as dist
@@ -90,8 +79,6 @@ def raw(a: argparse.Namespace) -> None:
     student = quantize_model(tiny_llama().train(), QuantConfig(method="lsq", weight_bits=4, act_bits=8))
     ids = token_data(8 * (a.steps + 1))[:]["input_ids"]
     calibrate(student, [{"input_ids": ids[:8]}])  # the same batch on every rank: identical quantizers
-    if a.scalars_1d:
-        scalars_to_1d(student)
     if distributed:
         from torch.distributed.fsdp import fully_shard
 
@@ -128,7 +115,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--raw", action="store_true", help="fully_shard by hand (CPU/gloo), no Trainer")
-    p.add_argument("--scalars-1d", action="store_true", help="--raw: 0-dim parameters as 1-element 1-D ones")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.raw:

@@ -97,6 +97,9 @@ def test_both_forms_record_their_quantization(bert) -> None:
     ("packed", "act_bits", 2, r"quantization_config.act_bits is 2 but the weights were saved with act_bits=4"),
     ("packed", "method", "ewgs", r"quantization_config.method is \"ewgs\""),
     ("train", "packed", True, r"quantization_config.packed is true but the weights were saved with packed=false"),
+    ("train", "act_granularity", "per_tensor", r"quantization_config.act_granularity is \"per_tensor\" but the weights "
+                                               r"were saved with act_granularity=\"per_token\""),
+    ("packed", "act_granularity", "per_tensor", r"quantization_config.act_granularity is \"per_tensor\""),
 ])
 def test_edited_config_is_refused_by_transformers(bert, form, field, value, message, tmp_path: Path) -> None:
     folder = _edit_config(_copy_dir(bert["root"] / form, tmp_path / form), **{field: value})
@@ -185,6 +188,71 @@ def test_legacy_checkpoint_without_record(bert, tmp_path: Path, caplog) -> None:
     save_pretrained_timm(_timm_student(), tmp_path / "timm")
     _rewrite(tmp_path / "timm" / "model.safetensors", _strip_record)
     assert from_pretrained_timm(tmp_path / "timm") is not None
+
+
+# ---- checkpoints written before per-tensor quantizer tensors became 1-element 1-D ----------------------
+def _scalars_0d(state, meta) -> None:
+    """The file as older versions wrote it: per-tensor quantizer parameters 0-dim."""
+    n = 0
+    for k, v in list(state.items()):
+        if "_quantizer." in k and tuple(v.shape) == (1,):
+            state[k], n = v.reshape(()), n + 1
+    assert n  # the edit reached something
+
+
+def _no_scalar_parameters(model: torch.nn.Module) -> None:
+    assert [n for n, p in model.named_parameters() if p.dim() == 0] == []
+    assert all(q.scale.shape == (1,) for _, layer in quant_layers(model) for q in [layer.input_quantizer]
+               if hasattr(q, "scale") and isinstance(q.scale, torch.nn.Parameter))
+
+
+def test_checkpoint_with_0dim_quantizer_tensors_loads(bert, tmp_path: Path) -> None:
+    """Training and packed forms holding 0-dim per-tensor quantizer tensors load through transformers to the same
+    function, with nothing missing or mismatched, the parameters back at shape (1,)."""
+    family, batch = bert["family"], bert["family"].batch()
+    for form in ("train", "packed"):
+        folder = _copy_dir(bert["root"] / form, tmp_path / form)
+        _rewrite(folder / "model.safetensors", _scalars_0d)
+        loaded, info = family.auto.from_pretrained(folder, output_loading_info=True)
+        assert not any(info.values()), info
+        _no_scalar_parameters(loaded)
+        assert loaded.get_submodule(LAYER).input_quantizer.scale.requires_grad
+        torch.testing.assert_close(logits(loaded, batch), logits(bert["student"], batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "ewgs", "dorefa"])  # minmax: no per-tensor tensor learned or stored
+def test_state_dict_with_0dim_quantizer_tensors_loads(method: str, tmp_path: Path) -> None:
+    """Per-tensor weights and activations: load_state_dict (strict) and the timm layout take 0-dim tensors."""
+    config = QuantConfig(method=method, weight_bits=3, act_bits=4, weight_granularity="per_tensor",
+                         act_granularity="per_tensor")
+    student, x = _timm_student(config), torch.randn(2, 3, 32, 32)
+    old = {k: v.reshape(()) if "_quantizer." in k and tuple(v.shape) == (1,) else v
+           for k, v in student.state_dict().items()}
+    fresh = quantize_model(timm.create_model("test_resnet", num_classes=7).eval(), config)
+    fresh.load_state_dict(old, strict=True)
+    _no_scalar_parameters(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), student(x), rtol=0, atol=0)
+    save_pretrained_timm(student, tmp_path / "timm")
+    _rewrite(tmp_path / "timm" / "model.safetensors", _scalars_0d)
+    loaded = from_pretrained_timm(tmp_path / "timm")
+    _no_scalar_parameters(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), student(x), rtol=0, atol=0)
+
+
+def test_record_without_act_granularity_loads(bert, tmp_path: Path) -> None:
+    """A record written before act_granularity was recorded is not checked on it."""
+    def drop_field(state, meta) -> None:
+        record = json.loads(meta[QUANT_KEY])
+        del record["act_granularity"]
+        meta[QUANT_KEY] = json.dumps(record)
+
+    folder = _copy_dir(bert["root"] / "train", tmp_path / "train")
+    _rewrite(folder / "model.safetensors", drop_field)
+    loaded = bert["family"].auto.from_pretrained(folder)
+    batch = bert["family"].batch()
+    torch.testing.assert_close(logits(loaded, batch), logits(bert["student"], batch), rtol=1e-4, atol=1e-5)
 
 
 # ---- finiteness -------------------------------------------------------------------------------------

@@ -59,23 +59,30 @@ def _raw(out: Path, world: int, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_single")
-    _ok(_raw(out, 1, "--scalars-1d"))
+    _ok(_raw(out, 1))
     return out
 
 
-def test_fsdp2_refuses_the_quantizers_scalar_parameters(tmp_path):
-    """fully_shard rejects 0-dim parameters, and per-tensor quantizer parameters (LSQ's step) are 0-dim: the
-    quantizers must hold them as 1-element 1-D tensors before FSDP2 can shard a student. When that changes,
-    this test fails: then drop --scalars-1d from the test below."""
-    proc = _raw(tmp_path, 2)
-    assert proc.returncode != 0
-    assert "fully_shard doesn't support scalar parameters" in proc.stderr
+def test_quantized_student_has_no_scalar_parameters():
+    """fully_shard refuses 0-dim parameters: every quantizer parameter of every method is at least 1-D."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sqakd_hf import QuantConfig, quantize_model
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2)
+    for method in ("lsq", "pact", "ewgs", "dorefa", "minmax"):
+        for granularity in ("per_tensor", "per_channel"):
+            student = quantize_model(LlamaForCausalLM(config), QuantConfig(method=method, weight_bits=4, act_bits=8,
+                                                               weight_granularity=granularity))
+            assert [n for n, p in student.named_parameters() if p.dim() == 0] == [], (method, granularity)
 
 
 def test_fsdp2_on_cpu_matches_one_process(single, tmp_path):
-    """2 processes, student sharded per decoder layer: losses and the gathered full state equal one unsharded
+    """2 processes, student sharded per decoder layer (fully_shard over the quantizers' per-tensor parameters, held
+    as 1-element 1-D tensors), nothing reshaped by hand: losses and the gathered full state equal one unsharded
     process at the same global batch (tolerances: losses 1e-3 relative, weights 1e-4 absolute, 4 AdamW steps)."""
-    _ok(_raw(tmp_path, 2, "--scalars-1d"))
+    _ok(_raw(tmp_path, 2))
     ref = json.loads((single / "raw_losses.json").read_text())
     got = json.loads((tmp_path / "raw_losses.json").read_text())
     assert ref["world_size"] == 1 and got["world_size"] == 2

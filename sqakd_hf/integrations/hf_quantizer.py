@@ -65,6 +65,9 @@ class SQAKDHfQuantizer(HfQuantizer):
         #: read from the checkpoint when loading a packed one, so that it is saved as it was stored
         self.fp_dtype: Optional[torch.dtype] = None
         self._source = "<checkpoint>"  # the packed checkpoint's files, for error messages
+        #: quantizer tensors the checkpoint stores 0-dim (written before per-tensor ones became (1,)): loaded at
+        #: their stored shape, reshaped to (1,) after loading
+        self._scalar_keys: frozenset = frozenset()
 
     # ---- capabilities -------------------------------------------------------------------------
     def is_serializable(self, safe_serialization: Optional[bool] = None) -> bool:
@@ -117,6 +120,7 @@ class SQAKDHfQuantizer(HfQuantizer):
             packed.check_not_packed(header.shapes, str(sorted(set(header.files.values()))))
         manifest.check_metadata(model, header, where, prefix=prefix)
         manifest.check_tensors_present(model, header, where, prefix=prefix, skip_shapes=packed.PACKED_SUFFIXES)
+        self._scalar_keys = frozenset(manifest.legacy_scalar_keys(model, header, prefix=prefix))
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -124,6 +128,7 @@ class SQAKDHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             if config.packed:
                 packed.finish_packed_load(model, self._source)
+            _as_vectors(model, self._scalar_keys)
             refresh_quantizer_state(model)
             return model
         # build the quantizers left out before loading, weight quantizers initialised from the loaded
@@ -139,6 +144,8 @@ class SQAKDHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         """Packed tensors (pre-quantized, packed form): transformers loads them at the size stored, so that
         :func:`~sqakd_hf.serialization.packed.finish_packed_load` can say clearly what does not fit."""
+        if self.pre_quantized and param_name in self._scalar_keys:  # a 0-dim quantizer tensor of an older file
+            return True
         return (self.pre_quantized and self.quantization_config.packed
                 and param_name.rpartition(".")[2] in packed.PACKED_SUFFIXES)
 
@@ -153,6 +160,20 @@ class SQAKDHfQuantizer(HfQuantizer):
             return state, metadata
         manifest.check_finite(model.state_dict(), f"{type(model).__name__}")
         return None, manifest.quant_metadata(model, packed=False)
+
+
+def _as_vectors(model: nn.Module, keys: frozenset) -> None:
+    """Reshape the 0-dim quantizer tensors ``keys`` (loaded at their stored shape) to the ``(1,)`` the quantizers
+    hold."""
+    for key in sorted(keys):
+        owner, _, name = key.rpartition(".")
+        module = model.get_submodule(owner)
+        t = getattr(module, name)
+        if t.dim() == 0:
+            if name in module._parameters:
+                setattr(module, name, nn.Parameter(t.detach().reshape(1), requires_grad=t.requires_grad))
+            else:
+                module._buffers[name] = t.reshape(1)
 
 
 # ---- from_pretrained(quantized_dir, quantization_config=...) --------------------------------------

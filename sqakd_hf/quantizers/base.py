@@ -89,6 +89,7 @@ class Quantizer(nn.Module):
         self.init_mode = init
         self.bits = int(bits)
         self.role = role
+        #: one value per entry of this shape (per channel / per row); ``()`` means one value per tensor
         self.param_shape = tuple(param_shape)
         self.channel_axis = channel_axis
         # Python mirrors of the persistent buffers below (read in forward without a host sync)
@@ -129,6 +130,12 @@ class Quantizer(nn.Module):
     def levels(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def tensor_shape(self) -> Tuple[int, ...]:
+        """Shape of the per-parameter tensors: ``param_shape``, or ``(1,)`` per tensor (a 1-element 1-D tensor, not
+        a 0-dim one: FSDP2's ``fully_shard`` refuses scalar parameters; broadcasting gives the same values)."""
+        return self.param_shape or (1,)
+
     def grid(self, w: Tensor) -> Tuple[Tensor, Tensor, int, int]:
         """``(scale, zero_point, qmin, qmax)`` such that ``forward(w) = scale * (code - zero_point)``."""
         raise NotImplementedError(f"{type(self).__name__} has no integer grid export")
@@ -154,6 +161,11 @@ class Quantizer(nn.Module):
             self.initialized = bool(self.initialized_flag.item())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before per-tensor parameters became 1-element 1-D tensors hold them 0-dim
+        for name, t in [*self._parameters.items(), *self._buffers.items()]:
+            stored = state_dict.get(prefix + name)
+            if t is not None and stored is not None and tuple(t.shape) == (1,) and stored.dim() == 0:
+                state_dict[prefix + name] = stored.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.sync_from_buffers()
 
@@ -176,8 +188,8 @@ class Quantizer(nn.Module):
         return tuple(d for d in range(t.dim()) if d != axis)
 
     def _per_param(self, t: Tensor) -> Tensor:
-        """Reshape a per-channel reduction result to ``param_shape``."""
-        return t.reshape(self.param_shape) if self.param_shape else t.reshape(())
+        """Reshape a reduction result to :attr:`tensor_shape` (``param_shape``, or ``(1,)`` per tensor)."""
+        return t.reshape(self.tensor_shape)
 
     def init_from_weight(self, w: Tensor) -> None:
         """Initialise from a weight tensor (weight quantizers)."""

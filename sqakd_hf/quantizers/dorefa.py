@@ -27,7 +27,7 @@ class DoReFaQuantizer(Quantizer):
     def __init__(self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), **kw) -> None:
         super().__init__(bits, role, param_shape, **kw)
         if role == "weight":
-            self.register_buffer("magnitude", torch.ones(self.param_shape))
+            self.register_buffer("magnitude", torch.ones(self.tensor_shape))
         else:
             self.register_buffer("act_scale", torch.tensor(1.0 / self.levels))
             self.register_buffer("act_zero", torch.tensor(-1.0))

@@ -34,10 +34,10 @@ class EWGSQuantizer(Quantizer):
         self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), delta: float | None = None, **kw
     ) -> None:
         super().__init__(bits, role, param_shape, delta=DEFAULT_DELTA if delta is None else delta, **kw)
-        self.lower = nn.Parameter(torch.full(self.param_shape, -1.0))
-        self.upper = nn.Parameter(torch.full(self.param_shape, 1.0))
+        self.lower = nn.Parameter(torch.full(self.tensor_shape, -1.0))
+        self.upper = nn.Parameter(torch.full(self.tensor_shape, 1.0))
         if role == "weight":
-            self.out_scale = nn.Parameter(torch.ones(self.param_shape))
+            self.out_scale = nn.Parameter(torch.ones(self.tensor_shape))
 
     def _grid_delta(self) -> Tensor:
         """The paper's delta (latent on [0, 1]) expressed for a latent in grid units."""

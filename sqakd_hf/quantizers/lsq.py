@@ -28,7 +28,7 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), **kw) -> None:
         super().__init__(bits, role, param_shape, **kw)
-        self.scale = nn.Parameter(torch.ones(self.param_shape))
+        self.scale = nn.Parameter(torch.ones(self.tensor_shape))
 
     def _step_from_mean_abs(self, mean_abs: Tensor) -> Tensor:
         if self.binary:  # the L2-optimal scale of sign(w)

@@ -31,7 +31,7 @@ class PACTQuantizer(Quantizer):
         if role != "act":
             raise ValueError("PACT quantizes activations; PACT weights use DoReFaQuantizer (init='paper') or LSQQuantizer")
         super().__init__(bits, role, param_shape, **kw)
-        self.alpha = nn.Parameter(torch.full(self.param_shape, DEFAULT_ALPHA))
+        self.alpha = nn.Parameter(torch.full(self.tensor_shape, DEFAULT_ALPHA))
 
     def init_from_weight(self, w: Tensor) -> None:
         raise TypeError("PACTQuantizer quantizes activations only")

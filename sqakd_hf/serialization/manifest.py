@@ -2,7 +2,7 @@
 
 Every checkpoint we write (training form and packed form, transformers and timm layout) carries
 one safetensors metadata entry, :data:`QUANT_KEY`: JSON of the quant method, weight / activation
-bits, weight granularity, form (packed or not), the quantized layers, and the bits of the layers
+bits, weight and activation granularity, form (packed or not), the quantized layers, and the bits of the layers
 whose bits differ from the global ones (``layer_bits``). Loading cross-checks ``config.json``'s
 ``quantization_config`` against it (:func:`check_metadata`) and checks that every quantized layer's
 tensors are in the files (:func:`check_tensors_present`), so an edited ``config.json`` or a damaged
@@ -34,6 +34,7 @@ __all__ = [
     "local_name",
     "check_metadata",
     "check_tensors_present",
+    "legacy_scalar_keys",
     "non_finite",
     "check_finite",
 ]
@@ -41,7 +42,8 @@ __all__ = [
 #: safetensors metadata key: JSON description of the quantization the tensors were saved with
 QUANT_KEY = "sqakd_quant"
 #: QuantConfig fields recorded in :data:`QUANT_KEY` and compared on load
-RECORDED_FIELDS = ("method", "weight_bits", "act_bits", "weight_granularity", "packed")
+#: (a record without a field, written before it was recorded, is not checked on that field)
+RECORDED_FIELDS = ("method", "weight_bits", "act_bits", "weight_granularity", "act_granularity", "packed")
 _RESAVE = ("re-save the checkpoint from the model it belongs to (sqakd_hf.save_quantized / save_packed), or "
            "re-download it (from_pretrained(..., force_download=True))")
 
@@ -205,12 +207,30 @@ def check_tensors_present(model: nn.Module, header: CheckpointHeader, where: str
             raise _incomplete(where, name, missing)
         for key, file_key in stored.items():
             used.add(file_key)
-            if key.rpartition(".")[2] not in skip_shapes and tuple(header.shapes[file_key]) != expected[key]:
+            if key.rpartition(".")[2] not in skip_shapes and not _fits(header.shapes[file_key], expected[key]):
                 raise _mismatch(where, f"{file_key} has shape {tuple(header.shapes[file_key])} in the file but "
                                        f"{expected[key]} in the model built from config.json",
                                 "restore quantization_config's weight_granularity / method in config.json")
     if unnamed:
         _check_renamed_layers(unnamed, header, used, where)
+
+
+def _fits(stored: Sequence[int], expected: Tuple[int, ...]) -> bool:
+    """A stored shape loads into the model's: equal, or a 0-dim per-tensor quantizer tensor written before they
+    became 1-element 1-D tensors (reshaped on load)."""
+    return tuple(stored) == expected or (tuple(stored) == () and expected == (1,))
+
+
+def legacy_scalar_keys(model: nn.Module, header: CheckpointHeader, *, prefix: str = "") -> List[str]:
+    """Model names of the quantizer tensors that are ``(1,)`` in ``model`` but 0-dim in the checkpoint (per-tensor
+    parameters as checkpoints written before they became 1-element 1-D tensors hold them)."""
+    out = []
+    for name, layer in quant_layers(model):
+        for key, t in layer.state_dict(keep_vars=True).items():
+            file_key = local_name(f"{name}.{key}", header.shapes, prefix) if "quantizer." in key else None
+            if file_key is not None and tuple(t.shape) == (1,) and tuple(header.shapes[file_key]) == ():
+                out.append(f"{name}.{key}")
+    return out
 
 
 def _check_renamed_layers(unnamed: Dict[str, frozenset], header: CheckpointHeader, used: set, where: str) -> None:
