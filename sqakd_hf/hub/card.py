@@ -260,7 +260,8 @@ def render_model_card(info: ModelCardInfo, template_path: str | None = None) -> 
         if info.teacher_bytes:
             teacher_size = _fmt_bytes(info.teacher_bytes)
             ratio = info.teacher_bytes / info.checkpoint_bytes
-            size_ratio = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+            size_ratio = ("about the same size" if 0.995 <= ratio < 1.005 else
+                          f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger")
             size_percent = f"{100 * info.checkpoint_bytes / info.teacher_bytes:.1f}"
 
     columns, rows, show_delta = _metric_table(info.metrics or {})
