@@ -16,7 +16,6 @@ model is restored afterwards. Grids without an exact integer form (and per-token
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -106,6 +105,19 @@ def qdq_mode(model: nn.Module) -> Iterator[nn.Module]:
             layer.weight_quantizer, layer.input_quantizer = weight, inputs
 
 
+class _KeywordInputs(nn.Module):
+    """``model(**dict(zip(names, tensors)))`` called with positional tensors, so that the traced graph's inputs are
+    exactly ``names`` in that order (tracing keyword inputs directly reorders them, or collides with arguments such
+    as ``use_cache`` that a transformers ``forward`` sets itself)."""
+
+    def __init__(self, model: nn.Module, names: List[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors: Tensor):
+        return self.model(**dict(zip(self.names, tensors)))
+
+
 def export_onnx(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -124,15 +136,11 @@ def export_onnx(
     """
     model = unwrap(model)
     if isinstance(example_inputs, Mapping):
-        # the traced graph takes keyword inputs in the order of forward's signature, whatever the mapping's order
-        order = list(inspect.signature(model.forward).parameters)
-        example_inputs = dict(sorted(example_inputs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
-                                     else len(order)))
-        names, args, kwargs = list(example_inputs), (), dict(example_inputs)
-        values = list(example_inputs.values())
+        names, values = list(example_inputs), list(example_inputs.values())
+        traced: nn.Module = _KeywordInputs(model, names)
     else:
         values = [example_inputs] if isinstance(example_inputs, Tensor) else list(example_inputs)
-        names, args, kwargs = [f"input_{i}" if i else "input" for i in range(len(values))], tuple(values), {}
+        names, traced = [f"input_{i}" if i else "input" for i in range(len(values))], model
     output_names = output_names or ["logits"]
     dynamic: Dict[str, Dict[int, str]] = {}
     if dynamic_batch:
@@ -153,7 +161,7 @@ def export_onnx(
         if return_dict is not None:
             config.return_dict = False  # a tuple output traces cleanly
         with qdq_mode(model), torch.no_grad():
-            torch.onnx.export(model, args, str(staging), kwargs=kwargs, input_names=names, output_names=output_names,
+            torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
                               dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
         os.replace(staging, target)
     finally:
