@@ -51,6 +51,11 @@ def test_digits_cnn_agrees_in_onnxruntime(digits, digits_teacher, bits, tmp_path
     ops = _ops(tmp_path / "digits.onnx")
     n_layers = len(list(quant_layers(student)))
     assert ops.get("DequantizeLinear", 0) >= 2 * n_layers and ops.get("Clip", 0) >= n_layers
+    # weights are stored as int8 codes feeding DequantizeLinear (a quarter of the float bytes), not quantized at run time
+    assert ops.get("QuantizeLinear", 0) == n_layers  # the activations' only
+    graph = onnx.load(str(tmp_path / "digits.onnx")).graph
+    codes = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(codes) == n_layers
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), student.state_dict().values()))
 
 

@@ -3,8 +3,9 @@ exactly our learned scales, for onnxruntime and other ONNX engines.
 
 While exporting, every quantized layer's quantizers are swapped for their integer grids (:mod:`.grids`):
 
-* the weight becomes the constant ``scale * codes`` behind a per-channel (or per-tensor) ``int8`` Q/DQ pair, which
-  recovers the codes exactly (b-bit codes travel in the 8-bit container);
+* the weight is traced as the constant ``scale * codes`` behind a per-channel (or per-tensor) ``int8`` Q/DQ pair,
+  then stored as its ``int8`` codes feeding DequantizeLinear (b-bit codes travel exactly in the 8-bit container;
+  a quarter of the float bytes);
 * the input activation is clipped to its b-bit grid, then quantized by a per-tensor ``int8`` Q/DQ pair with the
   grid's scale and integer zero point (unsigned grids: ``-2**(b-1)``).
 
@@ -105,6 +106,63 @@ def qdq_mode(model: nn.Module) -> Iterator[nn.Module]:
             layer.weight_quantizer, layer.input_quantizer = weight, inputs
 
 
+def _constant(graph: Any, name: str) -> Optional[Any]:
+    """The numpy value of ``name`` if it is an initializer or a Constant node's output (through Identity nodes, which
+    the exporter writes for deduplicated initializers), else None."""
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.output and node.output[0] == name:
+            if node.op_type == "Constant":
+                return numpy_helper.to_array(node.attribute[0].t)
+            if node.op_type == "Identity":
+                return _constant(graph, node.input[0])
+            return None
+    return None
+
+
+def _store_weight_codes(path: Path) -> None:
+    """Rewrite the ONNX file at ``path`` so that every weight is stored as its int8 codes feeding DequantizeLinear,
+    instead of float ``scale * codes`` feeding QuantizeLinear: the same function (the codes are exact), a quarter of
+    the bytes for the quantized weights."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    users: Dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    replaced = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+        scale, zero = _constant(graph, node.input[1]), _constant(graph, node.input[2])
+        if scale is None or zero is None or zero.dtype != np.int8:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.size > 1:
+            shape[axis % weight.ndim] = scale.size
+        codes = np.rint(weight / scale.astype(np.float64).reshape(shape)) + zero.astype(np.float64).reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(np.clip(codes, -128, 127).astype(np.int8), node.output[0]))
+        replaced.append(node)
+        users[node.input[0]] -= 1
+    for node in replaced:
+        graph.node.remove(node)
+    for name, count in users.items():
+        if count == 0 and name in inits:
+            graph.initializer.remove(inits[name])
+    onnx.save(model, str(path))
+
+
 class _KeywordInputs(nn.Module):
     """``model(**dict(zip(names, tensors)))`` called with positional tensors, so that the traced graph's inputs are
     exactly ``names`` in that order (tracing keyword inputs directly reorders them, or collides with arguments such
@@ -163,6 +221,7 @@ def export_onnx(
         with qdq_mode(model), torch.no_grad():
             torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
                               dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
+        _store_weight_codes(staging)
         os.replace(staging, target)
     finally:
         model.train(was_training)
