@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -42,17 +41,11 @@ from ..model_io import unwrap
 from ..modules import QuantEmbedding, QuantLinear
 from ..serialization.files import atomic_save_directory
 from .grids import ActGrid, WeightCodes, act_grid, weight_codes
+from .processor_files import copy_processor_files, source_folder
 
 __all__ = ["export_compressed_tensors", "compressed_tensors_config", "compressed_state_dict"]
 
 PACK_QUANTIZED, INT_QUANTIZED = "pack-quantized", "int-quantized"
-#: files a tokenizer / image processor is saved as (copied from the model's source folder)
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "preprocessor_config.json", "processor_config.json", "image_processor_config.json", "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass(frozen=True)
@@ -209,20 +202,6 @@ def _saving_as(model: nn.Module, quantization_config: Dict[str, Any], state: Dic
                 setattr(owner, attr, value)
 
 
-def _source_folder(model: nn.Module) -> Optional[Path]:
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return Path(path) if path and os.path.isdir(path) else None
-
-
-def _copy_processor_files(source: Optional[Path], target: Path) -> List[str]:
-    copied = []
-    for name in PROCESSOR_FILES:
-        if source is not None and (source / name).is_file() and not (target / name).exists():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
-    return copied
-
-
 def export_compressed_tensors(
     model: Union[nn.Module, str, os.PathLike], save_directory: Union[str, os.PathLike], *, processor: Any = None
 ) -> Path:
@@ -253,5 +232,5 @@ def export_compressed_tensors(
             model.save_pretrained(staging)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(str(staging))
-        _copy_processor_files(source or _source_folder(model), staging)
+        copy_processor_files(source or source_folder(model), staging)
     return Path(save_directory)

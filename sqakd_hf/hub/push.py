@@ -31,14 +31,14 @@ HUB_FORMATS = ("packed", "compressed-tensors", "onnx")
 
 def _source_dirs(model: nn.Module, folder: Optional[Path]) -> list:
     """Where the model's tokenizer / processor files may be: the folder pushed, then the one it was loaded from."""
-    loaded_from = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return [p for p in (folder, Path(loaded_from) if loaded_from and os.path.isdir(loaded_from) else None) if p]
+    from ..export.processor_files import source_folder
+
+    return [p for p in (folder, source_folder(model)) if p]
 
 
 def _stage_onnx(model: nn.Module, staging: Path, processor: Any, sources: list) -> None:
     """``model.onnx`` plus what a reader needs to feed it: ``config.json`` (labels; timm: the preprocessing) and the
     tokenizer / image processor files."""
-    from ..export.compressed_tensors import _copy_processor_files
     from ..export.inputs import example_inputs, load_tokenizer, takes_text
     from ..export.onnx import export_onnx
 
@@ -58,8 +58,10 @@ def _stage_onnx(model: nn.Module, staging: Path, processor: Any, sources: list) 
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if processor is not None and hasattr(processor, "save_pretrained"):
         processor.save_pretrained(str(staging))
+    from ..export.processor_files import copy_processor_files
+
     for source in sources:
-        _copy_processor_files(source, staging)
+        copy_processor_files(source, staging)
 
 
 def _stage(model: nn.Module, staging: Path, fmt: str, fp_dtype: Any, processor: Any, folder: Optional[Path]) -> None:
@@ -71,9 +73,9 @@ def _stage(model: nn.Module, staging: Path, fmt: str, fp_dtype: Any, processor: 
 
         export_compressed_tensors(model, staging, processor=processor)
         if folder is not None:
-            from ..export.compressed_tensors import _copy_processor_files
+            from ..export.processor_files import copy_processor_files
 
-            _copy_processor_files(folder, staging)
+            copy_processor_files(folder, staging)
     else:
         _stage_onnx(model, staging, processor, _source_dirs(model, folder))
 
