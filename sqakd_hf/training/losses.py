@@ -142,8 +142,9 @@ def hidden_state_loss(
     return _masked_mean(hidden_state_per_position(student_hidden, teacher_hidden, kind), mask)
 
 
-def _topk_terms(z: Tensor, idx: Tensor, log_p: Tensor, log_r: Tensor):
-    """``(log_q, log q_rest)`` for scaled student logits ``z`` (rows) and the teacher's top-k ``idx``."""
+def _topk_terms(z: Tensor, idx: Tensor):
+    """``(log_q, log q_rest)`` for scaled student logits ``z`` (rows) and the teacher's top-k ``idx``, out of place
+    (differentiable again, for double backward; :func:`_topk_split` is the in-place form)."""
     log_q = F.log_softmax(z, dim=-1)
     log_q_rest = torch.logsumexp(log_q.scatter(-1, idx, float("-inf")), dim=-1)
     return log_q, log_q_rest
@@ -195,7 +196,7 @@ class _KDKLTopK(torch.autograd.Function):
         T, acc, width = ctx.temperature, _acc_dtype(student), student.shape[-1]
         s2, g2 = student.reshape(-1, width), grad_out.reshape(-1, 1)
         if torch.is_grad_enabled():  # create_graph=True (double backward): plain differentiable ops, no chunking
-            log_q, log_q_rest = _topk_terms(s2.to(acc) / T, i2, p2, r2)
+            log_q, log_q_rest = _topk_terms(s2.to(acc) / T, i2)
             grad = (log_q.exp() - _topk_target(log_q, log_q_rest, i2, p2.to(acc), r2.to(acc))) * (g2 / T)
             return grad.to(student.dtype).reshape(student.shape), None, None, None, None
         grad = torch.empty_like(s2)
