@@ -45,7 +45,10 @@ class QuantConfig(QuantizationConfigMixin):
         weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
         act_granularity: ``"per_token"`` (default; one dynamic step per token row of every Linear / Conv1D
             input, ``max|x_t|`` times the method's learned parameter, computed in forward; conv inputs stay
-            per tensor) or ``"per_tensor"`` (one static step per layer input, as in the papers).
+            per tensor), ``"per_tensor"`` (one static step per layer input, as in the papers) or
+            ``"per_token_absmax"`` (dynamic per token with the runtime's fixed ratio, nothing learned: step
+            ``max|x_t| / ((2^b - 1) / 2)`` on a symmetric grid, as compressed-tensors and vLLM compute for dynamic
+            token activations; exports exactly to both deploy formats).
         smooth_alpha: SmoothQuant outlier migration strength in (0, 1] (Xiao et al. 2023), or None (default,
             off). At calibration each input channel j of a Linear whose input comes from a foldable layer is
             divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``, ``W[:, j]`` multiplied by it and ``1 / s_j``

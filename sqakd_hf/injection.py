@@ -119,7 +119,8 @@ def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bit
             return wq.to(weight.dtype), FullPrecision("act")
     per_channel = config.weight_granularity == "per_channel"
     shape = cls.quantizer_param_shape(weight.shape) if per_channel else ()
-    per_token = config.act_granularity == "per_token" and cls.features_last
+    per_token = {"per_token": True, "per_token_absmax": "absmax"}.get(config.act_granularity, False) \
+        if cls.features_last else False
     with torch.device(weight.device):
         wq = build_quantizer(config.method, bits["weight_bits"], "weight", shape, cls.channel_axis, config.ewgs_delta,
                              config.init)

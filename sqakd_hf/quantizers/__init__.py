@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
 from .base import FullPrecision, Quantizer
 from .dorefa import DoReFaQuantizer
+from .dynamic import RuntimeTokenQuantizer
 from .ewgs import EWGSQuantizer
 from .lsq import LSQQuantizer
 from .minmax import MinMaxQuantizer
@@ -29,7 +30,7 @@ def build_quantizer(
     channel_axis: int = 0,
     delta: Optional[float] = None,
     init: str = "paper",
-    per_token: bool = False,
+    per_token: Union[bool, str] = False,
 ) -> Quantizer:
     """The quantizer for ``method`` at ``bits`` (``FullPrecision`` at 32 bits).
 
@@ -38,10 +39,13 @@ def build_quantizer(
     pretrained weight: MiniLM W4A8 min cosine -0.04 against 0.93). ``delta`` is used by
     EWGS only; the others use the straight-through estimator. ``init`` picks how ranges are
     initialised: ``"mse"`` (minimum quantization error) or ``"paper"`` (each method's own rule).
-    ``per_token`` (activations only): one dynamic step per token row, ``max|x_t|`` times the method's parameter.
+    ``per_token`` (activations only): one dynamic step per token row, ``max|x_t|`` times the method's parameter;
+    ``"absmax"``: the runtime's dynamic per-token grid, nothing learned (:class:`RuntimeTokenQuantizer`, any method).
     """
     if bits >= 32:
         return FullPrecision(role)
+    if per_token == "absmax":
+        return RuntimeTokenQuantizer(bits, role, param_shape, delta=delta if method == "ewgs" else None)
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     cls = QUANTIZERS[method]
@@ -53,4 +57,4 @@ def build_quantizer(
     return cls(bits, role, param_shape, channel_axis=channel_axis, init=init, **kw)
 
 
-__all__ = ["Quantizer", "FullPrecision", "QUANTIZERS", "METHODS", "build_quantizer"] + [c.__name__ for c in QUANTIZERS.values()]
+__all__ = ["Quantizer", "FullPrecision", "RuntimeTokenQuantizer", "QUANTIZERS", "METHODS", "build_quantizer"] + [c.__name__ for c in QUANTIZERS.values()]

@@ -49,8 +49,9 @@ _PCT_SAMPLE = 1 << 16
 _HIST_SAMPLE = 1 << 18
 #: how ranges are initialised: the error-minimising clip, or each method's own paper rule
 INIT_MODES = ("mse", "paper")
-#: activation granularity: one static step per tensor (the paper's), or one dynamic step per token row
-ACT_GRANULARITIES = ("per_tensor", "per_token")
+#: activation granularity: one static step per tensor (the paper's), one dynamic step per token row with a learned
+#: clip ratio, or one dynamic step per token with the runtime's fixed ratio (compressed-tensors / vLLM dynamic tokens)
+ACT_GRANULARITIES = ("per_tensor", "per_token", "per_token_absmax")
 
 
 def token_absmax(x: Tensor) -> Tensor:
