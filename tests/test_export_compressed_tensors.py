@@ -42,11 +42,28 @@ CASES = {
     "bert-dorefa-w5": ("bert", dict(method="dorefa", weight_bits=5, act_bits=32), False),
     "bert-minmax-w8a8": ("bert", dict(method="minmax", weight_bits=8, act_bits=8, **STATIC), False),
     "bert-lsq-w6a5-emb4": ("bert", dict(method="lsq", weight_bits=6, act_bits=5, embedding_bits=4, **STATIC), False),
+    # dynamic per-token activations on the runtime's grid (BERT's pooler input is 2-D: one step per batch)
+    "bert-lsq-w8a8-token": ("bert", dict(method="lsq", weight_bits=8, act_bits=8, act_granularity="per_token_absmax"),
+                            False),
+    "llama-ewgs-w4a8-token": ("llama", dict(method="ewgs", weight_bits=4, act_bits=8,
+                                            act_granularity="per_token_absmax"), False),
+    "bert-pact-w4a4-token": ("bert", dict(method="pact", weight_bits=4, act_bits=4, act_granularity="per_token_absmax"),
+                             False),
 }
 #: logits of the reloaded folder within this fraction of max|logit| of the fake-quant student's
 LOGIT_RTOL = 1e-5
 
-_LOADER = textwrap.dedent("""
+#: makes ``import sqakd_hf`` fail in the loading process (a user's environment without our package)
+BLOCK_SQAKD = textwrap.dedent("""
+    import sys
+    class _NoSQAKD:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "sqakd_hf":
+                raise ImportError("sqakd_hf is blocked in this process")
+    sys.meta_path.insert(0, _NoSQAKD())
+""")
+
+_LOADER = BLOCK_SQAKD + textwrap.dedent("""
     import json, sys
     import torch, transformers
     root, names = sys.argv[1], json.loads(sys.argv[2])

@@ -12,7 +12,10 @@ Each quantized ``nn.Linear`` is written with our learned grid, exactly (:mod:`.g
   ``[out, 1]`` per channel or ``[1]`` per tensor, ``weight_shape``), or ``int-quantized`` (``weight``
   int8 + ``weight_scale``) for 8-bit weights with quantized activations (W8A8);
 * input activations: static per-tensor ``input_scale`` (and ``input_zero_point`` for unsigned grids,
-  written as ``symmetric: false``).
+  written as ``symmetric: false``), or dynamic per token (``strategy: token, dynamic: true``, symmetric) for a
+  student trained with ``act_granularity="per_token_absmax"``, which computes the runtime's own step
+  ``max|x_t| / ((2^b - 1) / 2)`` (a 2-D input such as BERT's pooler gets one step for the whole batch, in the
+  student as in compressed-tensors).
 
 Quantized embedding tables (weight-only) are written as their grid values in the model's dtype (exact, not smaller):
 transformers 5.24 cannot initialise an ``nn.Embedding`` whose weight compressed-tensors replaced.
@@ -40,7 +43,7 @@ from ..injection import quant_layers
 from ..model_io import unwrap
 from ..modules import QuantEmbedding, QuantLinear
 from ..serialization.files import atomic_save_directory
-from .grids import ActGrid, WeightCodes, act_grid, weight_codes
+from .grids import ActGrid, TokenGrid, WeightCodes, act_grid, weight_codes
 from .processor_files import copy_processor_files, source_folder
 
 __all__ = ["export_compressed_tensors", "compressed_tensors_config", "compressed_state_dict"]
@@ -52,15 +55,19 @@ PACK_QUANTIZED, INT_QUANTIZED = "pack-quantized", "int-quantized"
 class _Layer:
     name: str
     weights: WeightCodes
-    inputs: Optional[ActGrid]
+    inputs: Optional[Union[ActGrid, TokenGrid]]
 
     @property
     def format(self) -> str:
         return INT_QUANTIZED if self.weights.bits == 8 and self.inputs is not None else PACK_QUANTIZED
 
     @property
+    def dynamic(self) -> bool:
+        return isinstance(self.inputs, TokenGrid)
+
+    @property
     def group_key(self) -> Tuple:
-        act = None if self.inputs is None else (self.inputs.bits, self.inputs.symmetric)
+        act = None if self.inputs is None else (self.inputs.bits, self.inputs.symmetric, self.dynamic)
         return self.format, self.weights.bits, self.weights.per_channel, act
 
 
@@ -82,7 +89,7 @@ def _plan(model: nn.Module) -> List[_Layer]:
             raise InputError(f"cannot export layer {name} to compressed-tensors: it is a {type(layer).__name__}, and "
                              "the format quantizes nn.Linear layers only; export the packed form "
                              "(sqakd_hf.save_packed) instead")
-        inputs = act_grid(name, layer.input_quantizer)
+        inputs = act_grid(name, layer.input_quantizer, dynamic=True)
         if layer.weight_quantizer.bits >= 32:
             if inputs is None:
                 continue
@@ -104,8 +111,8 @@ def _target(model: nn.Module, name: str) -> str:
     return name
 
 
-def _args(bits: int, strategy: str, symmetric: bool = True) -> Dict[str, Any]:
-    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "dynamic": False}
+def _args(bits: int, strategy: str, symmetric: bool = True, dynamic: bool = False) -> Dict[str, Any]:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy, "dynamic": dynamic}
 
 
 def compressed_tensors_config(model: nn.Module, plan: Optional[List[_Layer]] = None) -> Dict[str, Any]:
@@ -124,7 +131,8 @@ def compressed_tensors_config(model: nn.Module, plan: Optional[List[_Layer]] = N
                 "format": layer.format,
             }
             if layer.inputs is not None:
-                scheme["input_activations"] = _args(layer.inputs.bits, "tensor", layer.inputs.symmetric)
+                scheme["input_activations"] = _args(layer.inputs.bits, "token" if layer.dynamic else "tensor",
+                                                    layer.inputs.symmetric, layer.dynamic)
             groups[key] = scheme
         groups[key]["targets"].append(_target(model, layer.name))
     quantized = {layer.name for layer in plan}
@@ -160,7 +168,7 @@ def compressed_state_dict(model: nn.Module, plan: Optional[List[_Layer]] = None)
         else:
             state[f"{layer.name}.weight"] = codes
         state[f"{layer.name}.weight_scale"] = layer.weights.scale.to(weight.dtype).cpu()
-        if layer.inputs is not None:
+        if isinstance(layer.inputs, ActGrid):
             state[f"{layer.name}.input_scale"] = layer.inputs.scale.to(weight.dtype).cpu()
             if not layer.inputs.symmetric:
                 state[f"{layer.name}.input_zero_point"] = torch.tensor([layer.inputs.zero_point], dtype=torch.int8)
@@ -214,7 +222,8 @@ def export_compressed_tensors(
 
     Raises :class:`~sqakd_hf.errors.InputError` for models the format cannot hold exactly: non-transformers
     models, quantized Conv2d / Conv1D layers, half-integer-zero weight grids wider than 7 bits, activation grids
-    without an integer zero point (EWGS, DoReFa signed) or 1-bit sign activations, and per-token activations.
+    without an integer zero point (EWGS, DoReFa signed) or 1-bit sign activations, and per-token activations with a
+    learned clip ratio (``act_granularity="per_token"``; ``"per_token_absmax"`` exports as dynamic token activations).
     """
     source = None
     if isinstance(model, (str, os.PathLike)):

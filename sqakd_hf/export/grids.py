@@ -10,7 +10,10 @@ Deploy formats (compressed-tensors, ONNX QDQ) describe a quantized tensor as sig
 * activations ``out = z + s * clamp(round((x - z) / s), qmin, qmax)`` map to a static per-tensor grid
   when ``-z / s`` is an integer (unsigned grids get the zero point ``-2**(b-1)``); a runtime quantizer
   rounds onto its own grid, so a fractional offset (EWGS's learned lower bound, DoReFa's signed
-  ``[-1, 1]``) or the 1-bit sign grid cannot be re-encoded and is refused.
+  ``[-1, 1]``) or the 1-bit sign grid cannot be re-encoded and is refused;
+* dynamic per-token activations map to a runtime's dynamic token grid (:class:`TokenGrid`) only when the
+  student computes that grid itself (``act_granularity="per_token_absmax"``: step ``max|x_t| / ((2^b - 1) / 2)``);
+  a learned per-token clip ratio (``"per_token"``) has no counterpart in any runtime and is refused.
 
 Every mapping is checked numerically against the quantizer's own forward before it is used: a grid
 that does not reproduce the fake-quant values is an error (:class:`~sqakd_hf.errors.InputError`), never
@@ -22,16 +25,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..quantizers import DoReFaQuantizer, EWGSQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer, Quantizer
+from ..quantizers import (DoReFaQuantizer, EWGSQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer, Quantizer,
+                          RuntimeTokenQuantizer)
 from ..quantizers.base import FullPrecision
 
-__all__ = ["WeightCodes", "ActGrid", "weight_codes", "act_grid", "container_bits"]
+__all__ = ["WeightCodes", "ActGrid", "TokenGrid", "weight_codes", "act_grid", "container_bits"]
 
 #: a re-encoded grid must reproduce the fake-quant values to this fraction of its step
 _STEP_TOLERANCE = 1e-3
@@ -64,6 +68,16 @@ class ActGrid:
     @property
     def symmetric(self) -> bool:
         return self.zero_point == 0
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Dynamic symmetric per-token activations: each token's step is ``max|x_t| / ((2^b - 1) / 2)``, computed by the
+    runtime (``q`` in ``[-2**(bits-1), 2**(bits-1) - 1]``, zero point 0); see
+    :func:`sqakd_hf.quantizers.dynamic.token_steps`."""
+
+    bits: int
+    symmetric: bool = True
 
 
 def container_bits(lo: float, hi: float) -> int:
@@ -127,19 +141,28 @@ def _affine(aq: Quantizer) -> Optional[Tuple[Tensor, Tensor, int, int]]:
 
 
 @torch.no_grad()
-def act_grid(name: str, aq: Quantizer) -> Optional[ActGrid]:
-    """The static per-tensor grid of an input-activation quantizer; None when it keeps full precision."""
+def act_grid(name: str, aq: Quantizer, *, dynamic: bool = False) -> Optional[Union[ActGrid, TokenGrid]]:
+    """The grid of an input-activation quantizer: a static per-tensor :class:`ActGrid`, or (only when the caller's
+    format has one, ``dynamic=True``) a dynamic per-token :class:`TokenGrid`; None when it keeps full precision."""
     if isinstance(aq, FullPrecision) or aq.bits >= 32:
         return None
+    if isinstance(aq, RuntimeTokenQuantizer):
+        if dynamic:
+            return TokenGrid(aq.bits)
+        raise _refuse(name, "its activations are quantized dynamically per token (act_granularity="
+                      "'per_token_absmax'), and this export needs static per-tensor steps",
+                      "train the student with QuantConfig(act_granularity='per_tensor'), or use an export that "
+                      "takes dynamic per-token activations (compressed-tensors, ONNX QDQ)")
     if not aq.initialized:
         raise InputError(f"cannot export layer {name}: its input quantizer is not calibrated; run "
                          "sqakd_hf.calibrate(model, batches) (or train with SQAKDTrainer) first")
     if getattr(aq, "per_token", False):
         raise _refuse(name, "its activations are quantized per token with a learned clip ratio (step s * max|x_t|); "
-                      "a deploy format's dynamic per-token grid has a fixed step (compressed-tensors: 2 max|x_t| / "
-                      "(2^b - 1)), so the learned ratio cannot be written",
-                      "train the student with QuantConfig(act_granularity='per_tensor') (static steps), or keep the "
-                      "packed form (sqakd_hf.save_packed)")
+                      "a runtime's dynamic per-token grid has a fixed step (compressed-tensors and vLLM: "
+                      "max|x_t| / ((2^b - 1) / 2)), so the learned ratio cannot be written",
+                      "train the student with QuantConfig(act_granularity='per_token_absmax') (the runtime's own "
+                      "dynamic per-token grid, exported exactly) or act_granularity='per_tensor' (static steps), or "
+                      "keep the packed form (sqakd_hf.save_packed)")
     if aq.binary:
         raise _refuse(name, "its 1-bit signed activations use the sign grid {-1, +1}, which a runtime quantizer "
                       "cannot express", "use act_bits >= 2")
