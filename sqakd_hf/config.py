@@ -60,6 +60,9 @@ class QuantConfig(QuantizationConfigMixin):
             squared quantization error: per output channel for weights, from a histogram of the calibration
             activations) or ``"paper"`` (each method's own rule: LSQ ``2 mean|x| / sqrt(Qp)``, PACT a high
             percentile of ``|x|``, EWGS ``3 std``). DoReFa and minmax have no learned range.
+        fold_bn: fold every BatchNorm that directly follows a conv into that conv before quantizing (default
+            False; eval-mode function unchanged): the quantized weight is then the one an integer deployment
+            computes with, and no BatchNorm is left to train. A model without BatchNorm is unchanged.
         modules_to_not_convert: regular expressions (``re.search`` on the qualified module name) of
             layers kept full precision. ``None`` (default) keeps the first layer (stem conv / patch
             embedding) and the classifier head full precision, as in the paper; a list replaces
@@ -80,6 +83,7 @@ class QuantConfig(QuantizationConfigMixin):
         act_granularity: str = "per_token",
         smooth_alpha: Optional[float] = None,
         embedding_bits: Optional[int] = None,
+        fold_bn: bool = False,
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
         packed: bool = False,
@@ -120,6 +124,9 @@ class QuantConfig(QuantizationConfigMixin):
             raise ValueError(f"embedding_bits must be an integer in 1..8, or None to keep embeddings full precision; "
                              f"got {embedding_bits!r}")
         self.embedding_bits = embedding_bits
+        if not isinstance(fold_bn, bool):
+            raise ValueError(f"fold_bn must be True or False; got {fold_bn!r}")
+        self.fold_bn = fold_bn
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
                 raise ValueError(
@@ -139,13 +146,14 @@ class QuantConfig(QuantizationConfigMixin):
         config_dict = dict(config_dict)
         if config_dict.get("quant_method", QUANT_METHOD) == QUANT_METHOD:
             config_dict.setdefault("act_granularity", "per_tensor")
+            config_dict.setdefault("fold_bn", False)  # written before folding existed: not folded
         return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
 
     @staticmethod
     def _fields() -> List[str]:
         return [
             "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init", "act_granularity",
-            "smooth_alpha", "embedding_bits", "modules_to_not_convert", "layer_bits", "packed", "quant_method",
+            "smooth_alpha", "embedding_bits", "fold_bn", "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
     @staticmethod

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .config import QuantConfig
+from .folding import fold_batchnorm
 from .modules import EMBEDDING_WRAPPERS, WRAPPERS, QuantEmbedding, QuantLayer, wrapper_for
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
@@ -39,6 +40,8 @@ class QuantizationReport:
     kept_fp: List[LayerEntry] = field(default_factory=list)
     #: ``"<layer> <- <source>"`` for every layer input SmoothQuant migrated at calibration (``smooth_alpha``)
     smoothed: List[str] = field(default_factory=list)
+    #: BatchNorm layers folded into the conv before them (``fold_bn``)
+    folded: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         kept = ", ".join(f"{e.name} ({e.reason})" for e in self.kept_fp) or "none"
@@ -128,10 +131,13 @@ def build_layer_quantizers(layer: nn.Module, cls: type, config: QuantConfig, bit
     return wq.to(weight.dtype), aq.to(weight.dtype)
 
 
-def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = None, **kwargs) -> nn.Module:
+def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = None, *, fold: bool = True,
+                   **kwargs) -> nn.Module:
     """Replace every Linear / Conv2d / Conv1D of ``model`` by its fake-quant wrapper, in place.
 
-    ``config`` is a :class:`QuantConfig` (or its dict; keyword arguments build one).
+    ``config`` is a :class:`QuantConfig` (or its dict; keyword arguments build one). With ``config.fold_bn``
+    the BatchNorms are first folded into their convs (:func:`sqakd_hf.folding.fold_batchnorm`);
+    ``fold=False`` leaves that to the caller (a loader that folds once the full-precision weights are in).
     Returns ``model``; the report of what was quantized and kept full precision is
     logged and stored as ``model.sqakd_report``, the config as ``model.sqakd_config``.
     Raises ``ValueError`` if nothing would be quantized or a pattern matches no layer.
@@ -146,6 +152,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
         raise ValueError("model is already quantized (it contains fake-quant layers); start from the FP model")
 
     report = QuantizationReport(method=config.method)
+    if config.fold_bn and fold:
+        report.folded = fold_batchnorm(model)
     candidates: List[str] = []
     for name, module in model.named_modules():
         if wrapper_for(module) is not None:

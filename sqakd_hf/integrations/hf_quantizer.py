@@ -39,6 +39,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..calibration import refresh_quantizer_state
 from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
+from ..folding import fold_batchnorm
 from ..injection import build_layer_quantizers, quant_layers, quantize_model
 from ..serialization import files, manifest, packed
 
@@ -103,7 +104,7 @@ class SQAKDHfQuantizer(HfQuantizer):
         random and only report them); a contradiction raises :class:`~sqakd_hf.errors.SQAKDCheckpointError`.
         """
         config: QuantConfig = self.quantization_config
-        quantize_model(model, config)
+        quantize_model(model, config, fold=self.pre_quantized)  # a full-precision file holds the BatchNorms
         header = files.read_checkpoint_header(checkpoint_files or [])  # corrupted files: a clear error
         prefix = getattr(model, "base_model_prefix", "") or ""
         where = ", ".join(sorted(set(header.files.values()))) or "<checkpoint>"
@@ -131,8 +132,10 @@ class SQAKDHfQuantizer(HfQuantizer):
             _as_vectors(model, self._scalar_keys)
             refresh_quantizer_state(model)
             return model
-        # build the quantizers left out before loading, weight quantizers initialised from the loaded
-        # weights; activation quantizers need data: sqakd_hf.calibrate(model, batches)
+        # fold the loaded BatchNorms (fold_bn), then build the quantizers left out before loading, weight
+        # quantizers initialised from the loaded weights; activation quantizers need data: sqakd_hf.calibrate
+        if config.fold_bn:
+            model.sqakd_report.folded = fold_batchnorm(model)
         for name, layer in quant_layers(model):
             wq, aq = build_layer_quantizers(layer, type(layer), config, config.bits_for(name))
             layer.weight_quantizer, layer.input_quantizer = wq, aq
