@@ -15,6 +15,9 @@ from .quantizers.base import ACT_GRANULARITIES, INIT_MODES
 QUANT_METHOD = "sqakd"
 ALLOWED_BITS = tuple(range(1, 9)) + (32,)
 GRANULARITIES = ("per_channel", "per_tensor")
+#: integer engines ``deploy`` can target, and the methods whose grids they run
+DEPLOY_TARGETS = ("onnx", "onnx-vnni")
+DEPLOY_METHODS = ("lsq", "pact", "minmax")
 
 BitsOverride = Union[int, Mapping[str, int]]
 
@@ -43,7 +46,7 @@ class QuantConfig(QuantizationConfigMixin):
             (a non-learned absmax/min-max baseline).
         weight_bits / act_bits: 1..8, or 32 to leave that side full precision.
         weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
-        act_granularity: ``"per_token"`` (default; one dynamic step per token row of every Linear / Conv1D
+        act_granularity: ``"per_token"`` (default without ``deploy``; one dynamic step per token row of every Linear / Conv1D
             input, ``max|x_t|`` times the method's learned parameter, computed in forward; conv inputs stay
             per tensor), ``"per_tensor"`` (one static step per layer input, as in the papers) or
             ``"per_token_absmax"`` (dynamic per token with the runtime's fixed ratio, nothing learned: step
@@ -63,6 +66,14 @@ class QuantConfig(QuantizationConfigMixin):
         fold_bn: fold every BatchNorm that directly follows a conv into that conv before quantizing (default
             False; eval-mode function unchanged): the quantized weight is then the one an integer deployment
             computes with, and no BatchNorm is left to train. A model without BatchNorm is unchanged.
+        deploy: train the function an integer engine runs (see :mod:`sqakd_hf.deploy_mode`), or None (default).
+            ``"onnx"``: what a fully integer onnxruntime graph (QLinearConv + QLinearAdd) quantizes: BatchNorm
+            folded (implies ``fold_bn=True``), static per-tensor activations (the default ``act_granularity``
+            then), the inputs and output of every residual add quantized, one step per tensor that several
+            layers read; 8-bit weights are trained as 7-bit codes (``[-64, 63]``, onnxruntime's reduce-range
+            convention), because x86 CPUs without VNNI add pairs of u8 x s8 products in saturating int16 and
+            full 8-bit codes can overflow there. ``"onnx-vnni"``: the same with full 8-bit weight codes, for CPUs
+            with VNNI (or ARM). Methods with a static integer grid only: ``"lsq"``, ``"pact"``, ``"minmax"``.
         modules_to_not_convert: regular expressions (``re.search`` on the qualified module name) of
             layers kept full precision. ``None`` (default) keeps the first layer (stem conv / patch
             embedding) and the classifier head full precision, as in the paper; a list replaces
@@ -80,10 +91,11 @@ class QuantConfig(QuantizationConfigMixin):
         weight_granularity: str = "per_channel",
         ewgs_delta: float = 1e-3,
         init: str = "mse",
-        act_granularity: str = "per_token",
+        act_granularity: Optional[str] = None,
         smooth_alpha: Optional[float] = None,
         embedding_bits: Optional[int] = None,
         fold_bn: bool = False,
+        deploy: Optional[str] = None,
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
         packed: bool = False,
@@ -112,6 +124,11 @@ class QuantConfig(QuantizationConfigMixin):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {', '.join(INIT_MODES)}; got {init!r}")
         self.init = init
+        if deploy not in (None,) + DEPLOY_TARGETS:
+            raise ValueError(f"deploy must be one of {', '.join(DEPLOY_TARGETS)} or None; got {deploy!r}")
+        self.deploy = deploy
+        if act_granularity is None:
+            act_granularity = "per_tensor" if deploy else "per_token"
         if act_granularity not in ACT_GRANULARITIES:
             raise ValueError(f"act_granularity must be one of {', '.join(ACT_GRANULARITIES)}; got {act_granularity!r}")
         self.act_granularity = act_granularity
@@ -126,7 +143,11 @@ class QuantConfig(QuantizationConfigMixin):
         self.embedding_bits = embedding_bits
         if not isinstance(fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False; got {fold_bn!r}")
-        self.fold_bn = fold_bn
+        self.fold_bn = fold_bn or deploy is not None  # an integer graph has no BatchNorm
+        if deploy is not None and (act_granularity != "per_tensor" or method not in DEPLOY_METHODS):
+            raise ValueError(f"deploy={deploy!r} needs static per-tensor activations and a method with a static integer "
+                             f"grid ({', '.join(DEPLOY_METHODS)}); got method={method!r}, "
+                             f"act_granularity={act_granularity!r}")
         if modules_to_not_convert is not None:
             if isinstance(modules_to_not_convert, str) or not isinstance(modules_to_not_convert, (list, tuple)):
                 raise ValueError(
@@ -153,7 +174,8 @@ class QuantConfig(QuantizationConfigMixin):
     def _fields() -> List[str]:
         return [
             "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init", "act_granularity",
-            "smooth_alpha", "embedding_bits", "fold_bn", "modules_to_not_convert", "layer_bits", "packed", "quant_method",
+            "smooth_alpha", "embedding_bits", "fold_bn", "deploy",
+            "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
     @staticmethod
@@ -182,6 +204,8 @@ class QuantConfig(QuantizationConfigMixin):
             if re.search(pattern, name):
                 bits.update(override)
                 break
+        if self.deploy == "onnx" and bits["weight_bits"] == 8:  # reduce range: u8 x s8 pairs never saturate int16
+            bits["weight_bits"] = 7
         return bits
 
     def to_dict(self) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .config import QuantConfig
+from .deploy_mode import apply_deploy_mode
 from .folding import fold_batchnorm
 from .modules import EMBEDDING_WRAPPERS, WRAPPERS, QuantEmbedding, QuantLayer, wrapper_for
 from .quantizers import FullPrecision, Quantizer, build_quantizer
@@ -214,6 +215,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             f"nothing to quantize in {type(model).__name__}: all {len(candidates)} candidate layers are kept full "
             "precision by modules_to_not_convert / layer_bits; pass modules_to_not_convert=[] to quantize them"
         )
+    if config.deploy is not None and fold:  # a loader that folds later also rewrites the blocks then
+        apply_deploy_mode(model, config)
     model.sqakd_config = config
     model.sqakd_report = report
     if isinstance(getattr(model, "config", None), PretrainedConfig):

@@ -22,6 +22,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("errors", "model_io", "quantizers", "version"),
     ("config",),
     ("modules", "folding", "equalization"),
+    ("deploy_mode",),
     ("injection",),
     ("smoothing",),
     ("calibration",),

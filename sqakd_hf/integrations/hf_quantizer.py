@@ -39,6 +39,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..calibration import refresh_quantizer_state
 from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
+from ..deploy_mode import apply_deploy_mode
 from ..folding import fold_batchnorm
 from ..injection import build_layer_quantizers, quant_layers, quantize_model
 from ..serialization import files, manifest, packed
@@ -140,6 +141,8 @@ class SQAKDHfQuantizer(HfQuantizer):
             wq, aq = build_layer_quantizers(layer, type(layer), config, config.bits_for(name))
             layer.weight_quantizer, layer.input_quantizer = wq, aq
             wq.init_from_weight(layer.weight)
+        if config.deploy is not None:  # the residual blocks' quantizers, on the folded model (see deploy_mode)
+            apply_deploy_mode(model, config)
         logger.info("sqakd: weight quantizers initialised from the checkpoint; calibrate activation quantizers "
                     "with sqakd_hf.calibrate(model, batches) before use (SQAKDTrainer does it)")
         return model

@@ -1,0 +1,230 @@
+"""Graph edits that let onnxruntime run a deployment-aware student (``QuantConfig(deploy="onnx")``) as a fully integer
+graph: after its graph optimizer every quantized Conv is a ``QLinearConv`` and every residual Add a ``QLinearAdd``,
+computing with exactly our learned scales.
+
+The QDQ file that :func:`~sqakd_hf.export.onnx.export_onnx` traces already carries the right QuantizeLinear /
+DequantizeLinear pairs (the deploy-mode student quantizes every tensor the integer graph quantizes); three edits,
+each keeping the function, make onnxruntime's QDQ fusions apply:
+
+* activations move from the ``int8`` container to ``uint8`` (zero point + 128: the same grid; x86 integer kernels
+  are u8 x s8);
+* a ``Clip`` in front of a QuantizeLinear whose range it does not narrow (an 8-bit grid's clip equals the container's
+  saturation) is dropped;
+* a float conv bias becomes ``int32`` codes at scale ``s_x * s_w`` (per output channel) behind a DequantizeLinear, as
+  the QLinearConv fusion requires; the bias moves by at most half of ``s_x * s_w``, far below an output step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+__all__ = ["to_integer_graph", "cpu_has_vnni", "optimized_op_counts"]
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (x86 AVX512-VNNI / AVX-VNNI); onnxruntime's u8 x s8
+    kernels on an x86 CPU without one add pairs of products in int16 with saturation, so 8-bit weight codes can
+    overflow there (``deploy="onnx"`` trains 7-bit weight codes for that reason). Non-x86 CPUs count as VNNI."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", flags))
+
+
+def _value(graph, name: str):
+    """The numpy value of an initializer or Constant output ``name`` (None if it is computed)."""
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+        if node.op_type == "Identity" and node.output[0] == name:
+            return _value(graph, node.input[0])
+    return None
+
+
+def _consumers(graph) -> Dict[str, List]:
+    users: Dict[str, List] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _producers(graph) -> Dict[str, object]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _to_uint8(graph) -> int:
+    """Activation QuantizeLinear (input computed, int8 zero point) and its DequantizeLinear consumers to uint8."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name for i in graph.initializer}
+    users = _consumers(graph)
+    moved = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        zero = _value(graph, node.input[2])
+        if zero is None or zero.dtype != np.int8:
+            continue
+        dqs = users.get(node.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        name = f"{node.output[0]}_zero_point_u8"
+        graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name))
+        for n in [node, *dqs]:
+            n.input[2] = name
+        moved += 1
+    return moved
+
+
+def _drop_redundant_clips(graph) -> int:
+    """Remove a Clip whose only consumer is a QuantizeLinear that saturates at (or inside) the Clip's range."""
+    import numpy as np
+
+    users = _consumers(graph)
+    removed = []
+    for node in graph.node:
+        if node.op_type != "Clip" or len(node.input) < 3:
+            continue
+        out_users = users.get(node.output[0], [])
+        if len(out_users) != 1 or out_users[0].op_type != "QuantizeLinear":
+            continue
+        q = out_users[0]
+        lo, hi = _value(graph, node.input[1]), _value(graph, node.input[2])
+        scale, zero = _value(graph, q.input[1]), _value(graph, q.input[2])
+        if lo is None or hi is None or scale is None or zero is None or scale.size != 1:
+            continue
+        info = np.iinfo(zero.dtype)
+        s, z = float(scale.reshape(())), float(zero.reshape(()))
+        q_lo, q_hi = s * (info.min - z), s * (info.max - z)
+        tol = 1e-3 * s
+        if float(lo) <= q_lo + tol and float(hi) >= q_hi - tol:
+            q.input[0] = node.input[0]
+            removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
+
+
+def _drop_noop_casts(model) -> int:
+    """Remove every Cast to the type its input already has (the tracer writes them around each Q/DQ pair)."""
+    import onnx
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    removed = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to is not None and types.get(node.input[0]) == to:
+            _rewire(graph, node.output[0], node.input[0])
+            removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
+
+
+def _rewire(graph, old: str, new: str) -> None:
+    """Every reader of tensor ``old`` reads ``new`` instead (graph outputs keep their names)."""
+    outputs = {o.name for o in graph.output}
+    if old in outputs:  # keep the graph output's name: rename the producer of ``new`` is not safe, use Identity
+        from onnx import helper
+
+        graph.node.append(helper.make_node("Identity", [new], [old]))
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _quantize_before_maxpool(graph) -> int:
+    """For ``MaxPool -> QuantizeLinear``, add the same Q/DQ pair in front of the MaxPool: exact (rounding onto a grid
+    is monotonic, so the max of quantized values is the quantized max), and it lets the conv before the pool become a
+    QLinearConv and the pool run on integers."""
+    from onnx import helper, numpy_helper
+
+    producers = _producers(graph)
+    added = 0
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        pool = producers.get(node.input[0])
+        if pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1:
+            continue
+        src = pool.input[0]
+        grid = [f"{src}_pre_pool_scale", f"{src}_pre_pool_zero_point"]  # initializers: defined before any node
+        graph.initializer.extend(numpy_helper.from_array(_value(graph, name), new)
+                                 for name, new in zip(node.input[1:3], grid))
+        q = helper.make_node("QuantizeLinear", [src, *grid], [f"{src}_pre_pool_q"], name=f"{pool.name}_pre_q")
+        dq = helper.make_node("DequantizeLinear", [q.output[0], *grid], [f"{src}_pre_pool_dq"],
+                              name=f"{pool.name}_pre_dq")
+        index = list(graph.node).index(pool)
+        graph.node.insert(index, dq)
+        graph.node.insert(index, q)
+        pool.input[0] = dq.output[0]
+        added += 1
+    return added
+
+
+def _drop_unused(graph) -> None:
+    """Constant nodes and initializers nothing reads (left by the edits)."""
+    while True:
+        users = _consumers(graph)
+        outputs = {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in users and n.output[0] not in outputs]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    users = _consumers(graph)
+    for init in [i for i in graph.initializer if i.name not in users]:
+        graph.initializer.remove(init)
+
+
+def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
+    """Apply the module's graph edits to the QDQ ONNX file at ``path`` in place; returns how many tensors each edit
+    changed (``uint8_activations``, ``clips_dropped``, ``int32_biases``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    counts = {"casts_dropped": _drop_noop_casts(model), "clips_dropped": _drop_redundant_clips(graph),
+              "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph)}
+    _drop_unused(graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return counts
+
+
+def optimized_op_counts(path: Union[str, os.PathLike], optimized_path: Optional[Union[str, os.PathLike]] = None,
+                        threads: int = 1) -> Dict[str, int]:
+    """Node types of the graph onnxruntime runs for the ONNX file at ``path`` (all graph optimizations, CPU): the
+    optimized model is saved with ``SessionOptions.optimized_model_filepath`` (to ``optimized_path``, default next to
+    ``path``) and its nodes counted."""
+    import onnx
+    import onnxruntime as ort
+
+    target = Path(optimized_path) if optimized_path is not None else Path(path).with_suffix(".optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(target)
+    options.intra_op_num_threads = threads
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(target)).graph.node]
+    return {op: ops.count(op) for op in sorted(set(ops))}
