@@ -46,9 +46,10 @@ class QuantConfig(QuantizationConfigMixin):
             (a non-learned absmax/min-max baseline).
         weight_bits / act_bits: 1..8, or 32 to leave that side full precision.
         weight_granularity: ``"per_channel"`` (one step per output channel) or ``"per_tensor"``.
-        act_granularity: ``"per_token"`` (default without ``deploy``; one dynamic step per token row of every Linear / Conv1D
-            input, ``max|x_t|`` times the method's learned parameter, computed in forward; conv inputs stay
-            per tensor), ``"per_tensor"`` (one static step per layer input, as in the papers) or
+        act_granularity: ``"per_token"`` (default without ``deploy``; one dynamic step per token row of every
+            Linear / Conv1D input, ``max|x_t|`` times the method's learned parameter, computed in forward; conv
+            inputs stay per tensor), ``"per_tensor"`` (default with ``deploy``; one static step per layer input, as
+            in the papers) or
             ``"per_token_absmax"`` (dynamic per token with the runtime's fixed ratio, nothing learned: step
             ``max|x_t| / ((2^b - 1) / 2)`` on a symmetric grid, as compressed-tensors and vLLM compute for dynamic
             token activations; exports exactly to both deploy formats).

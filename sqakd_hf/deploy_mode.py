@@ -236,7 +236,7 @@ def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input
     if down is not None:
         block.shortcut_quantizer = _act_quantizer(config, name, device, dtype)
     block.output_quantizer = _act_quantizer(config, name, device, dtype)
-    block.__class__ = _deploy_class(type(block) if type(block) not in _DEPLOY_CLASSES.values() else type(block).__base__)
+    block.__class__ = _deploy_class(type(block))
 
 
 def tensor_quantizers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, Quantizer]]:

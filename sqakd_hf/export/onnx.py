@@ -25,9 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..deploy_mode import tensor_quantizers
 from ..injection import quant_layers
 from ..model_io import unwrap
 from .grids import ActGrid, WeightCodes, act_grid, weight_codes
+from .onnx_integer import to_integer_graph
 
 __all__ = ["export_onnx", "QDQWeight", "QDQInput"]
 
@@ -97,13 +99,20 @@ def qdq_mode(model: nn.Module) -> Iterator[nn.Module]:
     ONNX graph holds); the original quantizers are restored on exit."""
     swaps = _qdq_modules(model)
     saved = [(layer, layer.weight_quantizer, layer.input_quantizer) for layer, _, _ in swaps]
+    # deploy mode (sqakd_hf.deploy_mode): the residual blocks' own quantizers, as Q/DQ pairs too
+    blocks = [(owner, attr, q, _Identity() if grid is None else QDQInput(grid))
+              for name, owner, attr, q in tensor_quantizers(model) for grid in [act_grid(name, q)]]
     try:
         for layer, weight, inputs in swaps:
             layer.weight_quantizer, layer.input_quantizer = weight.to(layer.weight.device), inputs
+        for owner, attr, _, qdq in blocks:
+            setattr(owner, attr, qdq)
         yield model
     finally:
         for layer, weight, inputs in saved:
             layer.weight_quantizer, layer.input_quantizer = weight, inputs
+        for owner, attr, q, _ in blocks:
+            setattr(owner, attr, q)
 
 
 def _constant(graph: Any, name: str) -> Optional[Any]:
@@ -222,6 +231,8 @@ def export_onnx(
             torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
                               dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
         _store_weight_codes(staging)
+        if getattr(getattr(model, "sqakd_config", None), "deploy", None) is not None:
+            to_integer_graph(staging)  # deployment-aware student: a fully integer graph in onnxruntime
         os.replace(staging, target)
     finally:
         model.train(was_training)

@@ -3,25 +3,32 @@ graph: after its graph optimizer every quantized Conv is a ``QLinearConv`` and e
 computing with exactly our learned scales.
 
 The QDQ file that :func:`~sqakd_hf.export.onnx.export_onnx` traces already carries the right QuantizeLinear /
-DequantizeLinear pairs (the deploy-mode student quantizes every tensor the integer graph quantizes); three edits,
-each keeping the function, make onnxruntime's QDQ fusions apply:
+DequantizeLinear pairs (the deploy-mode student quantizes every tensor the integer graph quantizes); these edits,
+each keeping the function exactly, make onnxruntime's QDQ fusions apply:
 
-* activations move from the ``int8`` container to ``uint8`` (zero point + 128: the same grid; x86 integer kernels
-  are u8 x s8);
+* ``Cast`` nodes to the type a tensor already has (the tracer writes them around each Q/DQ pair) are dropped;
 * a ``Clip`` in front of a QuantizeLinear whose range it does not narrow (an 8-bit grid's clip equals the container's
   saturation) is dropped;
-* a float conv bias becomes ``int32`` codes at scale ``s_x * s_w`` (per output channel) behind a DequantizeLinear, as
-  the QLinearConv fusion requires; the bias moves by at most half of ``s_x * s_w``, far below an output step.
+* activations move from the ``int8`` container to ``uint8`` (zero point + 128: the same grid; x86 integer kernels
+  are u8 x s8);
+* ``MaxPool -> QuantizeLinear`` gets the same Q/DQ pair in front of the pool (rounding onto a grid is monotonic,
+  so the pool of quantized values is the quantized pool): the conv before it becomes a QLinearConv.
+
+onnxruntime itself quantizes a float conv bias to ``int32`` at ``s_x * s_w`` when it fuses the conv (the bias then
+moves by at most half of ``s_x * s_w``, far below an output step).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 __all__ = ["to_integer_graph", "cpu_has_vnni", "optimized_op_counts"]
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_vnni() -> bool:
@@ -182,12 +189,27 @@ def _quantize_before_maxpool(graph) -> int:
     return added
 
 
+def _widest_weight_code(graph) -> int:
+    """Largest ``|code|`` of the int8 weights feeding DequantizeLinear (0 if none)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) > 1}
+    widest = 0
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.int16)
+            widest = max(widest, int(np.abs(codes).max(initial=0)))
+    return widest
+
+
 def _drop_unused(graph) -> None:
     """Constant nodes and initializers nothing reads (left by the edits)."""
     while True:
         users = _consumers(graph)
         outputs = {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in users and n.output[0] not in outputs]
+        dead = [n for n in graph.node
+                if n.op_type == "Constant" and n.output[0] not in users and n.output[0] not in outputs]
         if not dead:
             break
         for n in dead:
@@ -199,7 +221,7 @@ def _drop_unused(graph) -> None:
 
 def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     """Apply the module's graph edits to the QDQ ONNX file at ``path`` in place; returns how many tensors each edit
-    changed (``uint8_activations``, ``clips_dropped``, ``int32_biases``)."""
+    changed (``casts_dropped``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -207,6 +229,10 @@ def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     counts = {"casts_dropped": _drop_noop_casts(model), "clips_dropped": _drop_redundant_clips(graph),
               "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph)}
     _drop_unused(graph)
+    if not cpu_has_vnni() and _widest_weight_code(graph) > 64:
+        logger.warning("sqakd: the ONNX graph holds 8-bit weight codes, which onnxruntime's u8 x s8 kernels can "
+                       "saturate on this CPU (x86 without VNNI): its outputs may differ from the student's. Train with "
+                       "QuantConfig(deploy='onnx') (7-bit weight codes) to run it here")
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return counts

@@ -1,0 +1,199 @@
+"""Deployment-aware students (``QuantConfig(deploy="onnx")``): residual blocks quantize both add inputs and their
+output with one step per tensor, the rewritten forward keeps the folded teacher's function, an unknown residual block
+is refused, saved students reload identically (training and packed form), SQAKD trains them, and their ONNX export
+runs in onnxruntime as a fully integer graph (every Conv a QLinearConv, every residual Add a QLinearAdd) that agrees
+with the fake-quant student on this CPU (x86 without VNNI: 7-bit weight codes)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sqakd_hf import QuantConfig, calibrate, export_onnx, load_quantized, quant_layers, quantize_model, save_quantized
+from sqakd_hf.deploy_mode import tensor_quantizers
+from sqakd_hf.errors import InputError
+from sqakd_hf.injection import named_quantizers
+from sqakd_hf.quantizers import FullPrecision
+
+from effnet_fixtures import photo_crops
+
+timm = pytest.importorskip("timm")
+
+DEPLOY = QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[])
+
+
+def _with_real_looking_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (positive gammas, as trained nets mostly have)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.3 * torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    return photo_crops(24, seed=0, size=64)
+
+
+def _student(arch: str, crops: torch.Tensor, config: QuantConfig = DEPLOY) -> nn.Module:
+    teacher = _with_real_looking_stats(timm.create_model(arch, num_classes=10))
+    student = quantize_model(copy.deepcopy(teacher), config)
+    calibrate(student, [crops[:8], crops[8:16]])
+    return student.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet14t"])  # BasicBlock / Bottleneck, both with avg-pool downsample
+def test_blocks_quantize_add_inputs_and_outputs_once(arch, crops):
+    teacher = _with_real_looking_stats(timm.create_model(arch, num_classes=10))
+    student = quantize_model(copy.deepcopy(teacher), DEPLOY)
+    blocks = [student.layer1[0], student.layer2[0], student.layer3[0], student.layer4[0]]
+    # the first block quantizes its input (the stem's max-pool output); later ones read the previous block's output
+    assert hasattr(blocks[0], "input_quantizer") and not any(hasattr(b, "input_quantizer") for b in blocks[1:])
+    for b in blocks:
+        assert b.residual_quantizer.bits == 8 and b.output_quantizer.bits == 8
+        assert isinstance(b.conv1.input_quantizer, FullPrecision)  # reads the block input through its one step
+    assert all(hasattr(b, "shortcut_quantizer") for b in blocks[1:])  # downsample branches
+    # avg-pool downsample: the conv reads the pooled tensor, so it keeps its own input quantizer
+    assert not isinstance(blocks[1].downsample[1].input_quantizer, FullPrecision)
+    assert {layer.weight_quantizer.bits for _, layer in quant_layers(student)} == {7}  # reduce range
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in student.modules())
+    # with every quantizer bypassed the rewritten blocks compute the (folded) teacher's function
+    for _, q in named_quantizers(student):
+        q.bypass = True
+    x = crops[:4]
+    with torch.no_grad():
+        assert torch.allclose(student.eval()(x), teacher(x), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_steps_get_gradients_from_every_reader(crops):
+    """layer1.0's output is read by layer2.0's conv1 (main branch) and its avg-pool downsample: both read the one
+    tensor on the one grid, and the step's gradient is the sum of what each reader sends back."""
+    student = _student("resnet10t", crops).train()
+    shared, block = student.layer1[0].output_quantizer, student.layer2[0]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, key=key: seen.__setitem__(key, a[0]))
+             for key, m in (("main", block.conv1), ("shortcut", block.downsample[0]))]
+    logits = student(crops[:4])
+    for h in hooks:
+        h.remove()
+    assert seen["main"] is seen["shortcut"]
+    codes = seen["main"] / shared.scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    # d(step) through each reader alone, then through both: additive (no reader's gradient is lost); in float64, as
+    # the step's gradient is a difference of two large dot products
+    student.double()
+    x = student.layer1(student.maxpool(student.act1(student.bn1(student.conv1(crops[:4].double())))))
+    main = block.residual_quantizer(block.bn2(block.conv2(block.act1(block.bn1(block.conv1(x))))))
+    short = block.shortcut_quantizer(block.downsample(x))
+    g_main, = torch.autograd.grad(main.square().sum(), shared.scale, retain_graph=True)
+    g_short, = torch.autograd.grad(short.square().sum(), shared.scale, retain_graph=True)
+    g_both, = torch.autograd.grad(main.square().sum() + short.square().sum(), shared.scale)
+    assert float(g_main.abs()) > 0 and float(g_short.abs()) > 0
+    assert torch.allclose(g_both, g_main + g_short, rtol=1e-9)
+    logits.square().mean().backward()
+    assert all(q.scale.grad is not None and bool(torch.isfinite(q.scale.grad).all())
+               for _, q in named_quantizers(student) if q.role == "act" and q.bits < 32)
+
+
+def test_unknown_residual_block_is_refused():
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    with pytest.raises(InputError, match=r"1 \(Residual\) adds two tensors .* deploy rewrite does not know"):
+        quantize_model(model, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 196, 4))
+    quantize_model(plain, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[]))  # no add
+
+
+def test_config_fields():
+    cfg = QuantConfig(deploy="onnx")
+    assert cfg.act_granularity == "per_tensor" and cfg.fold_bn
+    assert QuantConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert QuantConfig(deploy="onnx-vnni", weight_bits=8).bits_for("x")["weight_bits"] == 8
+    assert QuantConfig(deploy="onnx", weight_bits=4).bits_for("x")["weight_bits"] == 4
+    for bad in (dict(deploy="tensorrt"), dict(deploy="onnx", act_granularity="per_token"),
+                dict(deploy="onnx", method="ewgs")):
+        with pytest.raises(ValueError, match="deploy"):
+            QuantConfig(**bad)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_deploy_student_reloads_identically(tmp_path, crops, packed):
+    student = _student("resnet10t", crops)
+    save_quantized(student, tmp_path / "s", packed=packed, fp_dtype=torch.float32)
+    again = load_quantized(tmp_path / "s").eval()
+    assert again.sqakd_config.deploy == "onnx"
+    assert isinstance(again.layer2[0].conv1.input_quantizer, FullPrecision)
+    with torch.no_grad():
+        assert torch.equal(again(crops), student(crops))
+
+
+def test_sqakd_trains_a_deploy_student(tmp_path, crops):
+    import datasets
+
+    from sqakd_hf import SQAKDTrainer, SQAKDTrainingArguments
+
+    teacher = _with_real_looking_stats(timm.create_model("resnet10t", num_classes=10))
+    student = quantize_model(copy.deepcopy(teacher).train(), DEPLOY)
+    args = SQAKDTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",
+                                  disable_tqdm=True, per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+                                  quantizer_learning_rate=1e-2, calibration_batches=1, seed=0)
+    data = datasets.Dataset.from_dict({"pixel_values": crops.numpy()}).with_format("torch")
+    calibrate(student, [crops[:8]])  # the trainer then skips its own calibration
+    block_steps = {n: q.scale for n, _, _, q in tensor_quantizers(student)}
+    before = {n: float(p.detach()) for n, p in block_steps.items()}
+    trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+    groups = trainer.quantizer_param_groups(student)
+    assert {id(p) for p in block_steps.values()} <= {id(p) for p in groups[-1]["params"]}
+    trainer.train()
+    moved = [n for n, p in block_steps.items() if float(p) != before[n]]
+    assert len(moved) == len(block_steps), sorted(set(block_steps) - set(moved))
+    assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def _ort_ops(path: Path, tmp_path: Path) -> dict:
+    from sqakd_hf.export.onnx_integer import optimized_op_counts
+
+    return optimized_op_counts(path, tmp_path / "optimized.onnx")
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "resnet14t"])
+def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_path, crops):
+    """After onnxruntime's optimizer every Conv is a QLinearConv and every residual Add a QLinearAdd; on this CPU the
+    int8 graph agrees with the fake-quant student: same top-1 on every photo crop, logits within the effect of one
+    step of the classifier's input (each input moved by one code)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    student = _student(arch, crops)
+    path = export_onnx(student, tmp_path / "model.onnx", crops[:1])
+    ops = _ort_ops(path, tmp_path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
+    assert ops.get("QLinearConv") == convs and not ops.get("Conv") and not ops.get("FusedConv"), ops
+    assert ops.get("QLinearAdd") == 4 and not ops.get("Add") and not ops.get("Sum"), ops
+    graph = onnx.load(str(path)).graph  # weight codes stay in 7 bits (no u8 x s8 saturation without VNNI)
+    codes = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert codes and max(int(np.abs(c.astype(np.int16)).max()) for c in codes) <= 64
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": crops.numpy()})[0]
+    with torch.no_grad():
+        ref = student(crops).numpy()
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    fc = student.get_classifier()
+    one_step = float(fc.input_quantizer.scale) * float(fc.quantized_weight().abs().sum(1).max())
+    assert float(np.abs(out - ref).max()) <= one_step, (np.abs(out - ref).max(), one_step)
