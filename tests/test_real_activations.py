@@ -17,7 +17,7 @@ from sqakd_hf import QuantConfig, calibrate, load_quantized, quantize_model, sav
 from sqakd_hf.injection import named_quantizers
 from sqakd_hf.modules import QuantEmbedding
 
-from test_real_weights import _embed, minilm_setup  # noqa: F401  (the shared MiniLM fixture)
+from test_real_weights import _embed, _min_cosine, minilm_setup  # noqa: F401  (the shared MiniLM fixture)
 
 
 def _fp_embed(model, batch) -> torch.Tensor:
@@ -145,3 +145,30 @@ def test_from_pretrained_with_every_new_mode(minilm_setup, tmp_path):
     student.save_pretrained(tmp_path / "student")
     again = AutoModel.from_pretrained(tmp_path / "student").eval()
     assert torch.equal(_embed(again, test), emb)
+
+
+@pytest.mark.slow
+def test_minmax_mse_clip_ratio_meets_the_w4a8_goal(minilm_setup):
+    """minmax weights are absmax by definition; under init="mse" (default) each channel's absmax is scaled by the
+    clip ratio of least squared error, fixed at calibration. Real MiniLM W4A8 per token: 0.930 vs 0.895."""
+    scores = {init: _min_cosine(minilm_setup, "minmax", 4, 8, init=init) for init in ("mse", "paper")}
+    assert scores["mse"] >= 0.92, scores  # the goal is 0.90
+    assert scores["mse"] > scores["paper"] + 0.02, scores
+
+
+def test_minmax_checkpoint_without_clip_ratio_loads_as_absmax():
+    """Checkpoints written before the clip ratio existed hold plain absmax weights: they load with ratio 1."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16)).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    old = quantize_model(copy.deepcopy(model), QuantConfig(method="minmax", weight_bits=4, act_bits=8, init="paper"))
+    calibrate(old, [ids])
+    state = {k: v for k, v in old.state_dict().items() if not k.endswith("clip_ratio")}
+    new = quantize_model(copy.deepcopy(model), QuantConfig(method="minmax", weight_bits=4, act_bits=8))
+    calibrate(new, [ids])
+    ratios = [q.clip_ratio for _, q in named_quantizers(new) if q.role == "weight" and hasattr(q, "clip_ratio")]
+    assert ratios and any(bool((r < 1).any()) for r in ratios)  # MSE chose clips below absmax
+    new.load_state_dict(state, strict=True)
+    assert all(bool((r == 1).all()) for r in ratios)
+    with torch.no_grad():
+        assert torch.equal(new(ids).logits, old(ids).logits)

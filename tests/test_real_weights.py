@@ -128,12 +128,12 @@ def test_minilm_every_method_is_finite(minilm_setup, method):
     ("lsq", (4, 8), "per_token", 0.90),         # measured 0.930
     ("pact", (4, 8), "per_token", 0.90),        # measured 0.930
     ("ewgs", (4, 8), "per_token", 0.90),        # measured 0.911
-    ("minmax", (4, 8), "per_token", 0.88),      # measured 0.895 (absmax weights by definition: below the 0.90 goal)
+    ("minmax", (4, 8), "per_token", 0.92),      # measured 0.930 (MSE clip ratio of absmax; plain absmax: 0.895)
     # the paper's static per-tensor activations: the goal is 0.97 at W8A8
     ("lsq", (8, 8), "per_tensor", 0.975),       # measured 0.9863
     ("pact", (8, 8), "per_tensor", 0.975),      # measured 0.9863
     ("ewgs", (8, 8), "per_tensor", 0.98),       # measured 0.9902
-    ("minmax", (8, 8), "per_tensor", 0.97),     # measured 0.9812
+    ("minmax", (8, 8), "per_tensor", 0.975),    # measured 0.984 (plain absmax weights: 0.981)
 ])
 def test_minilm_calibration_stays_close(minilm_setup, method, bits, granularity, threshold):
     cosine = _min_cosine(minilm_setup, method, *bits, act_granularity=granularity)
