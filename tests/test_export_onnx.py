@@ -4,6 +4,7 @@ compared with the fake-quant student (a real digits CNN on held-out real digits;
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,62 @@ def test_inexact_grids_are_refused(tmp_path: Path):
     family = FAMILIES["bert"]
     save_teacher(family, tmp_path / "teacher")
     student = load_student(family, tmp_path / "teacher", QuantConfig(method="lsq", weight_bits=4, act_bits=8))
-    with pytest.raises(InputError, match="per token"):
+    with pytest.raises(InputError, match="learned clip ratio.*act_granularity='per_token_absmax'"):
         export_onnx(student, tmp_path / "out.onnx", family.batch())
     assert not any(tmp_path.glob("*.onnx*")) and not any(tmp_path.glob(".out.onnx*"))
+
+
+def _session(path: Path, **options) -> "ort.InferenceSession":
+    """onnxruntime session with the session config the exporter recorded in the file's metadata."""
+    so = ort.SessionOptions()
+    for key, value in json.loads(onnx.load(str(path)).metadata_props[0].value).items():
+        so.add_session_config_entry(key, value)
+    for key, value in options.items():
+        setattr(so, key, value)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("method, table_bits", [("lsq", 8), ("ewgs", 6)])  # EWGS's 8-bit grid needs 9-bit codes
+def test_dynamic_token_activations_and_int8_tables(method: str, table_bits: int, tmp_path: Path):
+    """act_granularity='per_token_absmax' exports as the student's exact float ops (no integer graph) and 8-bit
+    embedding tables as int8 codes + per-row DequantizeLinear before the Gather: onnxruntime reproduces the student
+    (padded batch, other batch / sequence sizes) with the session config recorded in the file (without it,
+    onnxruntime's MatMulNBits re-quantizes the float inputs to int8: measured 4e-3 of max|logit| on a random BERT)."""
+    family = FAMILIES["bert"]
+    save_teacher(family, tmp_path / "teacher")
+    config = QuantConfig(method=method, weight_bits=4, act_bits=8, act_granularity="per_token_absmax",
+                         embedding_bits=table_bits)
+    student = load_student(family, tmp_path / "teacher", config).eval()
+    batch = family.batch()
+    ref = logits(student, batch)
+    with qdq_mode(student):
+        assert torch.equal(logits(student, batch), ref)
+    export_onnx(student, tmp_path / "tok.onnx", {k: v[:1] for k, v in batch.items()})
+    longer = {k: torch.cat([v, v[:, :5]], dim=1)[:3] for k, v in batch.items()}
+    levels = ort.GraphOptimizationLevel
+    for inputs in (batch, longer):
+        expected = logits(student, inputs).numpy()
+        for level in (levels.ORT_DISABLE_ALL, levels.ORT_ENABLE_ALL):
+            out = _session(tmp_path / "tok.onnx", graph_optimization_level=level).run(
+                None, {k: v.numpy() for k, v in inputs.items()})[0]
+            assert float(np.abs(out - expected).max() / np.abs(expected).max()) <= 1e-5, level
+    ops = _ops(tmp_path / "tok.onnx")
+    n_linear = sum(1 for _, layer in quant_layers(student) if isinstance(layer, torch.nn.Linear))
+    # one ReduceMax / Round per distinct quantized input (q/k/v read one tensor: 4 per BERT layer, and the pooler's),
+    # no activation Q/DQ pair
+    distinct = 4 * student.config.num_hidden_layers + 1
+    assert ops.get("Round", 0) == ops.get("ReduceMax", 0) == distinct < n_linear and "QuantizeLinear" not in ops
+    graph = onnx.load(str(tmp_path / "tok.onnx")).graph
+    tables = {n: m.weight.shape for n, m in student.named_modules() if isinstance(m, torch.nn.Embedding)}
+    floats = [tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    codes = [tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert all(tuple(shape) in codes and tuple(shape) not in floats for shape in tables.values()), (tables, floats)
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def source(name: str) -> str:  # through Identity / Cast
+        node = producer.get(name)
+        return source(node.input[0]) if node is not None and node.op_type in ("Identity", "Cast") else name
+
+    from_dq = [n for n in graph.node if n.op_type == "Gather" and source(n.input[0]) in producer
+               and producer[source(n.input[0])].op_type == "DequantizeLinear"]
+    assert len(from_dq) == len(tables)

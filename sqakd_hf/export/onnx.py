@@ -7,16 +7,23 @@ While exporting, every quantized layer's quantizers are swapped for their intege
   then stored as its ``int8`` codes feeding DequantizeLinear (b-bit codes travel exactly in the 8-bit container;
   a quarter of the float bytes);
 * the input activation is clipped to its b-bit grid, then quantized by a per-tensor ``int8`` Q/DQ pair with the
-  grid's scale and integer zero point (unsigned grids: ``-2**(b-1)``).
+  grid's scale and integer zero point (unsigned grids: ``-2**(b-1)``);
+* dynamic per-token activations (``act_granularity="per_token_absmax"``) have no Q/DQ form (QuantizeLinear takes a
+  constant per-tensor or per-axis scale) and no integer kernel in onnxruntime: they are written as the exact float
+  operations the student computes (``ReduceMax(Abs(x))``, ``Div``, ``Round``, ``Clip``, ``Mul``), so the graph
+  computes the student's function but its matmuls stay float;
+* a quantized embedding table (``embedding_bits``) is stored as its ``int8`` codes feeding DequantizeLinear
+  (per row, axis 0) before the Gather: a quarter of the float table's bytes.
 
 The graph is traced by ``torch.onnx.export(..., dynamo=False)`` from ``torch.fake_quantize_per_*_affine``; the
-model is restored afterwards. Grids without an exact integer form (and per-token activations) are refused with
-:class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
+model is restored afterwards. Grids without an exact integer form (and per-token activations with a learned clip
+ratio) are refused with :class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -28,13 +35,21 @@ from ..errors import InputError
 from ..deploy_mode import tensor_quantizers
 from ..injection import quant_layers
 from ..model_io import unwrap
-from .grids import ActGrid, WeightCodes, act_grid, weight_codes
+from ..modules import QuantEmbedding
+from ..quantizers.dynamic import token_steps
+from .grids import ActGrid, TokenGrid, WeightCodes, act_grid, weight_codes
 from .onnx_integer import to_integer_graph
 
-__all__ = ["export_onnx", "QDQWeight", "QDQInput"]
+__all__ = ["export_onnx", "QDQWeight", "QDQInput", "QDQTable", "TokenInput", "EXACT_SESSION_CONFIG", "SESSION_CONFIG_KEY"]
 
 #: ONNX opset: per-channel QuantizeLinear / DequantizeLinear need 13
 OPSET = 17
+#: onnxruntime session config under which a graph whose quantized weights meet float inputs (dynamic per-token or
+#: full-precision activations) computes the student's function: by default onnxruntime fuses DequantizeLinear ->
+#: MatMul into MatMulNBits, whose CPU kernel re-quantizes those inputs to int8 blocks (accuracy level 4); level 1
+#: keeps them float. Recorded in the file's metadata under :data:`SESSION_CONFIG_KEY` (a JSON object).
+EXACT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+SESSION_CONFIG_KEY = "onnxruntime_session_config"
 _INT8 = (-128, 127)
 
 
@@ -56,6 +71,28 @@ class QDQWeight(nn.Module):
         else:
             out = torch.fake_quantize_per_tensor_affine(self.grid_weight.float(), self.scale, self.zero_point, *_INT8)
         return out.to(self.grid_weight.dtype)
+
+
+class QDQTable(QDQWeight):
+    """An embedding table on its per-row integer grid: the looked-up rows are gathered from
+    ``DequantizeLinear(QuantizeLinear(scale * codes))`` (the table's codes are then stored as int8)."""
+
+    #: QuantEmbedding looks rows up in the whole quantized table while its quantizer observes (one Gather after
+    #: DequantizeLinear, the same values as quantizing only the looked-up rows); a traced graph needs exactly that
+    observing = True
+
+
+class TokenInput(nn.Module):
+    """Dynamic symmetric per-token activations in the float operations the student computes (see
+    :func:`sqakd_hf.quantizers.dynamic.token_steps`): no Q/DQ pair, the same values."""
+
+    def __init__(self, grid: TokenGrid) -> None:
+        super().__init__()
+        self.bits, self.low, self.high = grid.bits, -(2 ** (grid.bits - 1)), 2 ** (grid.bits - 1) - 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        step = token_steps(x, self.bits)
+        return torch.clamp(torch.round(x / step), self.low, self.high) * step
 
 
 class QDQInput(nn.Module):
@@ -82,12 +119,15 @@ def _qdq_modules(model: nn.Module) -> List[Tuple[nn.Module, nn.Module, nn.Module
     """``(layer, weight module, input module)`` for every quantized layer; inexact grids are refused."""
     swaps = []
     for name, layer in quant_layers(model):
-        inputs = act_grid(name, layer.input_quantizer)
+        grid = act_grid(name, layer.input_quantizer, dynamic=True)
+        inputs: nn.Module = (_Identity() if grid is None else
+                             TokenInput(grid) if isinstance(grid, TokenGrid) else QDQInput(grid))
         if layer.weight_quantizer.bits >= 32:
             weight: nn.Module = _Identity()
         else:
-            weight = QDQWeight(weight_codes(name, layer), layer.channel_axis)
-        swaps.append((layer, weight, _Identity() if inputs is None else QDQInput(inputs)))
+            table = isinstance(layer, QuantEmbedding)
+            weight = (QDQTable if table else QDQWeight)(weight_codes(name, layer), layer.channel_axis)
+        swaps.append((layer, weight, inputs))
     if not swaps:
         raise InputError(f"{type(model).__name__} has no quantized layer to export")
     return swaps
@@ -133,10 +173,10 @@ def _constant(graph: Any, name: str) -> Optional[Any]:
     return None
 
 
-def _store_weight_codes(path: Path) -> None:
+def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Rewrite the ONNX file at ``path`` so that every weight is stored as its int8 codes feeding DequantizeLinear,
     instead of float ``scale * codes`` feeding QuantizeLinear: the same function (the codes are exact), a quarter of
-    the bytes for the quantized weights."""
+    the bytes for the quantized weights. ``metadata`` entries are added to the file's metadata."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -169,6 +209,8 @@ def _store_weight_codes(path: Path) -> None:
     for name, count in users.items():
         if count == 0 and name in inits:
             graph.initializer.remove(inits[name])
+    if metadata:
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
     onnx.save(model, str(path))
 
 
@@ -200,6 +242,10 @@ def export_onnx(
     inputs, with the batch dimension (and the sequence dimension of 2-D token inputs) dynamic when
     ``dynamic_batch``. Outputs are named ``output_names`` (default ``logits``). Raises
     :class:`~sqakd_hf.errors.InputError` for grids without an exact integer form (see :mod:`.grids`).
+
+    Run the file with :data:`EXACT_SESSION_CONFIG` (also in its metadata) when quantized weights meet float inputs
+    (``act_granularity="per_token_absmax"``, or weight-only layers): ``options.add_session_config_entry(
+    "session.qdq_matmulnbits_accuracy_level", "1")``.
     """
     model = unwrap(model)
     if isinstance(example_inputs, Mapping):
@@ -230,7 +276,7 @@ def export_onnx(
         with qdq_mode(model), torch.no_grad():
             torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
                               dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
-        _store_weight_codes(staging)
+        _store_weight_codes(staging, {SESSION_CONFIG_KEY: json.dumps(EXACT_SESSION_CONFIG)})
         if getattr(getattr(model, "sqakd_config", None), "deploy", None) is not None:
             to_integer_graph(staging)  # deployment-aware student: a fully integer graph in onnxruntime
         os.replace(staging, target)
