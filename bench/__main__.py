@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .runner import DEFAULT_SECTIONS, SECTIONS, log as _log, run_section, setup
+from .runner import DEFAULT_SECTIONS, OWN_FILES, SECTIONS, log as _log, run_section, setup
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,7 +36,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     mode.add_argument("--micro", action="store_true", help="a seconds-long smoke run of the mechanics (for tests)")
     ap.add_argument("--sections", default=None,
                     help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; --quick and --micro "
-                         "leave out real_text, the real-task section)")
+                         "leave out real_text, real_vision and deploy)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="processes for the two quality sections (default 2: vision and text side by side)")
@@ -83,13 +83,13 @@ def main(argv: Optional[List[str]] = None, log: Callable[[str], None] = _log) ->
                                                                    args.verbose, log)
         run["meta"]["wall_s"] = time.perf_counter() - t0
         written = None
-        for name in ("real_text", "real_vision"):  # their own files: real_<name>.{json,md}
+        for name in OWN_FILES:  # their own files: <name>.{json,md}
             if name in run:
                 module = importlib.import_module(f".{name}", __package__)
                 meta = {**run["meta"], "wall_s": run["meta"]["sections_s"][name]}
                 written = module.write(args.out, args.mode, run.pop(name), meta)
                 log(f"[bench] wrote {written}")
-        if written is not None and not set(args.sections) - {"real_text", "real_vision"}:
+        if written is not None and not set(args.sections) - set(OWN_FILES):
             return written
         out = report.write(args.out, args.mode, run)
         log(f"[bench] {args.mode} run: {run['meta']['wall_s'] / 60:.1f} min; wrote {out}")

@@ -7,7 +7,9 @@ from typing import Any, Callable, Dict
 
 import torch
 
-SECTIONS = ("vision", "text", "cost", "size", "real_text", "real_vision")
+SECTIONS = ("vision", "text", "cost", "size", "real_text", "real_vision", "deploy")
+#: sections that write their own results files (``<name>.{json,md}``), not results.{json,md}
+OWN_FILES = ("real_text", "real_vision", "deploy")
 #: sections run when ``--sections`` is not given: the real-task sections only in full mode (~1 h on 2 CPU cores)
 DEFAULT_SECTIONS = {"full": SECTIONS, "quick": SECTIONS[:4], "micro": SECTIONS[:4]}
 METHODS = ("lsq", "pact", "dorefa", "ewgs")
@@ -16,6 +18,7 @@ METHODS = ("lsq", "pact", "dorefa", "ewgs")
 def presets(mode: str, seed: int) -> Dict[str, Any]:
     """Sizes of every section for ``quick`` / ``full`` / ``micro`` (a seconds-long smoke run)."""
     from .common import Budget
+    from .deploy import DeploySetup
     from .quality_text import TextSetup
     from .real_text import RealTextSetup
     from .real_vision import RealVisionSetup
@@ -33,6 +36,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                                        [("lsq", 4, 8), ("lsq", 4, 4)], jobs=2),
             "real_vision": RealVisionSetup(224, 640, 192, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
+            "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 256,
+                                  {1: 15, 32: 5}, threads=(1, 2), seed=seed),
         }
     if mode == "quick":
         return {
@@ -45,6 +50,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                                        [("lsq", 4, 8)]),
             "real_vision": RealVisionSetup(160, 320, 96, Budget(20, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5)]),
+            "deploy": DeploySetup([("resnet18", 128)], 128, 32, 64, {1: 5, 32: 2}, threads=(1,), seed=seed),
         }
     return {  # micro: mechanics only
         "vision": VisionSetup(8, 2, Budget(2, 32, 1e-3, calibration_batches=1, seed=seed), ("lsq",), [(4, 4)],
@@ -56,6 +62,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                                    [("lsq", 4, 8)], cache=None, eval_batch_size=8),
         "real_vision": RealVisionSetup(64, 8, 8, Budget(1, 4, 1e-5, calibration_batches=1, seed=seed),
                                        [("lsq", 8, 8, 1e-5)]),
+        "deploy": DeploySetup([("resnet18", 32)], 0, 4, 8, {1: 1, 32: 1}, threads=(1,), seed=seed),
     }
 
 
@@ -74,9 +81,9 @@ def setup(threads: int, verbose: bool) -> None:
 
 
 def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, log: Callable[[str], None] = log):
-    """Run one section (``vision``, ``text``, ``cost``, ``size``, ``real_text``, ``real_vision``); returns ``(result, seconds)``."""
+    """Run one section (any of :data:`SECTIONS`); returns ``(result, seconds)``."""
     setup(threads, verbose)
-    from . import common, cost, quality_text, quality_vision, real_text, real_vision, size
+    from . import common, cost, deploy, quality_text, quality_vision, real_text, real_vision, size
 
     cfg = presets(mode, seed)
     jobs = {
@@ -86,6 +93,7 @@ def run_section(name: str, mode: str, seed: int, threads: int, verbose: bool, lo
         "size": lambda: size.run(cfg["size"], log),
         "real_text": lambda: real_text.run(cfg["real_text"], log),
         "real_vision": lambda: real_vision.run(cfg["real_vision"], log),
+        "deploy": lambda: deploy.run(cfg["deploy"], log),
     }
     with common.Timer() as t:
         result = jobs[name]()

@@ -82,3 +82,29 @@ def test_micro_real_vision_run_writes_results(tmp_path):
     assert row["bits"] == "W8A8" and 0.0 <= row["sqakd"]["top1_agreement"] <= row["sqakd"]["top5_agreement"] <= 1.0
     assert set(row["goal"]) == {"min_top1_agreement", "met"} and "sqakd_minus_ptq" in row["paired"]
     assert "| lsq | W8A8 |" in md.read_text()
+
+
+def test_micro_deploy_run_writes_results(tmp_path):
+    """The deployment section on resnet18 at 32 px: every arm built, timed, sized, loaded in a fresh process, and
+    our ONNX export agreeing with the fake-quant student it came from."""
+    pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
+    md = bench_main.main(["--micro", "--sections", "deploy", "--out", str(tmp_path), "--threads", "0"],
+                         log=lambda msg: None)
+    section = json.loads((tmp_path / "deploy.json").read_text())["runs"]["micro"]["deploy"]
+    (case,) = section["cases"]
+    rows = case["rows"]
+    assert case["name"] == "resnet18 32px" and case["test_samples"] == 8
+    assert {"torch_fp32", "torch_fake_quant", "ort_fp32", "ours_qdq", "ort_dynamic", "ort_static"} <= set(rows)
+    for name in ("torch_fp32", "torch_fake_quant", "ort_fp32", "ours_qdq", "ort_dynamic", "ort_static"):
+        row = rows[name]
+        assert "error" not in row, (name, row)
+        assert row["file_bytes"] > 0 and set(row["latency"]) == {"b1_t1", "b32_t1"}
+        assert row["memory"]["peak_rss_mb"] > row["memory"]["import_rss_mb"] > 0, (name, row["memory"])
+    assert rows["ours_qdq"]["agreement_student"] >= 7 / 8 and rows["ort_fp32"]["agreement_teacher"] >= 7 / 8
+    assert rows["ours_qdq"]["file_bytes"] < 0.5 * rows["ort_fp32"]["file_bytes"]  # int8 weight codes
+    assert rows["ort_fp32"]["speedup_vs_ort_fp32"]["b32_t1"] == 1.0
+    assert [g["case"] for g in section["goals"]] == ["resnet18 32px"]
+    assert (tmp_path / "deploy_micro.png").stat().st_size > 0
+    text = md.read_text()
+    assert "| ORT quantize_dynamic |" in text and "### Goals" in text and "load average" in text

