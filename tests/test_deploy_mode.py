@@ -197,3 +197,56 @@ def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_pat
     fc = student.get_classifier()
     one_step = float(fc.input_quantizer.scale) * float(fc.quantized_weight().abs().sum(1).max())
     assert float(np.abs(out - ref).max()) <= one_step, (np.abs(out - ref).max(), one_step)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_transformers_timm_wrapper_from_full_precision_folder_and_reload(tmp_path, packed):
+    """AutoModelForImageClassification.from_pretrained(fp_dir, quantization_config=QuantConfig(deploy="onnx")) folds
+    and rewrites the blocks after the full-precision weights are in (nothing missing or unexpected); the saved student
+    reloads to identical logits in both forms."""
+    from test_hf_quantizer import FAMILIES, load_student, logits, save_teacher
+
+    family = FAMILIES["timm"]
+    save_teacher(family, tmp_path / "fp")
+    student = load_student(family, tmp_path / "fp", QuantConfig(deploy="onnx", weight_bits=8, act_bits=8)).eval()
+    assert len(list(tensor_quantizers(student))) >= 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in student.modules())
+    batch = family.batch()
+    save_quantized(student, tmp_path / "s", packed=packed, fp_dtype=torch.float32)
+    again = load_quantized(tmp_path / "s").eval()
+    assert len(list(tensor_quantizers(again))) == len(list(tensor_quantizers(student)))
+    assert torch.equal(logits(again, batch), logits(student, batch))
+
+
+def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
+    """timm EfficientNet-Lite0: every InvertedResidual / DepthwiseSeparableConv with a skip gets the deploy quantizers
+    (the rewritten forward keeps the folded teacher's function) and each of its adds becomes a QLinearAdd."""
+    teacher = _with_real_looking_stats(timm.create_model("efficientnet_lite0", num_classes=10))
+    student = quantize_model(copy.deepcopy(teacher), DEPLOY)
+    skips = [m for m in teacher.modules() if getattr(m, "has_skip", False)]
+    rewritten = {n.rpartition(".")[0] for n, _, _, _ in tensor_quantizers(student)}
+    assert len(rewritten) == len(skips) == 9
+    for _, q in named_quantizers(student):
+        q.bypass = True
+    with torch.no_grad():
+        assert torch.allclose(student(crops[:2]), teacher(crops[:2]), atol=1e-4, rtol=1e-4)
+    for _, q in named_quantizers(student):
+        q.bypass = False
+    calibrate(student, [crops[:8]])
+    pytest.importorskip("onnxruntime")
+    ops = _ort_ops(export_onnx(student.eval(), tmp_path / "e.onnx", crops[:1]), tmp_path)
+    assert ops.get("QLinearAdd") == 9 and not ops.get("Add"), ops
+
+
+def test_full_8bit_weight_codes_warn_on_a_cpu_without_vnni(tmp_path, crops, caplog):
+    from sqakd_hf.export.onnx_integer import cpu_has_vnni
+
+    if cpu_has_vnni():
+        pytest.skip("this CPU has VNNI: 8-bit weight codes do not saturate in onnxruntime")
+    pytest.importorskip("onnxruntime")
+    student = _student("resnet10t", crops, QuantConfig(deploy="onnx-vnni", weight_bits=8, act_bits=8,
+                                                       modules_to_not_convert=[]))
+    assert {layer.weight_quantizer.bits for _, layer in quant_layers(student)} == {8}
+    with caplog.at_level("WARNING", logger="sqakd_hf"):
+        export_onnx(student, tmp_path / "m.onnx", crops[:1])
+    assert "8-bit weight codes" in caplog.text and "deploy='onnx'" in caplog.text

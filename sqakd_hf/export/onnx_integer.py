@@ -99,7 +99,17 @@ def _to_uint8(graph) -> int:
 
 
 def _drop_redundant_clips(graph) -> int:
-    """Remove a Clip whose only consumer is a QuantizeLinear that saturates at (or inside) the Clip's range."""
+    """Remove every Clip whose only consumer is a QuantizeLinear that saturates at (or inside) the Clip's range (e.g.
+    a ReLU6 before a grid that ends below 6, and the b-bit clip of an 8-bit grid), until none is left."""
+    total = 0
+    while True:
+        removed = _drop_clips_once(graph)
+        total += removed
+        if not removed:
+            return total
+
+
+def _drop_clips_once(graph) -> int:
     import numpy as np
 
     users = _consumers(graph)
