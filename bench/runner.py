@@ -36,8 +36,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                                        [("lsq", 4, 8), ("lsq", 4, 4)], jobs=2),
             "real_vision": RealVisionSetup(224, 640, 192, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
-            "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 256,
-                                  {1: 15, 32: 5}, threads=(1, 2), seed=seed),
+            "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 128,
+                                  {1: 10, 32: 3}, threads=(1, 2), seed=seed, text_test=256),
         }
     if mode == "quick":
         return {
@@ -50,7 +50,8 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
                                        [("lsq", 4, 8)]),
             "real_vision": RealVisionSetup(160, 320, 96, Budget(20, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5)]),
-            "deploy": DeploySetup([("resnet18", 128)], 128, 32, 64, {1: 5, 32: 2}, threads=(1,), seed=seed),
+            "deploy": DeploySetup([("resnet18", 128)], 128, 32, 64, {1: 5, 32: 2}, threads=(1,), seed=seed,
+                                  text_test=64),
         }
     return {  # micro: mechanics only
         "vision": VisionSetup(8, 2, Budget(2, 32, 1e-3, calibration_batches=1, seed=seed), ("lsq",), [(4, 4)],
