@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .bias_correction import correct_biases
 from .config import QuantConfig
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
@@ -111,6 +112,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     With ``smooth_alpha`` set in the model's config, activation outliers are first migrated into the weights
     (SmoothQuant, see :mod:`sqakd_hf.smoothing`; the batches are then read into a list, since they are used
     twice); the layers migrated are listed in ``model.sqakd_smoothed``.
+    With ``bias_correction`` set, once every quantizer is initialised, each quantized layer's mean output shift
+    over the batches is added to its bias (see :mod:`sqakd_hf.bias_correction`); those layers are listed in
+    ``model.sqakd_bias_corrected``.
     Weight quantizers are initialised from the current weights. Activation
     quantizers observe the full-precision activations of ``batches`` (at most
     ``num_batches``), then derive their parameters (each method's own initialisation) and their grid's
@@ -125,11 +129,14 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     if not layers:
         raise ValueError("calibrate() needs a quantized model: call sqakd_hf.quantize_model(model, config) first")
     _check_weights(layers)
-    alpha = getattr(_config_or_none(model), "smooth_alpha", None)
-    if alpha is not None:  # migrate outliers first: the weight ranges and activation statistics are those after it
+    config = _config_or_none(model)
+    alpha = getattr(config, "smooth_alpha", None)
+    bias_correction = getattr(config, "bias_correction", False)
+    device = next(model.parameters()).device
+    if alpha is not None or bias_correction:  # the batches are read twice
         batches = list(itertools.islice(batches, num_batches))
         num_batches = None
-        device = next(model.parameters()).device
+    if alpha is not None:  # migrate outliers first: the weight ranges and activation statistics are those after it
         groups = smooth_model(model, [to_device(b, device) for b in batches], alpha, model_forward)
         _record_smoothing(model, groups)
     for _, layer in layers:
@@ -173,6 +180,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             q.init_from_stats(reduced[name])
     if unused:
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
+    if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
+        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward)
+        model.sqakd_bias_corrected = corrected
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
     return model
 

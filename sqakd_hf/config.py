@@ -67,6 +67,14 @@ class QuantConfig(QuantizationConfigMixin):
         fold_bn: fold every BatchNorm that directly follows a conv into that conv before quantizing (default
             False; eval-mode function unchanged): the quantized weight is then the one an integer deployment
             computes with, and no BatchNorm is left to train. A model without BatchNorm is unchanged.
+        equalize: cross-layer equalization (Nagel et al. 2019) of every conv -> ReLU/ReLU6 -> conv pair before
+            quantizing (default False; function unchanged, ReLU6 becomes a per-channel clip): channel ``c`` of the
+            first conv is divided and the second conv's input channel ``c`` multiplied by
+            ``s_c = sqrt(r1_c * r2_c) / r2_c`` (``r``: per-channel weight ranges). Needs ``fold_bn=True`` on
+            models with BatchNorm (a BatchNorm between the convs stops the pair); a no-op without conv pairs.
+        bias_correction: at calibration, add each quantized layer's mean output shift (full precision minus
+            quantized, per output channel, over the calibration batches) to its bias (default False; layers
+            without a bias are left as they are).
         deploy: train the function an integer engine runs (see :mod:`sqakd_hf.deploy_mode`), or None (default).
             ``"onnx"``: what a fully integer onnxruntime graph (QLinearConv + QLinearAdd) quantizes: BatchNorm
             folded (implies ``fold_bn=True``), static per-tensor activations (the default ``act_granularity``
@@ -96,6 +104,8 @@ class QuantConfig(QuantizationConfigMixin):
         smooth_alpha: Optional[float] = None,
         embedding_bits: Optional[int] = None,
         fold_bn: bool = False,
+        equalize: bool = False,
+        bias_correction: bool = False,
         deploy: Optional[str] = None,
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
@@ -145,6 +155,11 @@ class QuantConfig(QuantizationConfigMixin):
         if not isinstance(fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False; got {fold_bn!r}")
         self.fold_bn = fold_bn or deploy is not None  # an integer graph has no BatchNorm
+        for name, value in (("equalize", equalize), ("bias_correction", bias_correction)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
+        self.equalize = equalize
+        self.bias_correction = bias_correction
         if deploy is not None and (act_granularity != "per_tensor" or method not in DEPLOY_METHODS):
             raise ValueError(f"deploy={deploy!r} needs static per-tensor activations and a method with a static integer "
                              f"grid ({', '.join(DEPLOY_METHODS)}); got method={method!r}, "
@@ -168,14 +183,15 @@ class QuantConfig(QuantizationConfigMixin):
         config_dict = dict(config_dict)
         if config_dict.get("quant_method", QUANT_METHOD) == QUANT_METHOD:
             config_dict.setdefault("act_granularity", "per_tensor")
-            config_dict.setdefault("fold_bn", False)  # written before folding existed: not folded
+            for name in ("fold_bn", "equalize", "bias_correction"):  # written before these existed: not applied
+                config_dict.setdefault(name, False)
         return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
 
     @staticmethod
     def _fields() -> List[str]:
         return [
             "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init", "act_granularity",
-            "smooth_alpha", "embedding_bits", "fold_bn", "deploy",
+            "smooth_alpha", "embedding_bits", "fold_bn", "equalize", "bias_correction", "deploy",
             "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
@@ -221,8 +237,8 @@ class QuantConfig(QuantizationConfigMixin):
 #: QuantConfig fields that describe storage, not the quantized function
 STORAGE_FIELDS = ("packed", "quant_method")
 #: fields a loaded checkpoint may differ in: storage, and how calibration first set ranges and migrated outliers
-#: (the result of both is in the saved tensors)
-_NOT_COMPARED = STORAGE_FIELDS + ("init", "smooth_alpha")
+#: (the result of these is in the saved tensors)
+_NOT_COMPARED = STORAGE_FIELDS + ("init", "smooth_alpha", "bias_correction")
 
 
 def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:

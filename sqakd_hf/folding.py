@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FoldedNorm", "fold_batchnorm", "conv_bn_pairs", "traced_graphs"]
+__all__ = ["FoldedNorm", "fold_batchnorm", "conv_bn_pairs", "set_submodule", "traced_graphs"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -121,7 +121,8 @@ def _fold_into(conv: nn.Conv2d, norm: _BatchNorm) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -135,7 +136,7 @@ def fold_batchnorm(model: nn.Module) -> List[str]:
     for conv_name, norm_name in conv_bn_pairs(model):
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
         _fold_into(conv, norm)
-        _set_submodule(model, norm_name, FoldedNorm(getattr(norm, "act", None), getattr(norm, "drop", None)))
+        set_submodule(model, norm_name, FoldedNorm(getattr(norm, "act", None), getattr(norm, "drop", None)))
         folded.append(norm_name)
     if folded:
         logger.info("sqakd: folded %d BatchNorm layers into the convs before them", len(folded))

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from .config import QuantConfig
 from .deploy_mode import apply_deploy_mode
+from .equalization import equalize_model
 from .folding import fold_batchnorm
 from .modules import EMBEDDING_WRAPPERS, WRAPPERS, QuantEmbedding, QuantLayer, wrapper_for
 from .quantizers import FullPrecision, Quantizer, build_quantizer
@@ -43,6 +44,8 @@ class QuantizationReport:
     smoothed: List[str] = field(default_factory=list)
     #: BatchNorm layers folded into the conv before them (``fold_bn``)
     folded: List[str] = field(default_factory=list)
+    #: ``"<first conv> -> <second conv>"`` per cross-layer-equalized pair (``equalize``)
+    equalized: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         kept = ", ".join(f"{e.name} ({e.reason})" for e in self.kept_fp) or "none"
@@ -138,7 +141,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
 
     ``config`` is a :class:`QuantConfig` (or its dict; keyword arguments build one). With ``config.fold_bn``
     the BatchNorms are first folded into their convs (:func:`sqakd_hf.folding.fold_batchnorm`);
-    ``fold=False`` leaves that to the caller (a loader that folds once the full-precision weights are in).
+    with ``config.equalize`` conv pairs are then equalized (:func:`sqakd_hf.equalization.equalize_model`);
+    ``fold=False`` leaves both to the caller (a loader that folds once the full-precision weights are in).
     Returns ``model``; the report of what was quantized and kept full precision is
     logged and stored as ``model.sqakd_report``, the config as ``model.sqakd_config``.
     Raises ``ValueError`` if nothing would be quantized or a pattern matches no layer.
@@ -155,6 +159,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
     report = QuantizationReport(method=config.method)
     if config.fold_bn and fold:
         report.folded = fold_batchnorm(model)
+    if config.equalize and fold:
+        report.equalized = equalize_model(model)
     candidates: List[str] = []
     for name, module in model.named_modules():
         if wrapper_for(module) is not None:

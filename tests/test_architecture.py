@@ -24,7 +24,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("modules", "folding", "equalization"),
     ("deploy_mode",),
     ("injection",),
-    ("smoothing",),
+    ("smoothing", "bias_correction"),
     ("calibration",),
     ("serialization",),
     ("integrations",),

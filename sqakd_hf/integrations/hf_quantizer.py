@@ -40,6 +40,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..calibration import refresh_quantizer_state
 from ..config import QUANT_METHOD, QuantConfig, check_config_compatible
 from ..deploy_mode import apply_deploy_mode
+from ..equalization import equalize_model
 from ..folding import fold_batchnorm
 from ..injection import build_layer_quantizers, quant_layers, quantize_model
 from ..serialization import files, manifest, packed
@@ -137,6 +138,8 @@ class SQAKDHfQuantizer(HfQuantizer):
         # quantizers initialised from the loaded weights; activation quantizers need data: sqakd_hf.calibrate
         if config.fold_bn:
             model.sqakd_report.folded = fold_batchnorm(model)
+        if config.equalize:
+            model.sqakd_report.equalized = equalize_model(model)
         for name, layer in quant_layers(model):
             wq, aq = build_layer_quantizers(layer, type(layer), config, config.bits_for(name))
             layer.weight_quantizer, layer.input_quantizer = wq, aq

@@ -1,0 +1,103 @@
+"""Cross-layer equalization (``QuantConfig(equalize=True)``) and bias correction (``bias_correction=True``):
+the equalized full-precision real EfficientNet-Lite0 computes the teacher's function, ranges end up equal, the
+per-channel clip replaces ReLU6 and reloads; bias correction removes the mean output shift it measures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sqakd_hf import QuantConfig, calibrate, load_quantized, quantize_model, save_quantized
+from sqakd_hf.equalization import ChannelClip, equalizable_pairs, equalize_model
+from sqakd_hf.folding import fold_batchnorm
+
+from effnet_fixtures import effnet_safetensors, effnet_teacher, photo_crops  # noqa: F401  (pytest fixtures)
+
+pytest.importorskip("timm")
+
+
+def test_equalization_keeps_the_function_of_real_efficientnet_lite0(effnet_teacher):
+    x = photo_crops(2, seed=3, size=128)
+    model = copy.deepcopy(effnet_teacher)
+    fold_batchnorm(model)
+    pairs = equalize_model(model)
+    assert len(pairs) == 34  # stem -> dw, and pw -> dw -> pw(l) through every block (residual outputs excluded)
+    assert "blocks.1.0.conv_pw -> blocks.1.0.conv_dw" in pairs and "blocks.1.0.conv_dw -> blocks.1.0.conv_pwl" in pairs
+    assert isinstance(model.blocks[1][0].bn1.act, ChannelClip) and not any(isinstance(m, nn.ReLU6) for m in
+                                                                           _between(model))
+    with torch.no_grad():
+        ref, got = effnet_teacher(x), model(x)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # equal ranges: the depthwise conv's output channels and the projection's input channels
+    dw, pwl = model.blocks[1][0].conv_dw.weight, model.blocks[1][0].conv_pwl.weight
+    r1, r2 = dw.abs().flatten(1).amax(1), pwl.abs().transpose(0, 1).flatten(1).amax(1)
+    assert torch.allclose(r1, r2, rtol=0.05)
+
+
+def _between(model: nn.Module):
+    names = {n for _, between, _ in equalizable_pairs(model) for n in between}
+    return [model.get_submodule(n) for n in names]
+
+
+def test_a_relu6_clip_is_kept_per_channel():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([10.0, 0.1, 1.0, 5.0]).view(-1, 1, 1, 1))
+    x = 5 * torch.randn(2, 3, 5, 5)
+    ref = model(x)
+    assert equalize_model(model) == ["0 -> 2"]
+    assert isinstance(model[1], ChannelClip) and not torch.allclose(model[1].upper, torch.full((4,), 6.0))
+    assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_no_pairs_is_a_noop():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    state = copy.deepcopy(model.state_dict())
+    assert equalize_model(model) == []  # a BatchNorm in between: fold it first
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_fields_validate_and_round_trip():
+    for field in ("equalize", "bias_correction"):
+        with pytest.raises(ValueError, match=f"{field} must be True or False"):
+            QuantConfig(**{field: 1})
+    cfg = QuantConfig(fold_bn=True, equalize=True, bias_correction=True)
+    assert QuantConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()
+    old = QuantConfig.from_dict({"method": "lsq"})
+    assert not old.equalize and not old.bias_correction
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_equalized_bias_corrected_lite0_reloads_identically(effnet_teacher, tmp_path, packed):
+    cfg = QuantConfig(weight_bits=4, act_bits=8, fold_bn=True, equalize=True, bias_correction=True)
+    x = photo_crops(4, seed=3, size=96)
+    student = quantize_model(copy.deepcopy(effnet_teacher), cfg)
+    assert len(student.sqakd_report.equalized) == 34
+    before = {n: m.bias.clone() for n, m in student.named_modules() if isinstance(m, nn.Conv2d)}
+    calibrate(student, [x[:2], x[2:]]).eval()
+    assert len(student.sqakd_bias_corrected) == 48  # every quantized conv (the stem and the head stay FP)
+    assert any(not torch.equal(before[n], student.get_submodule(n).bias) for n in student.sqakd_bias_corrected)
+    save_quantized(student, tmp_path / "s", packed=packed, fp_dtype=torch.float32)
+    again = load_quantized(tmp_path / "s").eval()
+    assert isinstance(again.blocks[1][0].bn1.act, ChannelClip)
+    with torch.no_grad():
+        assert torch.equal(again(x), student(x))
+
+
+def test_bias_correction_removes_the_mean_shift_it_measures():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(16, 3, 8, 8) + 0.5  # inputs with a mean: weight rounding errors shift the outputs' means
+    batches = [x[:8], x[8:]]
+
+    def mean_shift(bias_correction: bool) -> float:
+        cfg = QuantConfig(weight_bits=2, act_bits=8, act_granularity="per_tensor", modules_to_not_convert=[],
+                          bias_correction=bias_correction)
+        student = calibrate(quantize_model(copy.deepcopy(model), cfg), batches).eval()
+        with torch.no_grad():
+            return (model(x) - student(x)).mean((0, 2, 3)).abs().max().item()
+
+    assert mean_shift(True) < 0.2 * mean_shift(False)
