@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -271,6 +271,10 @@ def run(setup: RealTextSetup, log: Callable[[str], None] = print) -> Dict[str, A
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(setup.jobs, len(setup.settings)), mp_context=spawn) as pool:
             futures = [pool.submit(_one_setting, setup, s, threads) for s in setup.settings]
+            for f in as_completed(futures):  # each row in the log as soon as it is done
+                r = f.result()
+                log(f"[{tag}] done: {r['method']} {r['bits']} agreement PTQ / QAT / SQAKD "
+                    + " / ".join(f"{r[w]['teacher_agreement']:.4f}" for w in ("ptq", "qat", "sqakd")))
             rows = [f.result() for f in futures]
     else:
         rows = [_one_setting(setup, s) for s in setup.settings]
