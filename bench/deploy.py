@@ -26,12 +26,14 @@ import io
 import json
 import logging
 import os
+import pickle
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -290,6 +292,21 @@ def _deploy_student(case: Case, setup: DeploySetup) -> Dict[str, Any]:
     return _try(lambda: {"model": _student(case, setup, deploy="onnx", modules_to_not_convert=[])})
 
 
+def _torch_arm(name: str, model: nn.Module, tmp: Path) -> Dict[str, Any]:
+    """A PyTorch arm: its weights as safetensors (the file size) and, where the module pickles, the ``torch.save``
+    of the whole module that the fresh memory process loads."""
+    from safetensors.torch import save_model
+
+    arm = {"kind": "torch", "model": model, "path": tmp / f"{name}.safetensors", "pickle": tmp / f"{name}.pt"}
+    save_model(model, str(arm["path"]))
+    try:
+        torch.save(model, arm["pickle"])
+    except (AttributeError, TypeError, pickle.PicklingError) as e:  # classes defined inside functions do not pickle
+        arm["pickle"] = None
+        arm["pickle_error"] = f"torch.save of the module failed: {type(e).__name__}: {e}"
+    return arm
+
+
 def _integer_export(student: nn.Module, path: Path, example: Any) -> Dict[str, Any]:
     """``export_onnx`` of a deployment-aware student, followed by the graph edits that make ORT fuse it into integer
     ops (``to_integer_graph``) where ``export_onnx`` does not apply them itself (they must run once)."""
@@ -315,18 +332,14 @@ def build_arms(case: Case, setup: DeploySetup, tmp: Path) -> Dict[str, Dict[str,
     student = _student(case, setup)
     arms: Dict[str, Dict[str, Any]] = {}
     for arm, model in (("torch_fp32", case.teacher), ("torch_fake_quant", student)):
-        path = tmp / f"{arm}.pt"
-        torch.save(model, path)
-        arms[arm] = {"kind": "torch", "model": model, "path": path}
+        arms[arm] = _torch_arm(arm, model, tmp)
     fp32 = tmp / "ort_fp32.onnx"
     arms["ort_fp32"] = _try(lambda: (_export_fp32(case, fp32), {"kind": "onnx", "path": fp32})[1])
     arms["ours_qdq"] = _try(lambda: {"kind": "onnx", "path": export_onnx(student, tmp / "ours_qdq.onnx", example_in),
                                      "student": "torch_fake_quant"})
     deploy = _deploy_student(case, setup)
     if "model" in deploy:
-        path = tmp / "torch_deploy_fake_quant.pt"
-        torch.save(deploy["model"], path)
-        arms["torch_deploy_fake_quant"] = {"kind": "torch", "model": deploy["model"], "path": path,
+        arms["torch_deploy_fake_quant"] = {**_torch_arm("torch_deploy_fake_quant", deploy["model"], tmp),
                                            "student": "torch_deploy_fake_quant"}
         deploy = _try(lambda: _integer_export(deploy["model"], tmp / "ours_deploy.onnx", example_in))
     arms["ours_deploy"] = deploy
@@ -422,8 +435,11 @@ print(json.dumps({"import_rss_mb": base, "peak_rss_mb": rss_mb("VmHWM"),
 
 
 def _peak_memory(arm: Dict[str, Any], feed_path: Path) -> Dict[str, Any]:
+    path = arm.get("pickle", arm["path"])
+    if path is None:
+        return {"error": arm["pickle_error"][:300]}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, arm["kind"], str(arm["path"]), str(feed_path)],
+    proc = subprocess.run([sys.executable, "-c", _CHILD, arm["kind"], str(path), str(feed_path)],
                           capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
@@ -472,8 +488,9 @@ def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> 
         if setup.memory:
             feed_path = tmp / "feed.npz"
             np.savez(feed_path, **{k: v.numpy() for k, v in _take(case.test, 32).items()})
-            for k in timed:
-                rows[k]["memory"] = _peak_memory(ok[k], feed_path)
+            with ThreadPoolExecutor(2) as pool:  # after the timings: two fresh processes at a time (RSS is per process)
+                for k, mem in zip(timed, pool.map(lambda k: _peak_memory(ok[k], feed_path), timed)):
+                    rows[k]["memory"] = mem
         _ratios(rows)
     log(f"[deploy] {case.name}: {t.s:.0f} s")
     return {"name": case.name, "kind": case.kind, "note": case.note, "test_samples": len(top1["torch_fp32"]),
@@ -630,8 +647,9 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
         "calibration only (no training). Latency: median wall time of one forward over interleaved repeats "
         f"({', '.join(f'{r} at batch {b}' for b, r in s['repeats'].items())}), after one warm-up; PyTorch arms run in "
         "`torch.inference_mode` with torch's intra-op threads set, ORT arms with `intra_op_num_threads` set. File: "
-        "the ONNX file, the `torch.save` pickle of the module (PyTorch arms) or the exported folder. Peak RSS: a fresh "
-        "process that imports the runtime, loads the file and runs one batch of 32 at 1 thread (`VmHWM`); in "
+        "the ONNX file, the state dict as safetensors (PyTorch arms) or the exported folder. Peak RSS: a fresh "
+        "process that imports the runtime, loads the file (PyTorch arms: the `torch.save` pickle of the module) and "
+        "runs one batch of 32 at 1 thread (`VmHWM`); in "
         "brackets the part above the RSS after the imports. Agreement: top-1 match over the held-out samples with "
         "the fake-quant student it came from (ORT's own PTQ arms: our plain student) and with the FP teacher.", "",
     ]
