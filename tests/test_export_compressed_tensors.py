@@ -2,8 +2,8 @@
 sqakd_hf, reproducing the fake-quant student's logits; grids without an exact integer form are refused.
 
 Tiny random-init BERT and Llama (every weight layout: pack-quantized 1-8 bit per channel / per tensor, mixed
-precision, W8A8 int-quantized, static signed and unsigned activations) and the real all-MiniLM-L6-v2 from the
-test extra (W8A8, tokenizer copied so that ``pipeline()`` works).
+precision, W8A8 int-quantized, static signed and unsigned activations, dynamic per-token activations, int8 embedding
+tables) and the real all-MiniLM-L6-v2 from the test extra (W8A8, tokenizer copied so that ``pipeline()`` works).
 """
 
 from __future__ import annotations
@@ -122,9 +122,10 @@ def test_loads_without_sqakd_hf_and_reproduces_the_student(exported):
         out = torch.load(root / f"{name}.out.pt")
         err = float((out - ref).abs().max() / ref.abs().max())
         assert err <= LOGIT_RTOL, f"{name}: max logit difference {err:.2e} of max|logit|"
-        if name in exported["students"]:  # every quantized layer, and only those, carries a scheme
-            expected = [n for n, m in quant_layers(exported["students"][name]) if isinstance(m, torch.nn.Linear)]
-            assert report[name]["quantized"] == expected, name
+        if name in exported["students"]:  # every quantized layer and embedding table, and only those, carries a scheme
+            expected = [n for n, m in quant_layers(exported["students"][name]) if isinstance(m, torch.nn.Linear)
+                        or (isinstance(m, torch.nn.Embedding) and m.weight_quantizer.bits < 32)]
+            assert sorted(report[name]["quantized"]) == sorted(expected), name
 
 
 def _config(root: Path, name: str) -> dict:
@@ -161,10 +162,17 @@ def test_weight_layouts(exported):
     assert bits == [2, 3] and all(g["weights"]["strategy"] == "tensor" for g in mixed["config_groups"].values())
     assert _tensors(root, "llama-mixed-w3w2-tensor")["model.layers.0.mlp.up_proj.weight_packed"].get_shape() == [64, 2]
 
-    # quantized embedding tables: their grid values, dense (transformers cannot initialise a compressed Embedding)
+    # quantized embedding tables: int-quantized int8 codes + one scale per row (a quarter of the float32 bytes),
+    # exactly the student's table (loaded back in the fresh process above)
     table = exported["students"]["bert-lsq-w6a5-emb4"].get_submodule("bert.embeddings.word_embeddings")
     with safe_open(str(root / "bert-lsq-w6a5-emb4" / "model.safetensors"), "pt") as f:
-        assert torch.equal(f.get_tensor("bert.embeddings.word_embeddings.weight"), table.quantized_weight().detach())
+        codes, scale = f.get_tensor("bert.embeddings.word_embeddings.weight"), f.get_tensor(
+            "bert.embeddings.word_embeddings.weight_scale")
+    assert codes.dtype == torch.int8 and scale.shape == (table.num_embeddings, 1)
+    assert torch.equal(scale * codes.float(), table.quantized_weight().detach())
+    groups = [g for g in _config(root, "bert-lsq-w6a5-emb4")["config_groups"].values()
+              if any("embeddings" in t for t in g["targets"])]
+    assert len(groups) == 1 and groups[0]["format"] == "int-quantized" and groups[0]["weights"]["num_bits"] == 4
 
 
 def test_half_integer_grids_become_odd_codes_one_bit_wider(exported):

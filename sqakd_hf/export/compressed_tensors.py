@@ -17,8 +17,11 @@ Each quantized ``nn.Linear`` is written with our learned grid, exactly (:mod:`.g
   ``max|x_t| / ((2^b - 1) / 2)`` (a 2-D input such as BERT's pooler gets one step for the whole batch, in the
   student as in compressed-tensors).
 
-Quantized embedding tables (weight-only) are written as their grid values in the model's dtype (exact, not smaller):
-transformers 5.24 cannot initialise an ``nn.Embedding`` whose weight compressed-tensors replaced.
+Quantized embedding tables (``embedding_bits``, weight-only, one step per row) are written ``int-quantized``: ``weight``
+int8 codes + ``weight_scale`` ``[rows, 1]`` (a quarter of the float32 bytes), which compressed-tensors 0.20 with
+transformers 5.24 decompresses exactly at load (``pack-quantized`` tables fail there: the packed ``nn.Embedding``
+has no ``weight`` to initialise). vLLM quantizes ``Linear`` layers only: export students meant for vLLM without
+``embedding_bits``.
 
 Layers with the same grid layout share one config group whose ``targets`` name them exactly; every
 other ``nn.Linear`` is listed in ``ignore``. Grids that have no exact integer form are refused with
@@ -56,10 +59,11 @@ class _Layer:
     name: str
     weights: WeightCodes
     inputs: Optional[Union[ActGrid, TokenGrid]]
+    table: bool = False  #: an embedding table (always int-quantized)
 
     @property
     def format(self) -> str:
-        return INT_QUANTIZED if self.weights.bits == 8 and self.inputs is not None else PACK_QUANTIZED
+        return INT_QUANTIZED if self.table or (self.weights.bits == 8 and self.inputs is not None) else PACK_QUANTIZED
 
     @property
     def dynamic(self) -> bool:
@@ -68,7 +72,7 @@ class _Layer:
     @property
     def group_key(self) -> Tuple:
         act = None if self.inputs is None else (self.inputs.bits, self.inputs.symmetric, self.dynamic)
-        return self.format, self.weights.bits, self.weights.per_channel, act
+        return self.format, self.weights.bits, self.weights.per_channel, act, self.table
 
 
 def _require_compressed_tensors() -> None:
@@ -84,7 +88,9 @@ def _plan(model: nn.Module) -> List[_Layer]:
     plan = []
     for name, layer in quant_layers(model):
         if isinstance(layer, QuantEmbedding):
-            continue  # written dense (see the module docstring)
+            if layer.weight_quantizer.bits < 32:
+                plan.append(_Layer(name, weight_codes(name, layer), None, table=True))
+            continue
         if not isinstance(layer, QuantLinear):
             raise InputError(f"cannot export layer {name} to compressed-tensors: it is a {type(layer).__name__}, and "
                              "the format quantizes nn.Linear layers only; export the packed form "
@@ -155,10 +161,6 @@ def compressed_state_dict(model: nn.Module, plan: Optional[List[_Layer]] = None)
 
     plan = _plan(model) if plan is None else plan
     state = {k: v for k, v in model.state_dict().items() if ".weight_quantizer." not in k and ".input_quantizer." not in k}
-    for name, layer in quant_layers(model):
-        if isinstance(layer, QuantEmbedding) and layer.weight_quantizer.bits < 32:
-            with torch.no_grad():
-                state[f"{name}.weight"] = layer.quantized_weight().detach()
     for layer in plan:
         weight = state.pop(f"{layer.name}.weight")
         codes = layer.weights.codes.cpu()
