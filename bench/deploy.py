@@ -97,13 +97,8 @@ def _vision_case(model: str, size: int, setup: DeploySetup) -> Case:
     from .real_vision import _mixed_crops
 
     if model == "resnet18":
-        import timm
-
-        from .deploy_integer import _trained_looking
-
-        torch.manual_seed(setup.seed)  # BatchNorms made non-trivial as in bench/deploy_integer.py
-        teacher = _trained_looking(timm.create_model("resnet18", pretrained=False))
-        note = "timm resnet18, random init, non-trivial BatchNorms (gammas in [1, 1.3])"
+        teacher = _random_resnet18(setup.seed)
+        note = "timm resnet18, random init, BatchNorms drawn like trained ones (gamma in [1, 1.3], var in [0.5, 1.5])"
     elif model == "efficientnet_lite0":
         from .bench_bn_policy import _teacher
 
@@ -115,6 +110,24 @@ def _vision_case(model: str, size: int, setup: DeploySetup) -> Case:
     return Case(f"{model} {size}px", "vision", teacher, _batches({"input": calib}, 32), {"input": test},
                 f"{note}; calibration: {setup.calib} crops of china.jpg / flower.jpg, held-out: {setup.test} other "
                 f"crops, {size} px")
+
+
+def _random_resnet18(seed: int) -> nn.Module:
+    """timm resnet18 with random weights and random BatchNorm statistics / affine parameters (timm's init zeroes each
+    block's last gamma, so every residual branch would be 0 and fold into all-zero convs)."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet18", pretrained=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            draws = torch.rand(4, bn.num_features, generator=gen)
+            bn.weight.copy_(1 + 0.3 * draws[0])
+            bn.bias.copy_(0.2 * (draws[1] - 0.5))
+            bn.running_mean.copy_(0.4 * (draws[2] - 0.5))
+            bn.running_var.copy_(0.5 + draws[3])
+    return model.eval()
 
 
 def _text_case(setup: DeploySetup, log: Callable[[str], None]) -> Case:
