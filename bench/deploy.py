@@ -53,6 +53,9 @@ LABELS = {"torch_fp32": "PyTorch FP32", "torch_fake_quant": "PyTorch fake-quant 
           "ours_qdq": "ours: export_onnx (QDQ)", "ours_deploy": "ours: deploy-aware student, export_onnx + integer edits",
           "ort_dynamic": "ORT quantize_dynamic", "ort_static": "ORT quantize_static",
           "compressed_tensors": "compressed-tensors, plain transformers"}
+SHORT = {"torch_fp32": "torch FP32", "torch_fake_quant": "torch fake-q", "torch_deploy_fake_quant": "torch deploy fq",
+         "ort_fp32": "ORT FP32", "ours_qdq": "ours QDQ", "ours_deploy": "ours deploy", "ort_dynamic": "ORT dynamic",
+         "ort_static": "ORT static", "compressed_tensors": "compr.-tensors"}
 #: goals: resnet18 W8A8 deploy-aware in ORT vs ORT FP32; MiniLM in ORT vs ORT's quantize_dynamic
 RESNET_GOAL = {"speedup_b32": 2.0, "speedup_b1": 3.0, "size_ratio": 0.3}
 TEXT_GOAL = {"agreement_student": 0.995}
@@ -671,6 +674,10 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
                   f"{case['wall_s']:.0f} s.", "", *_table(case, s["threads"]), ""]
         lines += ["Settings and the node types of the graph ORT runs after its optimizations:", ""]
         lines += [f"- {LABELS[k]}: {json.dumps(r['settings'])}" for k, r in case["rows"].items() if r.get("settings")]
+        ct = case["rows"].get("compressed_tensors", {}).get("memory", {})
+        if "sqakd_hf_imported" in ct:
+            lines.append(f"- compressed-tensors: the fresh process loaded it with plain transformers; sqakd_hf imported "
+                         f"there: {'yes' if ct['sqakd_hf_imported'] else 'no'}")
         lines.append("")
     lines += [f"Skipped: {msg}" for msg in sec.get("skipped", [])] + [""] * bool(sec.get("skipped"))
     lines += ["### Goals (1 intra-op thread)", "", *(_goal_line(g) for g in sec["goals"]), ""]
@@ -691,7 +698,7 @@ def plot(sec: Dict[str, Any], path: Path) -> None:
             ax.bar(x + (i - 0.5) * 0.38, [r["speedup_vs_ort_fp32"].get(f"b{bs}_t1", 0) for r in rows.values()],
                    0.38, label=f"batch {bs}")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(x, [k.replace("_", "\n", 1) for k in rows], fontsize=7)
+        ax.set_xticks(x, [SHORT[k] for k in rows], fontsize=7, rotation=60)
         ax.set_title(case["name"], fontsize=9)
         ax.set_ylabel("speed-up over ORT FP32 (1 thread)")
         ax.legend(fontsize=7)
