@@ -33,25 +33,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {"speedup_b1": 3.0, "speedup_b32": 2.0, "size_ratio": 0.3}
 
 
-def _photo_crops(n: int, seed: int, size: int) -> torch.Tensor:
+def _test_helpers():
+    """``(photo_crops, teacher_of)`` from the test suite: natural-photo crops, and a seeded random-init timm model with
+    non-trivial, well-conditioned BatchNorms (timm zero-initialises each block's last gamma, which would fold into
+    all-zero convs)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from effnet_fixtures import photo_crops
+    from test_deploy_mode import teacher_of
 
-    return photo_crops(n, seed, size)
-
-
-def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
-    """Random-init BatchNorms made non-trivial (timm zero-initialises each block's last gamma, which would fold into
-    all-zero convs): gammas in [1, 1.3], small means and shifts, variances in [0.5, 1.5]."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.rand(n, generator=g))
-            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
+    return photo_crops, teacher_of
 
 
 def _ort_static(fp_path: Path, calib: torch.Tensor, folder: Path) -> Path:
@@ -98,20 +88,18 @@ def _interleaved(sessions: Dict[str, object], x: np.ndarray, repeats: int) -> Di
 
 
 def run(quick: bool) -> Dict[str, object]:
-    import timm
-
     from sqakd_hf import QuantConfig, calibrate, export_onnx, quantize_model
     from sqakd_hf.export.onnx_integer import cpu_has_vnni, optimized_op_counts
 
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    teacher = _trained_looking(timm.create_model("resnet18", num_classes=1000))
+    photo_crops, teacher_of = _test_helpers()
+    teacher = teacher_of("resnet18", num_classes=1000)
     config = QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[])
     student = quantize_model(copy.deepcopy(teacher), config)
-    calib, held_out = _photo_crops(32, 0, 224), _photo_crops(64, 1, 224)
+    calib, held_out = photo_crops(32, 0, 224), photo_crops(64, 1, 224)
     calibrate(student, [calib[i : i + 8] for i in range(0, 32, 8)])
     student.eval()
-    out: Dict[str, object] = {"model": "timm resnet18 (random init, non-trivial BatchNorms), 224 px", "config": config.to_dict(),
+    out: Dict[str, object] = {"model": "timm resnet18 (seeded random init, non-trivial BatchNorms), 224 px", "config": config.to_dict(),
                               "weight_code_bits": 7 if config.deploy == "onnx" else 8, "cpu_has_vnni": cpu_has_vnni(),
                               "threads": 1, "nproc": os.cpu_count(), "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,6 @@ block is refused with :class:`~sqakd_hf.errors.InputError` (its two inputs would
 from __future__ import annotations
 
 import operator
-import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple, Type
 
@@ -33,6 +32,7 @@ from torch import Tensor, fx, nn
 
 from .config import QuantConfig
 from .errors import InputError
+from .folding import traced_graphs
 from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
@@ -128,35 +128,9 @@ def deploy_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield name, module
 
 
-class _Tracer(fx.Tracer):
-    """fx tracer keeping residual blocks, (fake-quant) layers, norms and timm's no-trace modules whole."""
-
-    def __init__(self) -> None:
-        leaf, functions = [], []
-        if "timm" in sys.modules:
-            from timm.layers import _fx
-
-            leaf, functions = _fx.get_notrace_modules(), [f for f in _fx.get_notrace_functions() if callable(f)]
-        super().__init__(autowrap_functions=tuple(functions))
-        self._leaf = tuple(leaf)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if (_spec(m) is not None or isinstance(m, (QuantLayer, nn.Conv2d, nn.Linear, nn.modules.batchnorm._NormBase))
-                or type(m) in self._leaf):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _graphs(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, fx.Graph]]:
-    """``(prefix, graph)`` of ``model`` traced with :class:`_Tracer`; a module that does not trace is replaced by
-    the graphs of its children."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any trace failure (data-dependent control flow): trace the children
-        for name, child in model.named_children():
-            yield from _graphs(child, f"{prefix}{name}.")
-        return
-    yield prefix, graph
+def _kept_whole(m: nn.Module) -> bool:
+    """Modules the data-flow trace keeps as single nodes (besides convs and norms): residual blocks and layers."""
+    return _spec(m) is not None or isinstance(m, (QuantLayer, nn.Linear))
 
 
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -189,7 +163,7 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     fed_by_block: Dict[str, bool] = {}  # block -> its input is another block's output
     reads_block: List[str] = []  # quantized layers reading a block's output directly
-    for prefix, graph in _graphs(model):
+    for prefix, graph in traced_graphs(model, leaf=_kept_whole):
         for node in graph.nodes:
             if node.op == "call_function" and node.target in _ADDS:
                 if len([a for a in node.args if _is_tensor_node(a)]) == 2:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -44,9 +44,11 @@ class FoldedNorm(nn.Module):
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps convolutions, norms, :class:`FoldedNorm` and timm's no-trace modules whole."""
+    """fx tracer that keeps convolutions, norms, :class:`FoldedNorm`, timm's no-trace modules and the modules
+    ``leaf_if`` accepts whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_if: Optional[Callable[[nn.Module], bool]] = None) -> None:
+        self._leaf_if = leaf_if
         leaf, functions = [], []
         if "timm" in sys.modules:
             from timm.layers import _fx
@@ -58,17 +60,21 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _CONVS + (_BatchNorm, FoldedNorm)) or type(m) in self._leaf:
             return True
+        if self._leaf_if is not None and self._leaf_if(m):
+            return True
         return super().is_leaf_module(m, qualname)
 
 
-def traced_graphs(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, fx.Graph]]:
-    """``(prefix, graph)`` of ``model`` traced by ``torch.fx`` (module targets relative to ``prefix``); a module
-    that does not trace (data-dependent control flow) is replaced by the graphs of its children."""
+def traced_graphs(model: nn.Module, prefix: str = "", leaf: Optional[Callable[[nn.Module], bool]] = None
+                  ) -> Iterator[Tuple[str, fx.Graph]]:
+    """``(prefix, graph)`` of ``model`` traced by ``torch.fx`` (module targets relative to ``prefix``; modules that
+    ``leaf`` accepts are kept whole, as convolutions and norms are); a module that does not trace (data-dependent
+    control flow) is replaced by the graphs of its children."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph = _LeafTracer(leaf).trace(model)
     except Exception:  # noqa: BLE001 - any trace failure: search the children instead
         for name, child in model.named_children():
-            yield from traced_graphs(child, f"{prefix}{name}.")
+            yield from traced_graphs(child, f"{prefix}{name}.", leaf)
         return
     yield prefix, graph
 

@@ -21,23 +21,23 @@ from sqakd_hf.injection import named_quantizers
 from sqakd_hf.quantizers import FullPrecision
 
 from effnet_fixtures import photo_crops
+from test_folding import _with_real_looking_stats
 
 timm = pytest.importorskip("timm")
 
 DEPLOY = QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[])
 
 
-def _with_real_looking_stats(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (positive gammas, as trained nets mostly have)."""
-    g = torch.Generator().manual_seed(0)
+def teacher_of(arch: str, num_classes: int = 10) -> nn.Module:
+    """A seeded random-init timm model with non-trivial, well-conditioned BatchNorms (positive gammas, variances >= 0.5:
+    one-code differences do not grow from layer to layer, as in a trained net), in eval mode."""
+    torch.manual_seed(0)
+    model = _with_real_looking_stats(timm.create_model(arch, num_classes=num_classes))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.rand(n, generator=g))
-            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
+            m.running_var.clamp_(min=0.5)
+            m.weight.data.abs_()
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def crops() -> torch.Tensor:
 
 
 def _student(arch: str, crops: torch.Tensor, config: QuantConfig = DEPLOY) -> nn.Module:
-    teacher = _with_real_looking_stats(timm.create_model(arch, num_classes=10))
+    teacher = teacher_of(arch)
     student = quantize_model(copy.deepcopy(teacher), config)
     calibrate(student, [crops[:8], crops[8:16]])
     return student.eval()
@@ -54,7 +54,7 @@ def _student(arch: str, crops: torch.Tensor, config: QuantConfig = DEPLOY) -> nn
 
 @pytest.mark.parametrize("arch", ["resnet10t", "resnet14t"])  # BasicBlock / Bottleneck, both with avg-pool downsample
 def test_blocks_quantize_add_inputs_and_outputs_once(arch, crops):
-    teacher = _with_real_looking_stats(timm.create_model(arch, num_classes=10))
+    teacher = teacher_of(arch)
     student = quantize_model(copy.deepcopy(teacher), DEPLOY)
     blocks = [student.layer1[0], student.layer2[0], student.layer3[0], student.layer4[0]]
     # the first block quantizes its input (the stem's max-pool output); later ones read the previous block's output
@@ -72,7 +72,8 @@ def test_blocks_quantize_add_inputs_and_outputs_once(arch, crops):
         q.bypass = True
     x = crops[:4]
     with torch.no_grad():
-        assert torch.allclose(student.eval()(x), teacher(x), atol=1e-4, rtol=1e-4)
+        ref = teacher(x)
+        assert torch.allclose(student.eval()(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_shared_steps_get_gradients_from_every_reader(crops):
@@ -149,7 +150,7 @@ def test_sqakd_trains_a_deploy_student(tmp_path, crops):
 
     from sqakd_hf import SQAKDTrainer, SQAKDTrainingArguments
 
-    teacher = _with_real_looking_stats(timm.create_model("resnet10t", num_classes=10))
+    teacher = teacher_of("resnet10t")
     student = quantize_model(copy.deepcopy(teacher).train(), DEPLOY)
     args = SQAKDTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",
                                   disable_tqdm=True, per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
@@ -176,8 +177,9 @@ def _ort_ops(path: Path, tmp_path: Path) -> dict:
 @pytest.mark.parametrize("arch", ["resnet10t", "resnet14t"])
 def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_path, crops):
     """After onnxruntime's optimizer every Conv is a QLinearConv and every residual Add a QLinearAdd; on this CPU the
-    int8 graph agrees with the fake-quant student: same top-1 on every photo crop, logits within the effect of one
-    step of the classifier's input (each input moved by one code)."""
+    int8 graph agrees with the fake-quant student: logits within the effect of one step of the classifier's input
+    (each input moved by one code), and the same top-1 on every photo crop whose top-1 margin exceeds twice the largest
+    difference (measured: 0.06 of logits within +-2; random-init logits are often near-tied, so a few crops flip)."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     student = _student(arch, crops)
@@ -193,10 +195,14 @@ def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_pat
     out = session.run(None, {"input": crops.numpy()})[0]
     with torch.no_grad():
         ref = student(crops).numpy()
-    assert (out.argmax(1) == ref.argmax(1)).all()
     fc = student.get_classifier()
-    one_step = float(fc.input_quantizer.scale) * float(fc.quantized_weight().abs().sum(1).max())
-    assert float(np.abs(out - ref).max()) <= one_step, (np.abs(out - ref).max(), one_step)
+    one_step = float(fc.input_quantizer.scale.detach()) * float(fc.quantized_weight().abs().sum(1).max())
+    err = float(np.abs(out - ref).max())
+    assert err <= one_step, (err, one_step)
+    top2 = np.sort(ref, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * err  # random-init logits are often near-tied: those may flip
+    agree = out.argmax(1) == ref.argmax(1)
+    assert agree[clear].all() and agree.mean() >= 0.75, (agree.mean(), clear.sum())
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -221,7 +227,7 @@ def test_transformers_timm_wrapper_from_full_precision_folder_and_reload(tmp_pat
 def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     """timm EfficientNet-Lite0: every InvertedResidual / DepthwiseSeparableConv with a skip gets the deploy quantizers
     (the rewritten forward keeps the folded teacher's function) and each of its adds becomes a QLinearAdd."""
-    teacher = _with_real_looking_stats(timm.create_model("efficientnet_lite0", num_classes=10))
+    teacher = teacher_of("efficientnet_lite0")
     student = quantize_model(copy.deepcopy(teacher), DEPLOY)
     skips = [m for m in teacher.modules() if getattr(m, "has_skip", False)]
     rewritten = {n.rpartition(".")[0] for n, _, _, _ in tensor_quantizers(student)}
@@ -229,7 +235,8 @@ def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     for _, q in named_quantizers(student):
         q.bypass = True
     with torch.no_grad():
-        assert torch.allclose(student(crops[:2]), teacher(crops[:2]), atol=1e-4, rtol=1e-4)
+        ref = teacher(crops[:2])
+        assert torch.allclose(student(crops[:2]), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     for _, q in named_quantizers(student):
         q.bypass = False
     calibrate(student, [crops[:8]])
