@@ -324,19 +324,15 @@ def _torch_arm(name: str, model: nn.Module, tmp: Path) -> Dict[str, Any]:
 
 
 def _integer_export(student: nn.Module, path: Path, example: Any) -> Dict[str, Any]:
-    """``export_onnx`` of a deployment-aware student, followed by the graph edits that make ORT fuse it into integer
-    ops (``to_integer_graph``) where ``export_onnx`` does not apply them itself (they must run once)."""
+    """``export_onnx`` of a deployment-aware student (it applies the integer-graph edits itself)."""
     from sqakd_hf import export_onnx
-    from sqakd_hf.export import onnx as onnx_export
+    from sqakd_hf.export.onnx_integer import cpu_has_vnni
 
     export_onnx(student, path, example)
-    if hasattr(onnx_export, "to_integer_graph"):
-        return {"kind": "onnx", "path": path, "student": "torch_deploy_fake_quant",
-                "settings": {"integer_graph_edits": "applied by export_onnx"}}
-    from sqakd_hf.export.onnx_integer import to_integer_graph
-
+    config = student.sqakd_config
     return {"kind": "onnx", "path": path, "student": "torch_deploy_fake_quant",
-            "settings": {"integer_graph_edits": to_integer_graph(path)}}
+            "settings": {"quant_config": f"deploy={config.deploy!r}, modules_to_not_convert=[]",
+                         "weight_code_bits": config.bits_for("")["weight_bits"], "cpu_has_vnni": cpu_has_vnni()}}
 
 
 def build_arms(case: Case, setup: DeploySetup, tmp: Path) -> Dict[str, Dict[str, Any]]:
