@@ -377,10 +377,11 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _median_latency(forwards: Dict[str, Callable[[], Any]], repeats: int) -> Dict[str, Dict[str, float]]:
+def _median_latency(forwards: Dict[str, Callable[[], Any]], repeats: int,
+                    warm_up: bool = True) -> Dict[str, Dict[str, float]]:
     """Median wall and calling-thread CPU seconds per arm; the repeats cycle over the arms (interleaved), so a
-    change of machine load hits every arm alike."""
-    for fn in forwards.values():  # warm-up (ORT allocations, torch's first-call paths)
+    change of machine load hits every arm alike. ``warm_up``: one untimed call per arm first."""
+    for fn in forwards.values() if warm_up else ():  # ORT allocations, torch's first-call paths
         fn()
     wall: Dict[str, List[float]] = {k: [] for k in forwards}
     cpu: Dict[str, List[float]] = {k: [] for k in forwards}
@@ -492,7 +493,8 @@ def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> 
             fns = {k: _forward_of(ok[k], case.kind, threads) for k in names} if threads != 1 else one
             for bs, reps in setup.repeats.items():
                 feed = _take(case.test, bs)
-                res = _median_latency({k: (lambda fn=fns[k]: fn(feed)) for k in names}, reps)
+                warm = not (fns is one and bs == 32 and len(top1["torch_fp32"]) >= 32)  # evaluated at 32 just now
+                res = _median_latency({k: (lambda fn=fns[k]: fn(feed)) for k in names}, reps, warm)
                 for k, v in res.items():
                     rows[k]["latency"][f"b{bs}_t{threads}"] = v
             log(f"[deploy] {case.name}: latency at {threads} thread(s) done")

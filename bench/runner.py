@@ -38,7 +38,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "real_vision": RealVisionSetup(224, 640, 192, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
             "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 64,
-                                  {1: 10, 32: 3}, threads=(1, 2), seed=seed, text_test=256),
+                                  {1: 10, 32: 3}, threads=(1,), seed=seed, text_test=200),
         }
     if mode == "quick":
         return {
