@@ -111,6 +111,16 @@ def _deploy_class(cls: type) -> type:
     return _DEPLOY_CLASSES[cls]
 
 
+def __getattr__(name: str) -> type:
+    """``Deploy<Block>`` classes by name, also in a process that has not rewritten a block yet (unpickling)."""
+    for module, cls_name in BLOCKS:
+        if name == f"Deploy{cls_name}":
+            import importlib
+
+            return _deploy_class(getattr(importlib.import_module(module), cls_name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _spec(module: nn.Module) -> Optional[BlockSpec]:
     cls = type(module)
     if cls in _DEPLOY_CLASSES.values():

@@ -257,3 +257,20 @@ def test_full_8bit_weight_codes_warn_on_a_cpu_without_vnni(tmp_path, crops, capl
     with caplog.at_level("WARNING", logger="sqakd_hf"):
         export_onnx(student, tmp_path / "m.onnx", crops[:1])
     assert "8-bit weight codes" in caplog.text and "deploy='onnx'" in caplog.text
+
+
+def test_pickled_deploy_student_loads_in_a_fresh_process(tmp_path, crops):
+    """The rewritten block classes resolve by name where no block was rewritten yet (torch.save / pickle)."""
+    import subprocess
+    import sys
+
+    student = _student("resnet10t", crops)
+    torch.save(student, tmp_path / "m.pt")
+    torch.save(crops[:2], tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(student(crops[:2]), tmp_path / "ref.pt")
+    code = ("import torch; m = torch.load('m.pt', weights_only=False).eval(); x = torch.load('x.pt')\n"
+            "with torch.no_grad(): assert torch.equal(m(x), torch.load('ref.pt'))\n"
+            "print(type(m.layer1[0]).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "DeployBasicBlock", out.stderr[-2000:]
