@@ -173,7 +173,9 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     fed_by_block: Dict[str, bool] = {}  # block -> its input is another block's output
     reads_block: List[str] = []  # quantized layers reading a block's output directly
+    traced: List[str] = []
     for prefix, graph in traced_graphs(model, leaf=_kept_whole):
+        traced.append(prefix)
         for node in graph.nodes:
             if node.op == "call_function" and node.target in _ADDS:
                 if len([a for a in node.args if _is_tensor_node(a)]) == 2:
@@ -192,6 +194,7 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
                 fed_by_block[name] = from_block
             elif from_block and name in layers:
                 reads_block.append(name)
+    _check_untraced(model, traced, config)
     missing = sorted(set(blocks) - set(fed_by_block))
     if missing:
         raise InputError(f"deploy={config.deploy!r}: cannot follow the data flow into {missing[0]} "
@@ -201,6 +204,29 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     for name in reads_block:
         layers[name].input_quantizer = FullPrecision("act")
     return sorted(blocks)
+
+
+def _check_untraced(model: nn.Module, traced: List[str], config: QuantConfig) -> None:
+    """A module that does not trace (its children were traced one by one) and wires two or more parts holding
+    quantized layers may hide a residual add: refuse it (a wrapper around one model, such as transformers' timm
+    wrapper, is fine)."""
+    untraced = set()
+    for prefix in traced:
+        parts = prefix.rstrip(".").split(".") if prefix else []
+        untraced.update(".".join(parts[:i]) for i in range(len(parts)))
+    for name in sorted(untraced, key=lambda n: -(n.count(".") + 1) if n else 0):  # the innermost first
+        module = model.get_submodule(name) if name else model
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no forward: its owner wires the parts
+            continue
+        children = [g for c in module.children()
+                    for g in (c.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict)) else [c])]
+        parts = [c for c in children if any(isinstance(m, QuantLayer) for m in c.modules())]
+        if len(parts) >= 2:
+            raise InputError(
+                f"deploy={config.deploy!r}: {name or '<model>'} ({type(module).__name__}) does not trace with "
+                "torch.fx, so its residual connections cannot be found; the deploy rewrite knows the timm ResNet / "
+                "EfficientNet / MobileNet blocks. Quantize this model without deploy "
+                "(QuantConfig(act_granularity='per_tensor') still exports to ONNX)")
 
 
 def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input: bool) -> None:

@@ -118,6 +118,10 @@ def test_unknown_residual_block_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(), nn.Flatten(), nn.Linear(8 * 16, 4))
     with pytest.raises(InputError, match=r"1 \(Residual\) adds two tensors .* deploy rewrite does not know"):
         quantize_model(model, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8))
+    from test_hf_quantizer import FAMILIES  # transformers ViT: its layers do not trace, their adds cannot be found
+
+    with pytest.raises(InputError, match=r"vit\.layers\.0 \(ViTLayer\) does not trace with torch\.fx"):
+        quantize_model(FAMILIES["vit"].build(), QuantConfig(deploy="onnx", weight_bits=8, act_bits=8))
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8).eval(), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 196, 4))
     quantize_model(plain, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[]))  # no add
 
