@@ -50,7 +50,7 @@ ARMS = ("torch_fp32", "torch_fake_quant", "torch_deploy_fake_quant", "ort_fp32",
         "ort_dynamic", "ort_static", "compressed_tensors")
 LABELS = {"torch_fp32": "PyTorch FP32", "torch_fake_quant": "PyTorch fake-quant student",
           "torch_deploy_fake_quant": "PyTorch deploy-aware fake-quant student", "ort_fp32": "ORT FP32",
-          "ours_qdq": "ours: export_onnx (QDQ)", "ours_deploy": "ours: deploy-aware student, export_onnx + integer edits",
+          "ours_qdq": "ours: export_onnx (QDQ)", "ours_deploy": "ours: deploy-aware student, export_onnx (integer graph)",
           "ort_dynamic": "ORT quantize_dynamic", "ort_static": "ORT quantize_static",
           "compressed_tensors": "compressed-tensors, plain transformers"}
 SHORT = {"torch_fp32": "torch FP32", "torch_fake_quant": "torch fake-q", "torch_deploy_fake_quant": "torch deploy fq",
@@ -665,7 +665,10 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
         "process that imports the runtime, loads the file (PyTorch arms: the `torch.save` pickle of the module) and "
         "runs one batch of 32 at 1 thread (`VmHWM`); in "
         "brackets the part above the RSS after the imports. Agreement: top-1 match over the held-out samples with "
-        "the fake-quant student it came from (ORT's own PTQ arms: our plain student) and with the FP teacher.", "",
+        "the fake-quant student it came from (ORT's own PTQ arms: our plain student) and with the FP teacher."
+        + (" Timed at 1 intra-op thread only (`DeploySetup(threads=(1, 2))` adds a second count for the ONNX arms; "
+           "with the 2 cores shared, a second thread measures the other jobs more than the engine)."
+           if list(s["threads"]) == [1] else ""), "",
     ]
     for case in sec["cases"]:
         lines += [f"### {case['name']}", "", f"{case['note']}; {case['test_samples']} held-out samples; "
