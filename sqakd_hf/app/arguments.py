@@ -290,8 +290,8 @@ class RunArguments:
     hub_format: str = field(
         default="packed",
         metadata={"help": "What push_to_hub uploads: packed (our packed form, loads with import sqakd_hf), "
-                          "compressed-tensors (plain transformers and vLLM; transformers models with per_tensor or no "
-                          "activation quantization) or onnx (a QDQ graph for onnxruntime, with config and tokenizer)."},
+                          "compressed-tensors (plain transformers and vLLM; transformers models with per_tensor, "
+                          "per_token_absmax or no activation quantization) or onnx (a QDQ graph for onnxruntime, with config and tokenizer)."},
     )
 
     def __post_init__(self) -> None:

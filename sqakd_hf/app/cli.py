@@ -200,7 +200,7 @@ COMMANDS: Dict[str, Command] = {
         EXPORT_USAGE, overrides=False, configure=_export_options,
         description="Write a saved quantized model in a deploy format: compressed-tensors (plain transformers "
                     "from_pretrained, vLLM) or ONNX QDQ (onnxruntime). Grids the format cannot hold exactly "
-                    "(e.g. per-token activations) are refused with the fix."),
+                    "(e.g. per-token activations with a learned clip ratio) are refused with the fix."),
     "quickstart": Command(
         "offline demo on scikit-learn's digits", _quickstart, overrides=False, configure=_quickstart_options,
         description="Offline demo on scikit-learn's digits: trains a small timm teacher (the only step that uses "
