@@ -12,7 +12,9 @@ each keeping the function exactly, make onnxruntime's QDQ fusions apply:
 * activations move from the ``int8`` container to ``uint8`` (zero point + 128: the same grid; x86 integer kernels
   are u8 x s8);
 * ``MaxPool -> QuantizeLinear`` gets the same Q/DQ pair in front of the pool (rounding onto a grid is monotonic,
-  so the pool of quantized values is the quantized pool): the conv before it becomes a QLinearConv.
+  so the pool of quantized values is the quantized pool): the conv before it becomes a QLinearConv;
+* a ``Clip`` that does narrow the grid (ReLU6 before a grid reaching past 6) moves behind the QuantizeLinear, onto the
+  integer codes (monotonic rounding commutes with clamping): the conv before it becomes a QLinearConv.
 
 onnxruntime itself quantizes a float conv bias to ``int32`` at ``s_x * s_w`` when it fuses the conv (the bias then
 moves by at most half of ``s_x * s_w``, far below an output step).
@@ -137,6 +139,41 @@ def _drop_clips_once(graph) -> int:
     return len(removed)
 
 
+def _clips_on_codes(graph) -> int:
+    """``Clip(lo, hi) -> QuantizeLinear`` (a ReLU6 before a grid reaching past 6) becomes ``QuantizeLinear -> Clip``
+    on the integer codes at ``Q(lo), Q(hi)``: exact (rounding onto a saturating grid is monotonic, so it commutes with
+    clamping), and the conv before it becomes a QLinearConv."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    users = _consumers(graph)
+    moved = 0
+    for node in list(graph.node):
+        out_users = users.get(node.output[0], []) if node.op_type == "Clip" else []
+        if len(node.input) < 3 or len(out_users) != 1 or out_users[0].op_type != "QuantizeLinear":
+            continue
+        q = out_users[0]
+        lo, hi = _value(graph, node.input[1]), _value(graph, node.input[2])
+        scale, zero = _value(graph, q.input[1]), _value(graph, q.input[2])
+        if lo is None or hi is None or scale is None or zero is None or scale.size != 1:
+            continue
+        info = np.iinfo(zero.dtype)
+        s, z = float(scale.reshape(())), int(zero.reshape(()))
+        bounds = [np.array(min(max(int(np.rint(float(v) / s)) + z, info.min), info.max), dtype=zero.dtype)
+                  for v in (lo, hi)]
+        names = [f"{q.output[0]}_clip_low", f"{q.output[0]}_clip_high"]
+        graph.initializer.extend(numpy_helper.from_array(b, n) for b, n in zip(bounds, names))
+        clipped = f"{q.output[0]}_clipped"
+        for reader in users.get(q.output[0], []):
+            reader.input[:] = [clipped if i == q.output[0] else i for i in reader.input]
+        q.input[0] = node.input[0]
+        graph.node.insert(list(graph.node).index(q) + 1,
+                          helper.make_node("Clip", [q.output[0], *names], [clipped], name=f"{node.name}_on_codes"))
+        graph.node.remove(node)
+        moved += 1
+    return moved
+
+
 def _drop_noop_casts(model) -> int:
     """Remove every Cast to the type its input already has (the tracer writes them around each Q/DQ pair)."""
     import onnx
@@ -231,13 +268,15 @@ def _drop_unused(graph) -> None:
 
 def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     """Apply the module's graph edits to the QDQ ONNX file at ``path`` in place; returns how many tensors each edit
-    changed (``casts_dropped``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``)."""
+    changed (``casts_dropped``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``, ``clips_on_codes``).
+    """
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
     counts = {"casts_dropped": _drop_noop_casts(model), "clips_dropped": _drop_redundant_clips(graph),
-              "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph)}
+              "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph),
+              "clips_on_codes": _clips_on_codes(graph)}
     _drop_unused(graph)
     if not cpu_has_vnni() and _widest_weight_code(graph) > 64:
         logger.warning("sqakd: the ONNX graph holds 8-bit weight codes, which onnxruntime's u8 x s8 kernels can "
