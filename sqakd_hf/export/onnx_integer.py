@@ -111,27 +111,34 @@ def _drop_redundant_clips(graph) -> int:
             return total
 
 
+def _clip_into_q(graph, node, users: Dict[str, List]) -> Optional[tuple]:
+    """``(quantize node, lo, hi, scale, zero point)`` when ``node`` is a Clip with constant bounds whose only reader
+    is a per-tensor QuantizeLinear with a constant grid, else None."""
+    out_users = users.get(node.output[0], []) if node.op_type == "Clip" else []
+    if len(node.input) < 3 or len(out_users) != 1 or out_users[0].op_type != "QuantizeLinear":
+        return None
+    q = out_users[0]
+    lo, hi = _value(graph, node.input[1]), _value(graph, node.input[2])
+    scale, zero = _value(graph, q.input[1]), _value(graph, q.input[2])
+    if lo is None or hi is None or scale is None or zero is None or scale.size != 1:
+        return None
+    return q, float(lo), float(hi), float(scale.reshape(())), zero
+
+
 def _drop_clips_once(graph) -> int:
     import numpy as np
 
     users = _consumers(graph)
     removed = []
     for node in graph.node:
-        if node.op_type != "Clip" or len(node.input) < 3:
+        found = _clip_into_q(graph, node, users)
+        if found is None:
             continue
-        out_users = users.get(node.output[0], [])
-        if len(out_users) != 1 or out_users[0].op_type != "QuantizeLinear":
-            continue
-        q = out_users[0]
-        lo, hi = _value(graph, node.input[1]), _value(graph, node.input[2])
-        scale, zero = _value(graph, q.input[1]), _value(graph, q.input[2])
-        if lo is None or hi is None or scale is None or zero is None or scale.size != 1:
-            continue
-        info = np.iinfo(zero.dtype)
-        s, z = float(scale.reshape(())), float(zero.reshape(()))
+        q, lo, hi, s, zero = found
+        info, z = np.iinfo(zero.dtype), float(zero.reshape(()))
         q_lo, q_hi = s * (info.min - z), s * (info.max - z)
         tol = 1e-3 * s
-        if float(lo) <= q_lo + tol and float(hi) >= q_hi - tol:
+        if lo <= q_lo + tol and hi >= q_hi - tol:
             q.input[0] = node.input[0]
             removed.append(node)
     for node in removed:
@@ -149,18 +156,12 @@ def _clips_on_codes(graph) -> int:
     users = _consumers(graph)
     moved = 0
     for node in list(graph.node):
-        out_users = users.get(node.output[0], []) if node.op_type == "Clip" else []
-        if len(node.input) < 3 or len(out_users) != 1 or out_users[0].op_type != "QuantizeLinear":
+        found = _clip_into_q(graph, node, users)
+        if found is None:
             continue
-        q = out_users[0]
-        lo, hi = _value(graph, node.input[1]), _value(graph, node.input[2])
-        scale, zero = _value(graph, q.input[1]), _value(graph, q.input[2])
-        if lo is None or hi is None or scale is None or zero is None or scale.size != 1:
-            continue
-        info = np.iinfo(zero.dtype)
-        s, z = float(scale.reshape(())), int(zero.reshape(()))
-        bounds = [np.array(min(max(int(np.rint(float(v) / s)) + z, info.min), info.max), dtype=zero.dtype)
-                  for v in (lo, hi)]
+        q, lo, hi, s, zero = found
+        info, z = np.iinfo(zero.dtype), int(zero.reshape(()))
+        bounds = [np.array(min(max(int(np.rint(v / s)) + z, info.min), info.max), dtype=zero.dtype) for v in (lo, hi)]
         names = [f"{q.output[0]}_clip_low", f"{q.output[0]}_clip_high"]
         graph.initializer.extend(numpy_helper.from_array(b, n) for b, n in zip(bounds, names))
         clipped = f"{q.output[0]}_clipped"
