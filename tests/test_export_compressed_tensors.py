@@ -316,3 +316,26 @@ def test_packed_form_without_sqakd_hf_fails_loudly(exported, tmp_path: Path):
     legacy, info = FAMILIES["bert"].auto.from_pretrained(tmp_path / "packed", output_loading_info=True)
     assert not any(info.values()), info
     assert torch.equal(logits(legacy, batch), logits(loaded, batch))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_runtime_token_quantizer_equals_compressed_tensors_bit_for_bit(bits):
+    """act_granularity='per_token_absmax' computes compressed-tensors' own dynamic token fake-quant exactly: 3-D
+    inputs per token, 2-D inputs one step per tensor, all-zero tokens, values on rounding ties."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from sqakd_hf.quantizers import RuntimeTokenQuantizer, build_quantizer
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    ours = build_quantizer("lsq", bits, "act", per_token="absmax")
+    assert isinstance(ours, RuntimeTokenQuantizer) and not list(ours.parameters())
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 64) * torch.logspace(-3, 2, 17)[None, :, None]
+    x[1, 4] = 0.0
+    half = (2**bits - 1) / 2
+    x[2, 5] = torch.arange(64) * (x[2, 5].abs().max() / half) / 2  # multiples of half a step: ties
+    for value in (x, x[:, 0], x.reshape(-1, 64)[:1]):
+        scale, zero = compute_dynamic_scales_and_zp(value, args, torch.nn.Module())
+        assert torch.equal(ours(value), fake_quantize(value, scale, zero, args)), value.shape
