@@ -60,17 +60,15 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def _hessian_update(layer: nn.Module, kind: str, x: Tensor) -> Tensor:
-    """``sum X X^T`` of this batch: ``(1, K, K)`` (dense) or ``(C, k*k, k*k)`` (depthwise), float64."""
-    p = _patches(layer, x).double()
+    """``sum X X^T`` of this batch: ``(1, K, K)`` (dense) or ``(C, k*k, k*k)`` (depthwise), summed in float32
+    (one batch), returned in float64 (accumulated over batches)."""
+    p = _patches(layer, x).float()
     if isinstance(layer, nn.Linear):
-        return (p.T @ p)[None]
-    if kind == "depthwise":
-        b, ck, l = p.shape
-        c = layer.in_channels
-        p = p.reshape(b, c, ck // c, l)
-        return torch.einsum("bckl,bcml->ckm", p, p)
-    p = p.transpose(0, 1).reshape(p.shape[1], -1)
-    return (p @ p.T)[None]
+        return (p.T @ p).double()[None]
+    b, ck, l = p.shape
+    groups = layer.in_channels if kind == "depthwise" else 1
+    p = p.reshape(b, groups, ck // groups, l).permute(1, 2, 0, 3).reshape(groups, ck // groups, b * l)
+    return torch.bmm(p, p.transpose(1, 2)).double()
 
 
 def _grouped(weight: Tensor, kind: str) -> Tensor:
@@ -111,6 +109,8 @@ def _round_layer(layer: nn.Module, kind: str, hessian: Tensor) -> bool:
         err = (col - qj) / u[:, j, j][:, None]
         w[:, :, j:] -= err[:, :, None] * u[:, None, j, j:]
     new = q.reshape(layer.weight.shape).to(layer.weight.dtype)
+    if not bool(torch.isfinite(new).all()):  # a zero step (e.g. a dead channel's): nearest rounding stays
+        return False
     if not torch.allclose(wq(new), new, rtol=1e-5, atol=1e-6 * float(new.abs().max().clamp_min(1e-30))):
         return False
     layer.weight.copy_(new)

@@ -74,6 +74,25 @@ def test_effnet_w8a8_calibration_stays_close(effnet_setup, method, min_agreement
     assert agreement >= min_agreement, f"{method} W8A8 top-1 agreement {agreement:.3f}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("wb, max_error, min_agreement", [
+    (8, 0.075, 0.85),  # measured 0.061 / 0.896 (nearest rounding, no correction: 0.098 / 0.88)
+    (4, 0.90, 0.15),   # measured 0.783 / 0.29 (nearest rounding: 1.33 / 0.03, worse than a constant output)
+])
+def test_effnet_folded_gptq_bias_corrected_ptq(effnet_setup, wb, max_error, min_agreement):
+    """The PTQ made for this network (BatchNorm folded, GPTQ rounding, bias correction) after calibration only:
+    relative logit error ||z - z_T|| / ||z_T|| and top-1 agreement on 48 held-out 224 px crops."""
+    teacher, calib, test, teacher_logits = effnet_setup
+    cfg = QuantConfig(weight_bits=wb, act_bits=8, fold_bn=True, gptq=True, bias_correction=True)
+    student = calibrate(quantize_model(copy.deepcopy(teacher), cfg), [calib[:8], calib[8:]]).eval()
+    assert len(student.sqakd_gptq_rounded) == 48 and len(student.sqakd_bias_corrected) == 48
+    with torch.no_grad():
+        out = student(test)
+    error = ((out - teacher_logits).norm() / teacher_logits.norm()).item()
+    agreement = (out.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+    assert error <= max_error and agreement >= min_agreement, f"W{wb}A8 logit error {error:.3f}, agreement {agreement:.3f}"
+
+
 # ---- all-MiniLM-L6-v2 --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm_setup():
