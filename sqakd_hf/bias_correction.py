@@ -21,7 +21,22 @@ from .modules import QuantEmbedding
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["correct_biases"]
+__all__ = ["correct_biases", "eval_pass"]
+
+
+def eval_pass(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+              handles: List[Any]) -> None:
+    """Run ``forward(model, batch)`` over ``batches`` in eval mode (the mode is restored), then remove the hook
+    ``handles`` (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def _channel_sum(y: Tensor, features_last: bool) -> Tuple[Tensor, int]:
@@ -62,15 +77,7 @@ def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[
         return after
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    eval_pass(model, batches, forward, handles)
     names = [n for n, _ in layers if n in sums]
     if not names:
         return []

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bias_correction import eval_pass
 from .injection import quant_layers
 from .modules import QuantConv2d, QuantLinear
 
@@ -136,15 +137,7 @@ def gptq_round(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.M
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n, kind)) for n, m, kind in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    eval_pass(model, batches, forward, handles)
     rounded = []
     for name, layer, kind in layers:
         if name not in sums:
