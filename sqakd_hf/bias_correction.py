@@ -10,7 +10,7 @@ the quantized network gives the layer) is added to the bias, so the next layer s
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -47,10 +47,14 @@ def _channel_sum(y: Tensor, features_last: bool) -> Tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]) -> List[str]:
+def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                   reference: Optional[Dict[str, Tensor]] = None) -> List[str]:
     """Add the mean output shift of every calibrated quantized layer with a bias to that bias (in place),
     measured in one pass of ``forward(model, batch)`` over ``batches``; returns the corrected layers' names.
-    Statistics are all-reduced under ``torch.distributed``."""
+    ``reference``: full-precision weights by layer name, for layers whose master weight was already replaced
+    by grid values (GPTQ); otherwise the master weight is the reference. Statistics are all-reduced under
+    ``torch.distributed``."""
+    reference = reference or {}
     layers = [(n, m) for n, m in quant_layers(model)
               if getattr(m, "bias", None) is not None and not isinstance(m, QuantEmbedding)
               and (m.weight_quantizer.bits < 32 or m.input_quantizer.bits < 32)]
@@ -65,9 +69,13 @@ def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[
             bypass = [q.bypass for q in quantizers]
             for q in quantizers:
                 q.bypass = True
+            master = layer.weight.data
+            if name in reference:
+                layer.weight.data = reference[name]
             try:
                 fp = layer.forward(*args)  # the same input, full precision (forward: no hooks)
             finally:
+                layer.weight.data = master
                 for q, flag in zip(quantizers, bypass):
                     q.bypass = flag
             diff, n = _channel_sum(fp - out, layer.features_last)

@@ -182,10 +182,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             q.init_from_stats(reduced[name])
     if unused:
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
+    reference = {}
     if gptq:  # the grids are set: choose each weight's grid value from the layer's inputs
+        if bias_correction:  # the shift is measured against the full-precision weights GPTQ replaces
+            reference = {name: layer.weight.detach().clone() for name, layer in layers}
         model.sqakd_gptq_rounded = gptq_round(model, [to_device(b, device) for b in batches], model_forward)
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
-        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward)
+        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward, reference)
         model.sqakd_bias_corrected = corrected
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
     return model

@@ -87,7 +87,8 @@ def test_equalized_bias_corrected_lite0_reloads_identically(effnet_teacher, tmp_
         assert torch.equal(again(x), student(x))
 
 
-def test_bias_correction_removes_the_mean_shift_it_measures():
+@pytest.mark.parametrize("gptq", [False, True])  # after GPTQ the shift is measured against the FP weights
+def test_bias_correction_removes_the_mean_shift_it_measures(gptq):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     x = torch.randn(16, 3, 8, 8) + 0.5  # inputs with a mean: weight rounding errors shift the outputs' means
@@ -95,7 +96,7 @@ def test_bias_correction_removes_the_mean_shift_it_measures():
 
     def mean_shift(bias_correction: bool) -> float:
         cfg = QuantConfig(weight_bits=2, act_bits=8, act_granularity="per_tensor", modules_to_not_convert=[],
-                          bias_correction=bias_correction)
+                          bias_correction=bias_correction, gptq=gptq)
         student = calibrate(quantize_model(copy.deepcopy(model), cfg), batches).eval()
         with torch.no_grad():
             return (model(x) - student(x)).mean((0, 2, 3)).abs().max().item()
