@@ -29,8 +29,8 @@ def preset(mode: str, seed: int = 0) -> RealTextSetup:
                              [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 200})],
                              jobs=2, dataset="bbc")
     if mode == "quick":
-        return RealTextSetup(64, 200, 400, 60, 16, 1e-4, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
-                             [("lsq", 4, 8)], dataset="bbc")
+        return RealTextSetup(64, 200, 0, 60, 16, 1e-4, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
+                             [("lsq", 4, 8), ("lsq", 4, 4, {"lr": 5e-5})], jobs=2, dataset="bbc")
     return RealTextSetup(16, 10, 40, 2, 8, 1e-4, Budget(2, 8, 1e-5, calibration_batches=1, seed=seed),
                          [("lsq", 4, 8)], cache=None, eval_batch_size=8, dataset="bbc")
 
