@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..export.onnx import EXACT_SESSION_CONFIG
 from ..serialization.packing import storage_bits
 
 __all__ = ["ModelCardInfo", "render_model_card", "DEFAULT_TEMPLATE_PATH", "METRIC_DESCRIPTIONS", "FORMS"]
@@ -151,7 +152,11 @@ def _onnx_snippet(info: ModelCardInfo, target: str) -> tuple[str, str]:
     head = ("# pip install onnxruntime huggingface_hub" + ("" if info.library == "timm" else " transformers")
             + ("\nimport numpy as np" if info.library == "timm" or info.pipeline_tag in (None, "image-classification")
                else "") + "\nimport onnxruntime as ort\nfrom huggingface_hub import hf_hub_download\n")
-    session = f'\nsession = ort.InferenceSession(hf_hub_download("{target}", "{ONNX_FILE}"))\n'
+    # The session config keeps quantized weights that meet float inputs exact (see EXACT_SESSION_CONFIG).
+    entries = "".join(f'options.add_session_config_entry("{key}", "{value}")\n'
+                      for key, value in EXACT_SESSION_CONFIG.items())
+    session = ("\noptions = ort.SessionOptions()\n" + entries
+               + f'session = ort.InferenceSession(hf_hub_download("{target}", "{ONNX_FILE}"), options)\n')
     if info.library == "transformers" and info.pipeline_tag not in (None, "image-classification"):
         code = (head + "from transformers import AutoTokenizer\n" + session
                 + f'tokenizer = AutoTokenizer.from_pretrained("{target}")\n'
