@@ -152,9 +152,18 @@ def _register_timm_layers() -> None:
             )
 
     QuantConv2dSame.__module__ = __name__
+    QuantConv2dSame.__qualname__ = "QuantConv2dSame"  # pickle finds it as sqakd_hf.modules.QuantConv2dSame
     globals()["QuantConv2dSame"] = QuantConv2dSame
     WRAPPERS[Conv2dSame] = QuantConv2dSame
     WRAPPERS[TimmLinear] = QuantLinear
+
+
+def __getattr__(name: str) -> type:
+    """``QuantConv2dSame`` also in a process that has not wrapped a timm layer yet (unpickling)."""
+    if name == "QuantConv2dSame":
+        _register_timm_layers()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def wrapper_for(layer: nn.Module) -> Optional[Type[QuantLayer]]:

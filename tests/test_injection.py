@@ -139,6 +139,24 @@ def test_tf_same_padding_conv_keeps_its_padding():
     assert (a - b).norm() / a.norm() < 0.08  # measured 0.045 (random-init net, W8A8 min-max)
 
 
+def test_tf_same_padding_student_pickles_into_a_fresh_process(tmp_path):
+    """torch.save of a whole student finds QuantConv2dSame by name in a process that never wrapped a timm layer."""
+    import subprocess
+    import sys
+
+    model = quantize_model(timm.create_model("tf_efficientnet_lite0", num_classes=10).eval(),
+                           QuantConfig(method="minmax", weight_bits=8, act_bits=8))
+    x = torch.randn(1, 3, 33, 33)
+    calibrate(model, [x])
+    with torch.no_grad():
+        torch.save({"model": model, "x": x, "y": model(x)}, tmp_path / "student.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); m = d['model'].eval()\n"
+            "assert type(m.blocks[1][0].conv_dw).__name__ == 'QuantConv2dSame'\n"
+            "with torch.no_grad(): assert torch.equal(m(d['x']), d['y'])" % (tmp_path / "student.pt"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_user_patterns_and_mixed_precision():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     cfg = QuantConfig(modules_to_not_convert=[r"^layer4\."], layer_bits={r"^layer1\.": 8, "fc": 32})
