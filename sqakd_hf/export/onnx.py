@@ -39,7 +39,7 @@ from ..model_io import unwrap
 from ..modules import QuantEmbedding
 from ..quantizers.dynamic import token_steps
 from .grids import ActGrid, TokenGrid, WeightCodes, act_grid, weight_codes
-from .onnx_integer import cpu_has_vnni, to_integer_graph
+from .onnx_integer import cpu_has_vnni, one_qdq_per_matmul, to_integer_graph
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,9 @@ def _constant(graph: Any, name: str) -> Optional[Any]:
 def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Rewrite the ONNX file at ``path`` so that every weight is stored as its int8 codes feeding DequantizeLinear,
     instead of float ``scale * codes`` feeding QuantizeLinear: the same function (the codes are exact), a quarter of
-    the bytes for the quantized weights. ``metadata`` entries are added to the file's metadata."""
+    the bytes for the quantized weights. ``metadata`` entries are added to the file's metadata. An activation Q/DQ
+    pair read by several MatMuls becomes one pair per MatMul (:func:`.onnx_integer.one_qdq_per_matmul`), so that
+    onnxruntime runs each of them as an integer matmul."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -213,6 +215,7 @@ def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -
     for name, count in users.items():
         if count == 0 and name in inits:
             graph.initializer.remove(inits[name])
+    one_qdq_per_matmul(model)
     if metadata:
         onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
     onnx.save(model, str(path))

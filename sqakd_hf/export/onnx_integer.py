@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-__all__ = ["to_integer_graph", "cpu_has_vnni", "optimized_op_counts"]
+__all__ = ["to_integer_graph", "one_qdq_per_matmul", "cpu_has_vnni", "optimized_op_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,55 @@ def _quantize_before_maxpool(graph) -> int:
         graph.node.insert(index, q)
         pool.input[0] = dq.output[0]
         added += 1
+    return added
+
+
+def _split_shared_dq(graph, q, dq, readers: List, inits: Dict[str, object]) -> int:
+    """Give every MatMul / Gemm in ``readers`` (all reading ``dq``) but the first its own copy of the ``q -> dq`` pair,
+    with its own copies of the scale and zero point; returns the number of copies."""
+    from onnx import helper, numpy_helper
+
+    matmuls = [r for r in readers if r.op_type in ("MatMul", "Gemm")]
+    if len(readers) < 2 or not matmuls:
+        return 0
+    own = matmuls[1:] if len(matmuls) == len(readers) else matmuls  # the original pair keeps one reader
+    index = list(graph.node).index(dq) + 1
+    for k, reader in enumerate(own, 1):
+        tag = f"{q.output[0]}_reader{k}"
+        grid = [f"{tag}_scale", f"{tag}_zero_point"]  # own initializers: CSE would merge copies sharing them
+        graph.initializer.extend(numpy_helper.from_array(inits[name], new) for name, new in zip(q.input[1:3], grid))
+        attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+        copy_q = helper.make_node("QuantizeLinear", [q.input[0], *grid], [f"{tag}_q"], name=f"{q.name}_reader{k}",
+                                  **attrs)
+        copy_dq = helper.make_node("DequantizeLinear", [copy_q.output[0], *grid], [f"{tag}_dq"],
+                                   name=f"{dq.name}_reader{k}", **attrs)
+        reader.input[:] = [copy_dq.output[0] if name == dq.output[0] else name for name in reader.input]
+        graph.node.insert(index, copy_dq)
+        graph.node.insert(index, copy_q)
+    return len(own)
+
+
+def one_qdq_per_matmul(model) -> int:
+    """Every activation ``QuantizeLinear -> DequantizeLinear`` pair read by several MatMuls (BERT's q/k/v projections
+    read one quantized tensor) becomes one pair per MatMul, each with its own copy of the same scale and zero point:
+    the same function. onnxruntime fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat`` only for a DequantizeLinear
+    with a single reader, and its common-subexpression elimination merges copies that share their scale tensors, so
+    a shared pair leaves those matmuls float. No-op Casts are dropped first (the tracer writes one behind each
+    DequantizeLinear, hiding its readers). Returns the number of pairs added; edits ``model`` in place."""
+    _drop_noop_casts(model)
+    graph = model.graph
+    users = _consumers(graph)
+    values = {}
+    added = 0
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        dqs = users.get(q.output[0], [])
+        if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
+            continue
+        for name in q.input[1:3]:
+            values[name] = _value(graph, name)
+        if any(values[name] is None for name in q.input[1:3]):
+            continue
+        added += _split_shared_dq(graph, q, dqs[0], users.get(dqs[0].output[0], []), values)
     return added
 
 
