@@ -168,3 +168,25 @@ def test_dynamic_token_activations_and_int8_tables(method: str, table_bits: int,
     from_dq = [n for n in graph.node if n.op_type == "Gather" and source(n.input[0]) in producer
                and producer[source(n.input[0])].op_type == "DequantizeLinear"]
     assert len(from_dq) == len(tables)
+
+
+def test_every_quantized_linear_is_an_integer_matmul(tmp_path: Path):
+    """In onnxruntime's optimized graph of a W8A8 BERT export, every quantized Linear runs as MatMulIntegerToFloat:
+    the q/k/v projections (one quantized input read by three MatMuls) and the pooler (a 2-D Linear, traced as Gemm)
+    included, with no DequantizeLinear left; the outputs still match the student."""
+    from sqakd_hf.export.onnx_integer import optimized_op_counts
+
+    family = FAMILIES["bert"]
+    save_teacher(family, tmp_path / "teacher")
+    student = load_student(family, tmp_path / "teacher", QuantConfig(method="lsq", weight_bits=7, act_bits=8,
+                                                                    **STATIC)).eval()
+    batch = family.batch()
+    export_onnx(student, tmp_path / "bert.onnx", batch)
+    ops = optimized_op_counts(tmp_path / "bert.onnx", tmp_path / "bert.optimized.onnx")
+    n_linear = sum(1 for _, layer in quant_layers(student) if isinstance(layer, torch.nn.Linear))
+    assert n_linear >= 4 * student.config.num_hidden_layers + 1
+    assert ops.get("MatMulIntegerToFloat", 0) == n_linear, ops
+    assert "DequantizeLinear" not in ops and "MatMulNBits" not in ops, ops
+    ref = logits(student, batch).numpy()
+    out = _session(tmp_path / "bert.onnx").run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-2

@@ -262,15 +262,69 @@ def _split_shared_dq(graph, q, dq, readers: List, inits: Dict[str, object]) -> i
     return len(own)
 
 
+def _gemm_to_matmul(graph) -> int:
+    """``Gemm(DQ(Q(a)), DQ(codes), C)`` with ``transB=1`` (a quantized Linear on a 2-D input, e.g. BERT's pooler),
+    which onnxruntime leaves float, becomes ``Squeeze(MatMul(DQ(Q(Unsqueeze(a))), DQ(codes.T)) + C)``: the
+    per-output-channel axis moves from 0 to 1 with the transpose, and the activation is lifted to 3-D before its
+    QuantizeLinear (onnxruntime fuses a 2-D ``MatMul + Add`` back into a float Gemm before its QDQ fusions). The same
+    function, in the ``DQ -> MatMul`` form that onnxruntime runs as ``MatMulIntegerToFloat``."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    users, producers = _consumers(graph), _producers(graph)
+    changed = 0
+    for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0), attrs.get("transB", 0)) != \
+                (1.0, 1.0, 0, 1):
+            continue
+        dq = producers.get(gemm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        codes = inits[dq.input[0]]
+        if len(codes.dims) != 2 or len(users.get(dq.input[0], [])) != 1 or len(users.get(dq.output[0], [])) != 1:
+            continue
+        # a 3-D MatMul ([1, batch, in]): onnxruntime would fuse a 2-D MatMul + Add back into a float Gemm first
+        act_dq, act_q = producers.get(gemm.input[0]), None
+        if act_dq is not None and act_dq.op_type == "DequantizeLinear" and len(users.get(act_dq.input[0], [])) == 1:
+            act_q = producers.get(act_dq.input[0])
+        if act_q is None or act_q.op_type != "QuantizeLinear" or len(users.get(act_q.output[0], [])) != 1:
+            continue
+        axes = f"{gemm.name}_axis0"
+        codes.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(codes).T.copy(), codes.name))
+        axis = next((a for a in dq.attribute if a.name == "axis"), None)
+        if axis is not None:
+            axis.i = 1 - (axis.i % 2)
+        graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axes))
+        lifted = f"{act_q.input[0]}_{gemm.name}_3d"
+        unsqueeze = helper.make_node("Unsqueeze", [act_q.input[0], axes], [lifted], name=f"{gemm.name}_to_3d")
+        graph.node.insert(list(graph.node).index(act_q), unsqueeze)
+        act_q.input[0] = lifted
+        index = list(graph.node).index(gemm)
+        product = f"{gemm.output[0]}_3d"
+        nodes = [helper.make_node("MatMul", gemm.input[:2], [product], name=f"{gemm.name}_matmul")]
+        if len(gemm.input) > 2 and gemm.input[2]:
+            nodes.append(helper.make_node("Add", [product, gemm.input[2]], [f"{product}_bias"], name=f"{gemm.name}_bias"))
+        nodes.append(helper.make_node("Squeeze", [nodes[-1].output[0], axes], [gemm.output[0]], name=f"{gemm.name}_to_2d"))
+        graph.node.remove(gemm)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(index + offset, node)
+        changed += 1
+    return changed
+
+
 def one_qdq_per_matmul(model) -> int:
     """Every activation ``QuantizeLinear -> DequantizeLinear`` pair read by several MatMuls (BERT's q/k/v projections
     read one quantized tensor) becomes one pair per MatMul, each with its own copy of the same scale and zero point:
     the same function. onnxruntime fuses ``DQ -> MatMul`` into ``MatMulIntegerToFloat`` only for a DequantizeLinear
     with a single reader, and its common-subexpression elimination merges copies that share their scale tensors, so
     a shared pair leaves those matmuls float. No-op Casts are dropped first (the tracer writes one behind each
-    DequantizeLinear, hiding its readers). Returns the number of pairs added; edits ``model`` in place."""
+    DequantizeLinear, hiding its readers) and Linear layers traced as ``Gemm`` become ``MatMul + Add``
+    (:func:`_gemm_to_matmul`). Returns the number of pairs added; edits ``model`` in place."""
     _drop_noop_casts(model)
     graph = model.graph
+    _gemm_to_matmul(graph)
     users = _consumers(graph)
     values = {}
     added = 0
