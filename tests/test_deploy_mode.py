@@ -191,7 +191,9 @@ def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_pat
     ops = _ort_ops(path, tmp_path)
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
     assert ops.get("QLinearConv") == convs and not ops.get("Conv") and not ops.get("FusedConv"), ops
-    assert ops.get("QLinearAdd") == 4 and not ops.get("Add") and not ops.get("Sum"), ops
+    # the only float Add is the classifier's bias behind its integer matmul
+    assert ops.get("QLinearAdd") == 4 and ops.get("Add") == ops.get("MatMulIntegerToFloat") == 1, ops
+    assert not ops.get("Sum"), ops
     graph = onnx.load(str(path)).graph  # weight codes stay in 7 bits (no u8 x s8 saturation without VNNI)
     codes = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert codes and max(int(np.abs(c.astype(np.int16)).max()) for c in codes) <= 64
@@ -248,7 +250,7 @@ def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     calibrate(student, [crops[:8]])
     pytest.importorskip("onnxruntime")
     ops = _ort_ops(export_onnx(student.eval(), tmp_path / "e.onnx", crops[:1]), tmp_path)
-    assert ops.get("QLinearAdd") == 9 and not ops.get("Add"), ops
+    assert ops.get("QLinearAdd") == 9 and ops.get("Add") == ops.get("MatMulIntegerToFloat") == 1, ops  # + fc bias
     # ReLU6 before a grid reaching past 6 is clamped on the integer codes: every conv but the head (whose ReLU6
     # output goes to the float pooling) runs as QLinearConv
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
