@@ -16,6 +16,10 @@ each keeping the function exactly, make onnxruntime's QDQ fusions apply:
 * a ``Clip`` that does narrow the grid (ReLU6 before a grid reaching past 6) moves behind the QuantizeLinear, onto the
   integer codes (monotonic rounding commutes with clamping): the conv before it becomes a QLinearConv.
 
+For every export (deployment-aware or not), :func:`one_qdq_per_matmul` gives each MatMul its own activation Q/DQ
+pair (BERT's q/k/v projections read one quantized tensor) and lifts a quantized Linear traced as ``Gemm`` to
+``DQ -> MatMul``, so that onnxruntime runs every quantized Linear as ``MatMulIntegerToFloat``.
+
 onnxruntime itself quantizes a float conv bias to ``int32`` at ``s_x * s_w`` when it fuses the conv (the bias then
 moves by at most half of ``s_x * s_w``, far below an output step).
 """
