@@ -214,7 +214,9 @@ def _check_untraced(model: nn.Module, traced: List[str], config: QuantConfig) ->
     for prefix in traced:
         parts = prefix.rstrip(".").split(".") if prefix else []
         untraced.update(".".join(parts[:i]) for i in range(len(parts)))
-    for name in sorted(untraced, key=lambda n: -(n.count(".") + 1) if n else 0):  # the innermost first
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    # the innermost first, then in module order (a set's string order changes from process to process)
+    for name in sorted(untraced, key=lambda n: (-(n.count(".") + 1) if n else 0, order.get(n, 0))):
         module = model.get_submodule(name) if name else model
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no forward: its owner wires the parts
             continue

@@ -277,7 +277,8 @@ def test_onnx_card_runs_in_onnxruntime_and_says_when_the_file_is_larger() -> Non
     card = str(render_model_card(_info(form="onnx", library="timm", model_class="resnet18",
                                        checkpoint_bytes=300_000_000)))
     snippet = _snippet(card)
-    assert 'ort.InferenceSession(hf_hub_download("someone/vit-base-w4a8-sqakd", "model.onnx"))' in snippet
+    assert 'ort.InferenceSession(hf_hub_download("someone/vit-base-w4a8-sqakd", "model.onnx"), options)' in snippet
+    assert 'options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")' in snippet
     assert "np.zeros([1, *image.shape[1:]], np.float32)" in snippet and "sqakd_hf" not in snippet
     assert "ONNX file size (measured):** 300.00 MB vs 200.00 MB full precision: 1.50x larger, 150.0%" in card
     assert "preprocessing (mean, std, input size)" in card and "onnx" in ModelCard(card).data.to_dict()["tags"]
