@@ -35,7 +35,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 1e-5, weight_decay=0.0, seed=seed),
                                        [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 150})],
                                        jobs=2),
-            "real_vision": RealVisionSetup(224, 640, 192, Budget(40, 16, 1e-5, weight_decay=0.0, seed=seed),
+            "real_vision": RealVisionSetup(224, 640, 192, Budget(150, 16, 1e-5, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
             "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 64,
                                   {1: 10, 32: 3}, threads=(1,), seed=seed, text_test=200),
