@@ -63,7 +63,9 @@ class QuantConfig(QuantizationConfigMixin):
         init: how calibration initialises the learned ranges: ``"mse"`` (default; the clip that minimises the
             squared quantization error: per output channel for weights, from a histogram of the calibration
             activations) or ``"paper"`` (each method's own rule: LSQ ``2 mean|x| / sqrt(Qp)``, PACT a high
-            percentile of ``|x|``, EWGS ``3 std``). DoReFa and minmax have no learned range.
+            percentile of ``|x|``, EWGS ``3 std``). DoReFa has no learned range; minmax weights under ``"mse"``
+            scale each channel's absmax by the clip ratio of least squared error (fixed at calibration), under
+            ``"paper"`` they are plain absmax.
         fold_bn: fold every BatchNorm that directly follows a conv into that conv before quantizing (default
             False; eval-mode function unchanged): the quantized weight is then the one an integer deployment
             computes with, and no BatchNorm is left to train. A model without BatchNorm is unchanged.
