@@ -51,9 +51,9 @@ class _LeafTracer(fx.Tracer):
         self._leaf_if = leaf_if
         leaf, functions = [], []
         if "timm" in sys.modules:
-            from timm.layers import _fx
+            from timm.layers import get_notrace_functions, get_notrace_modules
 
-            leaf, functions = _fx.get_notrace_modules(), [f for f in _fx.get_notrace_functions() if callable(f)]
+            leaf, functions = get_notrace_modules(), [f for f in get_notrace_functions() if callable(f)]
         super().__init__(autowrap_functions=tuple(functions))
         self._leaf = tuple(leaf)
 
