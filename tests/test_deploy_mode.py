@@ -286,3 +286,50 @@ def test_pickled_deploy_student_loads_in_a_fresh_process(tmp_path, crops):
             "print(type(m.layer1[0]).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "DeployBasicBlock", out.stderr[-2000:]
+
+
+def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypatch):
+    """timm's tf_* models pad dynamically (Conv2dSame): the export pads by the example size's constant amounts, folded
+    into each conv's pads, so every conv but the head (whose ReLU6 output goes to the float pooling) is a QLinearConv,
+    with no Pad, no float Conv and no shape arithmetic left. The function is unchanged, on an even size (asymmetric TF
+    pads) and an odd one: the static forward gives the student's logits exactly, and the graph run unoptimized (Q/DQ in
+    float) gives exactly the logits of the graph traced from the student's own dynamic padding. (Against the student
+    itself a random-init tf_efficientnet differs on some crops: float summation order moves a value across a rounding
+    boundary and its depthwise stack amplifies that one code.)"""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    import contextlib
+
+    import sqakd_hf.export.onnx as onnx_export
+    from sqakd_hf.export.same_padding import same_padding_convs, static_same_padding
+
+    teacher = teacher_of("tf_efficientnet_lite0")
+    student = quantize_model(copy.deepcopy(teacher), DEPLOY)
+    assert len(same_padding_convs(student)) == 5  # the stem and four stride-2 depthwise convs
+    calibrate(student, [crops[:8]])
+    student.eval()
+    convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def unoptimized(path: Path, x: torch.Tensor) -> np.ndarray:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": x.numpy()})[0]
+
+    for size in (64, 57):
+        x = crops[:4] if size == 64 else torch.nn.functional.interpolate(crops[:4], size=size, mode="bilinear")
+        with torch.no_grad(), onnx_export.qdq_mode(student):
+            ref = student(x)
+            with static_same_padding(student, lambda: student(x[:1])) as made_static:
+                assert made_static == 5 and torch.equal(student(x), ref)
+        path = export_onnx(student, tmp_path / f"tf{size}.onnx", x[:1])
+        written = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert not written & {"Pad", "Shape", "Ceil"}, written
+        ops = _ort_ops(path, tmp_path)
+        assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+        assert not ops.get("Pad") and ops.get("DequantizeLinear", 0) <= 2, ops
+        with monkeypatch.context() as m:  # the graph as traced from the student's dynamic padding
+            m.setattr(onnx_export, "static_same_padding", lambda model, run: contextlib.nullcontext(0))
+            dynamic = export_onnx(student, tmp_path / f"dynamic{size}.onnx", x[:1])
+        assert "Pad" in {n.op_type for n in onnx.load(str(dynamic)).graph.node}
+        np.testing.assert_array_equal(unoptimized(path, x), unoptimized(dynamic, x))

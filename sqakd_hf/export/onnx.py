@@ -16,7 +16,8 @@ While exporting, every quantized layer's quantizers are swapped for their intege
   (per row, axis 0) before the Gather: a quarter of the float table's bytes.
 
 The graph is traced by ``torch.onnx.export(..., dynamo=False)`` from ``torch.fake_quantize_per_*_affine``; the
-model is restored afterwards. Grids without an exact integer form (and per-token activations with a learned clip
+model is restored afterwards. TF 'same' padding convs (timm's ``tf_*`` models) pad by the constant amounts of the
+example input's height and width (:mod:`.same_padding`): the graph's height and width are fixed anyway. Grids without an exact integer form (and per-token activations with a learned clip
 ratio) are refused with :class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
 """
 
@@ -40,6 +41,7 @@ from ..modules import QuantEmbedding
 from ..quantizers.dynamic import token_steps
 from .grids import ActGrid, TokenGrid, WeightCodes, act_grid, weight_codes
 from .onnx_integer import cpu_has_vnni, one_qdq_per_matmul, to_integer_graph
+from .same_padding import static_same_padding
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +299,9 @@ def export_onnx(
                                "kernels can saturate on this CPU (x86 without VNNI), so its outputs may differ from the "
                                "student's (real MiniLM W8A8: 99.0% top-1 agreement, 99.8% with graph optimizations "
                                "off). Use weight_bits <= 7 for such CPUs.")
-            torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
-                              dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
+            with static_same_padding(model, lambda: traced(*values)):  # constant pads: fixed height and width
+                torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
+                                  dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
         _store_weight_codes(staging, {SESSION_CONFIG_KEY: json.dumps(EXACT_SESSION_CONFIG)})
         if getattr(getattr(model, "sqakd_config", None), "deploy", None) is not None:
             to_integer_graph(staging)  # deployment-aware student: a fully integer graph in onnxruntime

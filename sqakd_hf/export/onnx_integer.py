@@ -7,6 +7,8 @@ DequantizeLinear pairs (the deploy-mode student quantizes every tensor the integ
 each keeping the function exactly, make onnxruntime's QDQ fusions apply:
 
 * ``Cast`` nodes to the type a tensor already has (the tracer writes them around each Q/DQ pair) are dropped;
+* a zero ``Pad`` with constant amounts in front of a Conv (TF 'same' padding of timm's ``tf_*`` models, made static
+  at export by :mod:`.same_padding`) is folded into the conv's ``pads``: the conv becomes a QLinearConv;
 * a ``Clip`` in front of a QuantizeLinear whose range it does not narrow (an 8-bit grid's clip equals the container's
   saturation) is dropped;
 * activations move from the ``int8`` container to ``uint8`` (zero point + 128: the same grid; x86 integer kernels
@@ -77,6 +79,81 @@ def _consumers(graph) -> Dict[str, List]:
 
 def _producers(graph) -> Dict[str, object]:
     return {out: node for node in graph.node for out in node.output}
+
+
+def _computed_constant(model, name: str):
+    """The numpy value of tensor ``name`` when every tensor it is computed from is a constant (the tracer writes the
+    constant pads of ``F.pad`` as a chain of Concat / Reshape / Slice / Transpose on Constants), evaluated with the
+    ONNX reference runtime; None if it depends on a graph input."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    value = _value(graph, name)
+    if value is not None:
+        return value
+    inits = {i.name: i for i in graph.initializer}
+    producers = _producers(graph)
+    needed, used_inits, stack, seen = set(), [], [name], set()
+    while stack:
+        tensor = stack.pop()
+        if not tensor or tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in inits:
+            used_inits.append(inits[tensor])
+            continue
+        node = producers.get(tensor)
+        if node is None:  # a graph input
+            return None
+        needed.add(id(node))
+        stack.extend(node.input)
+    nodes = [n for n in graph.node if id(n) in needed]  # graph order is topological
+    sub = helper.make_graph(nodes, "constant", [], [helper.make_empty_tensor_value_info(name)], used_inits)
+    return ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})[0]
+
+
+def _pads_into_convs(model) -> int:
+    """``Pad(x, constant pads, value 0) -> Conv`` (TF 'same' padding of timm's ``Conv2dSame``, made static at export)
+    becomes the Conv alone with the pads added to its ``pads`` attribute: the same function, and onnxruntime fuses
+    ``DequantizeLinear -> Conv -> QuantizeLinear`` into a QLinearConv (which pads with the input's zero point, the
+    code of 0.0). Returns the number of Pads folded."""
+    import numpy as np
+    from onnx import helper
+
+    graph = model.graph
+    users = _consumers(graph)
+    folded = []
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        readers = users.get(pad.output[0], [])
+        if attrs.get("mode", b"constant") not in (b"constant", "constant") or len(readers) != 1:
+            continue
+        conv = readers[0]
+        conv_attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if conv.op_type != "Conv" or conv.input[0] != pad.output[0] or \
+                conv_attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        if len(pad.input) > 3 and pad.input[3]:  # an ``axes`` input (opset 18): not written by our exporter
+            continue
+        fill = _value(graph, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+        pads = _computed_constant(model, pad.input[1])
+        if fill is None or np.any(fill != 0) or pads is None or pads.ndim != 1 or np.any(pads < 0):
+            continue
+        rank = pads.size // 2
+        begin, end = pads[:rank].tolist(), pads[rank:].tolist()
+        if rank < 3 or any(begin[:2]) or any(end[:2]):  # batch and channel axes unpadded
+            continue
+        old = list(conv_attrs.get("pads", [0] * (2 * (rank - 2))))
+        merged = [a + b for a, b in zip(old, begin[2:] + end[2:])]
+        for a in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(a)
+        conv.attribute.append(helper.make_attribute("pads", merged))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    return len(folded)
 
 
 def _to_uint8(graph) -> int:
@@ -359,12 +436,12 @@ def _widest_weight_code(graph) -> int:
 
 
 def _drop_unused(graph) -> None:
-    """Constant nodes and initializers nothing reads (left by the edits)."""
+    """Nodes whose outputs nothing reads (the constant chains behind folded pads, Constants left by the edits) and
+    initializers nothing reads."""
     while True:
         users = _consumers(graph)
         outputs = {o.name for o in graph.output}
-        dead = [n for n in graph.node
-                if n.op_type == "Constant" and n.output[0] not in users and n.output[0] not in outputs]
+        dead = [n for n in graph.node if not any(o in users or o in outputs for o in n.output)]
         if not dead:
             break
         for n in dead:
@@ -376,13 +453,15 @@ def _drop_unused(graph) -> None:
 
 def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     """Apply the module's graph edits to the QDQ ONNX file at ``path`` in place; returns how many tensors each edit
-    changed (``casts_dropped``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``, ``clips_on_codes``).
+    changed (``casts_dropped``, ``pads_into_convs``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``,
+    ``clips_on_codes``).
     """
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
-    counts = {"casts_dropped": _drop_noop_casts(model), "clips_dropped": _drop_redundant_clips(graph),
+    counts = {"casts_dropped": _drop_noop_casts(model), "pads_into_convs": _pads_into_convs(model),
+              "clips_dropped": _drop_redundant_clips(graph),
               "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph),
               "clips_on_codes": _clips_on_codes(graph)}
     _drop_unused(graph)
