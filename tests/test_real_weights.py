@@ -93,6 +93,28 @@ def test_effnet_folded_gptq_bias_corrected_ptq(effnet_setup, wb, max_error, min_
     assert error <= max_error and agreement >= min_agreement, f"W{wb}A8 logit error {error:.3f}, agreement {agreement:.3f}"
 
 
+@pytest.mark.slow
+def test_effnet_sqakd_starts_from_the_ptq_model(effnet_setup, tmp_path):
+    """A student calibrated before SQAKDTrainer is built keeps that calibration (the benchmark's PTQ row is the
+    SQAKD start): the trainer's own calibration on other (training) crops is skipped and its outputs are unchanged."""
+    import datasets
+
+    from sqakd_hf import SQAKDTrainer, SQAKDTrainingArguments
+
+    teacher, _, test, _ = effnet_setup
+    student = _effnet_student(effnet_setup, "lsq", 8, 8).requires_grad_(True)
+    with torch.no_grad():
+        before = student(test[:8])
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    train = datasets.Dataset.from_dict({"pixel_values": photo_crops(8, seed=5).numpy()}).with_format("torch")
+    args = SQAKDTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, calibration_batches=2,
+                                  report_to="none", use_cpu=True, remove_unused_columns=False)
+    SQAKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).prepare_student()
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(student.eval()(test[:8]), before)
+
+
 # ---- all-MiniLM-L6-v2 --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm_setup():
