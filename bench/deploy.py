@@ -298,7 +298,7 @@ def _student(case: Case, setup: DeploySetup, **extra: Any) -> nn.Module:
 
 def _deploy_student(case: Case, setup: DeploySetup) -> Dict[str, Any]:
     """The deployment-aware student where this tree has that mode: ``QuantConfig(deploy="onnx",
-    modules_to_not_convert=[])``, every layer quantized (stem and classifier too), as in bench/deploy_integer.py."""
+    modules_to_not_convert=[])``, every layer quantized (stem and classifier too)."""
     import inspect
 
     from sqakd_hf import QuantConfig
