@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import cpu_fused
+
 
 def _round_or_sign(xn: Tensor, binary: bool) -> Tensor:
     """Round to the integer grid, or to {-1, +1} for binary (1-bit signed) grids."""
@@ -85,10 +87,21 @@ class _FakeQuantize(torch.autograd.Function):
         ctx.binary = binary
         ctx.pact = pact
         ctx.fast = _fast_path(x, scale, zero, delta, binary)
+        ctx.fused = False
         if ctx.fast:
-            # one allocation, then in-place passes (fresh allocations dominate CPU time here)
-            out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
-            ctx.save_for_backward(x, scale, out)
+            rows = cpu_fused.rows_view(x, scale)
+            out = None
+            if rows is not None and x.numel() >= cpu_fused.MIN_FORWARD_ELEMENTS:
+                out = cpu_fused.forward(rows[0], rows[1], qmin, qmax)  # one fused C++ loop
+                out = None if out is None else out.reshape(x.shape)
+            if out is None:
+                # one allocation, then in-place passes (fresh allocations dominate CPU time here)
+                out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+            if rows is not None:  # the fused backward recomputes the output from x instead of reading it
+                ctx.fused = True
+                ctx.save_for_backward(x, scale)
+            else:
+                ctx.save_for_backward(x, scale, out)
             return out
         xn = x - zero if zero is not None else x
         xn = xn / scale
@@ -134,8 +147,17 @@ class _FakeQuantize(torch.autograd.Function):
         """Same formulas as the general path with one allocation: with out = s * q,
         sum g (q - x_n [inside]) = (g . out - g[inside] . x) / s and, for PACT,
         sum g q [outside] = (g . out - g[inside] . out) / s."""
-        x, scale, out = ctx.saved_tensors
         qmin, qmax = ctx.qrange
+        if ctx.fused:
+            x, scale = ctx.saved_tensors
+            x2, s2 = cpu_fused.as_rows(x, scale)
+            res = cpu_fused.backward(x2, grad.reshape(x2.shape), s2, qmin, qmax, ctx.pact)
+            if res is not None:
+                grad_s = res[1].reshape(scale.shape) if ctx.needs_input_grad[1] else None
+                return res[0].reshape(x.shape), grad_s, None, None, None, None, None, None
+            out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+        else:
+            x, scale, out = ctx.saved_tensors
         # clamp(x, s qmin, s qmax) as two passes with one broadcast bound each: faster on CPU than one with two
         grad_x = torch.clamp_min(x, scale * qmin).clamp_max_(scale * qmax)
         grad_x = grad_x.eq_(x).mul_(grad)  # eq_ writes 1.0 inside the clip range, 0.0 outside
