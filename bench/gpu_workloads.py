@@ -10,7 +10,8 @@ autocast on CUDA (fp32 master weights, AdamW), fp32 on CPU.
 
 Variants, each one optimizer step on a fixed batch:
 
-* ``fp``: the FP model, cross-entropy with labels (next-token loss for the LM), backward, AdamW.
+* ``fp``: the FP model, cross-entropy with labels (next-token loss for the LM), backward, AdamW (fused, as
+  every variant: the transformers Trainer's default optimizer, which ``SQAKDTrainer`` uses).
 * ``fake_quant``: the W4A4 LSQ student (``quantize_model`` + ``calibrate``), same loss and optimizer.
 * ``sqakd``: ``SQAKDTrainer.training_step`` (teacher forward, student forward/backward, KD loss) + AdamW.
 * ``sqakd_cache``: the same step on a batch that carries the teacher's cached outputs (what
@@ -18,6 +19,8 @@ Variants, each one optimizer step on a fixed batch:
   top-64 log-probabilities + rest mass per token for the LM): no teacher forward.
 * ``torchao_qat``: torchao's QAT "prepare" (int8 per-token dynamic activations, int4 per-channel weights) on the
   Linear layers (torchao fake-quantizes Linear only: absent for resnet50), same loss as ``fp``.
+* ``fake_quant_fused``, ``sqakd_fused``, ``sqakd_cache_fused`` (CPU only): the same steps with the fused CPU
+  fake-quant kernels on (``SQAKD_CPU_FUSED=1``, :mod:`sqakd_hf.quantizers.cpu_fused`; compiled in the warm-up).
 
 On CUDA each variant runs alone (built, warm-up steps, timed steps, freed): median wall time per step
 (synchronised) and peak memory (``torch.cuda.max_memory_allocated``). On CPU the variants are timed in turn
@@ -48,6 +51,9 @@ from torch import nn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("fp", "fake_quant", "sqakd", "sqakd_cache", "torchao_qat")
+#: CPU only: the same steps with the fused CPU fake-quant kernels on (``sqakd_hf.quantizers.cpu_fused``)
+FUSED_VARIANTS = ("fake_quant_fused", "sqakd_fused", "sqakd_cache_fused")
+_FUSED = "_fused"
 TOP_K = 64
 
 #: per preset: (resnet model name, image size, batch) and the Llama config / sequence / batch
@@ -129,7 +135,8 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def _supervised_step(model: nn.Module, inputs, labels, device, bf16: bool) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # fused AdamW: the transformers Trainer's default (adamw_torch_fused), which the SQAKD variants step with
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     model.train()
 
     def step() -> None:
@@ -200,8 +207,24 @@ def _torchao_step(fp: nn.Module, inputs, labels, device, bf16: bool) -> Optional
     return _supervised_step(model, inputs, labels, device, bf16)
 
 
+def _with_fused_kernels(step: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+    """``step`` with the fused CPU fake-quant kernels on while it runs (off again for the interleaved others)."""
+    from sqakd_hf.quantizers import cpu_fused
+
+    if step is None:
+        return None
+
+    def fused_step() -> None:
+        with cpu_fused.use(True):
+            step()
+
+    return fused_step
+
+
 def make_step(variant: str, fp: nn.Module, inputs, labels, device, bf16: bool) -> Optional[Callable[[], None]]:
     """One optimizer step of ``variant`` (None: not applicable to this model)."""
+    if variant.endswith(_FUSED):
+        return _with_fused_kernels(make_step(variant[: -len(_FUSED)], fp, inputs, labels, device, bf16))
     if variant == "fp":
         return _supervised_step(fp, inputs, labels, device, bf16)
     if variant == "fake_quant":
@@ -290,6 +313,8 @@ def _ratios(rows: Dict[str, Any]) -> Dict[str, Optional[float]]:
     return {"fake_quant_vs_fp": ratio("fake_quant", "fp"), "sqakd_vs_fp": ratio("sqakd", "fp"),
             "sqakd_cache_vs_fake_quant": ratio("sqakd_cache", "fake_quant"),
             "sqakd_vs_torchao_qat": ratio("sqakd", "torchao_qat"),
+            "fake_quant_fused_vs_fp": ratio("fake_quant_fused", "fp"), "sqakd_fused_vs_fp": ratio("sqakd_fused", "fp"),
+            "sqakd_cache_fused_vs_fake_quant_fused": ratio("sqakd_cache_fused", "fake_quant_fused"),
             "sqakd_peak_mem_vs_fp": ratio("sqakd", "fp", "peak_mib")}
 
 
@@ -316,6 +341,11 @@ def markdown(result: Dict[str, Any]) -> str:
                   f"{fmt(rt['sqakd_vs_fp'])} (<= 1.5 GPU, <= 1.3 CPU); cached SQAKD/fake-quant "
                   f"{fmt(rt['sqakd_cache_vs_fake_quant'])} (<= 1.1); SQAKD/torchao QAT {fmt(rt['sqakd_vs_torchao_qat'])} "
                   f"(< 1); SQAKD peak memory/FP {fmt(rt['sqakd_peak_mem_vs_fp'])} (<= 1.3).", ""]
+        if rt.get("fake_quant_fused_vs_fp") is not None:
+            lines[-1:] = [f"With the fused CPU kernels (`SQAKD_CPU_FUSED=1`): fake-quant/FP "
+                          f"{fmt(rt['fake_quant_fused_vs_fp'])} (<= 1.15); SQAKD/FP {fmt(rt['sqakd_fused_vs_fp'])} "
+                          f"(<= 1.3); cached SQAKD/fake-quant {fmt(rt['sqakd_cache_fused_vs_fake_quant_fused'])} "
+                          "(<= 1.1).", ""]
     return "\n".join(lines)
 
 
@@ -325,17 +355,21 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="= --preset smoke --device cpu (mechanics only)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--workloads", default="vision,llama")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from {', '.join(VARIANTS + FUSED_VARIANTS)} (default: all; the fused ones "
+                   "on CPU only)")
     p.add_argument("--out", default=str(RESULTS), help="folder for workloads_<preset>_<device>.{json,md}")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.smoke:
         a.preset, a.device = "smoke", a.device or "cpu"
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.variants is None:
+        a.variants = ",".join(VARIANTS + (FUSED_VARIANTS if a.device == "cpu" else ()))
     a.workloads, a.variants = a.workloads.split(","), a.variants.split(",")
     for v in a.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS + FUSED_VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS + FUSED_VARIANTS)}")
     for w in a.workloads:
         if w not in ("vision", "llama"):
             p.error(f"unknown workload {w!r}; choose from vision, llama")

@@ -12,7 +12,7 @@ activations of big batches) it is memory-bound, and one fused loop each way make
 
 Used only on CPU tensors of at least :data:`MIN_ELEMENTS` elements (below, the call overhead of a compiled function
 outweighs the saved passes), outside an enclosing ``torch.compile`` (which fuses the eager formulas itself), and only
-where enabled (:func:`enabled`: ``SQAKD_CPU_FUSED=1``, or :func:`set_enabled`). When inductor cannot compile (no
+where enabled (:func:`enabled`: ``SQAKD_CPU_FUSED=1``, :func:`set_enabled` or :func:`use`). When inductor cannot compile (no
 C++ compiler), the first failure logs one warning and the eager path is used from then on.
 """
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,6 +49,17 @@ def set_enabled(on: Optional[bool]) -> None:
     """Turn the fused CPU kernels on or off for this process (``None``: back to the environment variable)."""
     _state["enabled"] = on
     _state["broken"] = False
+
+
+@contextmanager
+def use(on: bool) -> Iterator[None]:
+    """``with use(True):`` the fused CPU kernels on inside the block (e.g. around ``trainer.train()``), restored after."""
+    before = _state["enabled"]
+    _state["enabled"] = on
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
 
 
 def _forward(x: Tensor, scale: Tensor, inv: Tensor, qmin: float, qmax: float) -> Tensor:
