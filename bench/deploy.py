@@ -66,7 +66,9 @@ class DeploySetup:
     """``vision``: ``(model, pixels)`` pairs (``resnet18`` random init, ``efficientnet_lite0`` ImageNet weights);
     ``text_seq``: MiniLM sequence length (0: no text model); ``calib``: calibration samples per model; ``test`` /
     ``text_test``: held-out crops / tweets; ``repeats``: interleaved timing repeats per batch size; ``threads``:
-    intra-op threads (the first for every arm, the others for the ONNX arms only); ``memory``: fresh-process RSS."""
+    intra-op threads (the first for every arm, the others for the ONNX arms only); ``memory``: fresh-process RSS;
+    ``profile``: onnxruntime's kernel time by node type for the integer-graph arms; ``layers``: single conv layers
+    (depthwise, pointwise, stem) as FP32 Conv vs QLinearConv in isolation."""
 
     vision: Sequence[Tuple[str, int]]
     text_seq: int
@@ -80,6 +82,8 @@ class DeploySetup:
     seed: int = 0
     text_test: int = 256  # held-out tweets
     text_teacher_steps: int = 60  # head fitted quickly when the real_text teacher is not cached
+    profile: bool = True
+    layers: bool = True
 
 
 @dataclass
@@ -193,12 +197,18 @@ def _torch_forward(model: nn.Module, kind: str) -> Callable[[Dict[str, Tensor]],
     return forward
 
 
-def _ort_forward(path: Path, threads: int) -> Callable[[Dict[str, Tensor]], Tensor]:
+def _session(path: Path, threads: int = 1, profile_prefix: Optional[Path] = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, str(profile_prefix)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_forward(path: Path, threads: int) -> Callable[[Dict[str, Tensor]], Tensor]:
+    session = _session(path, threads)
     names = [i.name for i in session.get_inputs()]
 
     def forward(feed: Dict[str, Tensor]) -> Tensor:
@@ -460,6 +470,106 @@ def _peak_memory(arm: Dict[str, Any], feed_path: Path) -> Dict[str, Any]:
     return {**out, "model_rss_mb": out["peak_rss_mb"] - out["import_rss_mb"]}
 
 
+#: ONNX arms whose onnxruntime kernel time is broken down by node type (where an integer graph spends its time)
+PROFILED = ("ort_fp32", "ours_deploy", "ort_static")
+
+
+def _kernel_ms(session: Any) -> Dict[str, List[float]]:
+    """End ``session``'s profiling: each node type's kernel milliseconds in every run after the first (a warm-up),
+    from onnxruntime's ``*_kernel_time`` events."""
+    events = json.loads(Path(session.end_profiling()).read_text())
+    seen: Dict[str, int] = {}
+    per_run: Dict[str, Dict[int, float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            run = seen[e["name"]] = seen.get(e["name"], -1) + 1
+            if run:
+                runs = per_run.setdefault(e["args"]["op_name"], {})
+                runs[run] = runs.get(run, 0.0) + e["dur"] / 1000
+    return {op: list(runs.values()) for op, runs in per_run.items()}
+
+
+def kernel_profile(path: Path, feed: Dict[str, Tensor], runs: int, tmp: Path) -> Dict[str, float]:
+    """onnxruntime's kernel time by node type for ``path`` on ``feed`` (1 thread, all graph optimizations): mean ms
+    per run over ``runs`` runs after one warm-up, largest first."""
+    session = _session(path, 1, tmp / f"profile_{path.stem}")
+    inputs = {i.name: feed[i.name].numpy() for i in session.get_inputs()}
+    for _ in range(runs + 1):
+        session.run(None, inputs)
+    totals = {op: sum(times) / runs for op, times in _kernel_ms(session).items()}
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+#: timed runs per batch size of each single conv layer (a few ms each: enough repeats for a stable median)
+LAYER_REPEATS = {1: 40, 32: 6}
+#: single conv layers of EfficientNet-Lite0 (224 px): (label, in, out, kernel, stride, input size, groups)
+LAYERS = (("depthwise 3x3 s1, 32 ch, 112 px", 32, 32, 3, 1, 112, 32),
+          ("depthwise 3x3 s1, 144 ch, 56 px", 144, 144, 3, 1, 56, 144),
+          ("depthwise 3x3 s2, 96 ch, 112 px", 96, 96, 3, 2, 112, 96),
+          ("depthwise 5x5 s1, 480 ch, 14 px", 480, 480, 5, 1, 14, 480),
+          ("pointwise 1x1, 24 -> 144, 56 px", 24, 144, 1, 1, 56, 1),
+          ("pointwise 1x1, 144 -> 24, 56 px", 144, 24, 1, 1, 56, 1),
+          ("stem 3x3 s2, 3 -> 32, 224 px", 3, 32, 3, 2, 224, 1))
+
+
+def _conv_layer(path: Path, c_in: int, c_out: int, k: int, stride: int, size: int, groups: int,
+                quantized: bool) -> None:
+    """One conv as ONNX: FP32, or in the QDQ form of our exports (u8 activations, 7-bit per-channel weight codes)
+    that onnxruntime fuses into a QLinearConv."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (0.1 * rng.standard_normal((c_out, c_in // groups, k, k))).astype(np.float32)
+    consts = {"b": (0.1 * rng.standard_normal(c_out)).astype(np.float32)}
+    conv = dict(pads=[(k - 1) // 2] * 4, strides=[stride] * 2, group=groups, name="conv")
+    if quantized:
+        ws = (np.abs(w).reshape(c_out, -1).max(1) / 63).astype(np.float32)
+        consts.update(w_codes=np.rint(w / ws[:, None, None, None]).astype(np.int8), w_scale=ws,
+                      w_zero=np.zeros(c_out, np.int8), x_scale=np.array(0.02, np.float32),
+                      x_zero=np.array(128, np.uint8), y_scale=np.array(0.03, np.float32), y_zero=np.array(0, np.uint8))
+        nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w_codes", "w_scale", "w_zero"], ["wd"], axis=0),
+                 helper.make_node("Conv", ["xd", "wd", "b"], ["c"], **conv),
+                 helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zero"], ["yq"]),
+                 helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["y"])]
+    else:
+        consts["w"] = w
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], **conv)]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k_) for k_, v in consts.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def layer_isolation(repeats: Dict[int, int], tmp: Path) -> List[Dict[str, Any]]:
+    """Each of :data:`LAYERS` alone in onnxruntime (1 thread): the conv's kernel time as FP32 ``Conv`` and as the
+    ``QLinearConv`` onnxruntime fuses from the QDQ form, at each batch size of ``repeats`` (median per run; the
+    two arms alternate run by run)."""
+    rows = []
+    for label, c_in, c_out, k, stride, size, groups in LAYERS:
+        row: Dict[str, Any] = {"layer": label}
+        for bs, reps in repeats.items():
+            x = np.random.default_rng(1).standard_normal((bs, c_in, size, size)).astype(np.float32)
+            sessions = {}
+            for arm in ("fp32", "int8"):
+                path = tmp / f"layer_{arm}.onnx"
+                _conv_layer(path, c_in, c_out, k, stride, size, groups, arm == "int8")
+                sessions[arm] = _session(path, 1, tmp / f"layer_{arm}")
+            for _ in range(reps + 1):
+                for s in sessions.values():
+                    s.run(None, {"x": x})
+            for arm, session in sessions.items():
+                times = _kernel_ms(session)
+                conv = next(op for op in ("QLinearConv", "FusedConv", "Conv") if op in times)
+                row[f"b{bs}_{arm}_ms"] = statistics.median(times[conv])
+                row[f"{arm}_ops"] = sorted(times)
+            row[f"b{bs}_speedup"] = row[f"b{bs}_fp32_ms"] / row[f"b{bs}_int8_ms"]
+        rows.append(row)
+    return rows
+
+
 def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> Dict[str, Any]:
     """Build every arm of ``case`` and measure it; returns the case's JSON entry."""
     with tempfile.TemporaryDirectory(prefix="sqakd-deploy-") as tmp_name, Timer() as t:
@@ -506,6 +616,11 @@ def measure_case(case: Case, setup: DeploySetup, log: Callable[[str], None]) -> 
                 for k, mem in zip(timed, pool.map(lambda k: _peak_memory(ok[k], feed_path), timed)):
                     rows[k]["memory"] = mem
         _ratios(rows)
+        if setup.profile and case.kind == "vision":
+            for name in [k for k in PROFILED if k in timed]:
+                rows[name]["kernel_ms_by_op"] = {f"b{bs}": kernel_profile(ok[name]["path"], _take(case.test, bs),
+                                                                          max(1, reps // 2), tmp)
+                                                 for bs, reps in setup.repeats.items()}
     log(f"[deploy] {case.name}: {t.s:.0f} s")
     return {"name": case.name, "kind": case.kind, "note": case.note, "test_samples": len(top1["torch_fp32"]),
             "rows": rows, "wall_s": t.s}
@@ -595,7 +710,12 @@ def run(setup: DeploySetup, log: Callable[[str], None] = print) -> Dict[str, Any
             continue
         cases.append(measure_case(case, setup, log))
         del case
-    return {"setup": asdict(setup), "cases": cases, "skipped": skipped, "goals": goals(cases), "cpu_flags": cpu_flags(),
+    layers: List[Dict[str, Any]] = []
+    if setup.layers:
+        with tempfile.TemporaryDirectory(prefix="sqakd-layers-") as tmp:
+            layers = layer_isolation(LAYER_REPEATS, Path(tmp))
+        log("[deploy] single conv layers done")
+    return {"setup": asdict(setup), "cases": cases, "layers": layers, "skipped": skipped, "goals": goals(cases), "cpu_flags": cpu_flags(),
             "onnxruntime": onnxruntime.__version__, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
             "finished": now(), "peak_rss_bench_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -626,6 +746,29 @@ def _table(case: Dict[str, Any], threads: Sequence[int]) -> List[str]:
         lines.append(f"| {LABELS.get(name, name)} | {size} | {' | '.join(_ms(row, k) for k in keys)} | {mem_s} | "
                      f"{100 * row['agreement_student']:.1f} | {100 * row['agreement_teacher']:.1f} |")
     return lines
+
+
+def _by_op(ms: Dict[str, float]) -> str:
+    return ", ".join(f"{op} {v:.2f}" for op, v in list(ms.items())[:6]) + f"; total {sum(ms.values()):.2f}"
+
+
+def _layers_table(layers: List[Dict[str, Any]]) -> List[str]:
+    """Single conv layers: FP32 Conv vs QLinearConv kernel time."""
+    if not layers:
+        return []
+    sizes = sorted({int(k[1:].split("_")[0]) for row in layers for k in row if k.endswith("_speedup")})
+    head = " | ".join(f"b{b} FP32 ms | b{b} QLinearConv ms | b{b} FP32 / int8" for b in sizes)
+    lines = ["### Single conv layers in onnxruntime (1 thread)", "",
+             "One EfficientNet-Lite0-shaped conv per graph: FP32 `Conv` against the QDQ form of our exports (u8 "
+             "activations, 7-bit per-channel weight codes) that onnxruntime fuses into a `QLinearConv`; the conv "
+             "node's kernel time (profiler, median over runs, the two graphs alternating). The int8 graph also runs "
+             "its NHWC transposes and the input / output Q / DQ, not counted here.", "",
+             f"| layer | {head} |", "|---" * (1 + 3 * len(sizes)) + "|"]
+    for row in layers:
+        cells = " | ".join(f"{row[f'b{b}_fp32_ms']:.3f} | {row[f'b{b}_int8_ms']:.3f} | {row[f'b{b}_speedup']:.2f}x"
+                           for b in sizes)
+        lines.append(f"| {row['layer']} | {cells} |")
+    return lines + [""]
 
 
 def _goal_line(g: Dict[str, Any]) -> str:
@@ -675,12 +818,18 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
                   f"{case['wall_s']:.0f} s.", "", *_table(case, s["threads"]), ""]
         lines += ["Settings and the node types of the graph ORT runs after its optimizations:", ""]
         lines += [f"- {LABELS[k]}: {json.dumps(r['settings'])}" for k, r in case["rows"].items() if r.get("settings")]
+        profiled = {k: r["kernel_ms_by_op"] for k, r in case["rows"].items() if r.get("kernel_ms_by_op")}
+        if profiled:
+            lines += ["", "onnxruntime kernel time by node type (ms per run, 1 thread, profiler; the largest six and "
+                      "the total of all):", ""]
+            lines += [f"- {LABELS[k]}, batch {b[1:]}: " + _by_op(ms) for k, by in profiled.items() for b, ms in by.items()]
         ct = case["rows"].get("compressed_tensors", {}).get("memory", {})
         if "sqakd_hf_imported" in ct:
             lines.append(f"- compressed-tensors: the fresh process loaded it with plain transformers; sqakd_hf imported "
                          f"there: {'yes' if ct['sqakd_hf_imported'] else 'no'}")
         lines.append("")
     lines += [f"Skipped: {msg}" for msg in sec.get("skipped", [])] + [""] * bool(sec.get("skipped"))
+    lines += _layers_table(sec.get("layers", []))
     lines += ["### Goals (1 intra-op thread)", "", *(_goal_line(g) for g in sec["goals"]), ""]
     return lines
 
