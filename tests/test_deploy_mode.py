@@ -20,7 +20,7 @@ from sqakd_hf.errors import InputError
 from sqakd_hf.injection import named_quantizers
 from sqakd_hf.quantizers import FullPrecision
 
-from effnet_fixtures import photo_crops
+from effnet_fixtures import effnet_safetensors, effnet_teacher, photo_crops  # noqa: F401  (pytest fixtures)
 from test_folding import _with_real_looking_stats
 
 timm = pytest.importorskip("timm")
@@ -333,3 +333,28 @@ def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypa
             dynamic = export_onnx(student, tmp_path / f"dynamic{size}.onnx", x[:1])
         assert "Pad" in {n.op_type for n in onnx.load(str(dynamic)).graph.node}
         np.testing.assert_array_equal(unoptimized(path, x), unoptimized(dynamic, x))
+
+
+def test_real_efficientnet_lite0_runs_as_integer_convs_and_agrees(effnet_teacher, tmp_path):
+    """The real tf_efficientnet_lite0 (ImageNet weights) as a deploy-mode W8A8 student: in onnxruntime every conv but
+    the head is a QLinearConv (the five TF 'same' padding convs included) and the int8 graph agrees with the
+    fake-quant student on held-out photo crops: within a few steps of the logits, and the same top-1 on every crop
+    whose top-1 margin exceeds twice the largest difference (measured at 160 px: 15/16 crops, max logit difference
+    0.39 of 14.0; the flipped crop's margin was 0.16)."""
+    ort = pytest.importorskip("onnxruntime")
+    student = quantize_model(copy.deepcopy(effnet_teacher), DEPLOY)
+    calib, held = photo_crops(16, seed=0, size=160), photo_crops(16, seed=1, size=160)
+    calibrate(student, [calib[:8], calib[8:]])
+    student.eval()
+    path = export_onnx(student, tmp_path / "lite0.onnx", calib[:1])
+    ops = _ort_ops(path, tmp_path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
+    assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": held.numpy()})[0]
+    with torch.no_grad():
+        ref = student(held).numpy()
+    err = float(np.abs(out - ref).max())
+    assert err <= 0.1 * np.abs(ref).max(), (err, np.abs(ref).max())
+    top2 = np.sort(ref, 1)[:, -2:]
+    agree = out.argmax(1) == ref.argmax(1)
+    assert agree[top2[:, 1] - top2[:, 0] > 2 * err].all() and agree.mean() >= 14 / 16, agree
