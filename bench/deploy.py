@@ -12,8 +12,10 @@ for MiniLM the compressed-tensors export loaded by plain transformers.
 
 Columns: median latency at batch 1 and 32 (repeats interleaved over the arms; 1 and 2 intra-op threads), file
 size, peak RSS of a fresh process that loads the model and runs one batch of 32, top-1 agreement with the
-fake-quant student and with the FP teacher on held-out crops / tweets. Writes bench/results/deploy.{json,md}
-and deploy_<mode>.png.
+fake-quant student and with the FP teacher on held-out crops / tweets. For the vision models, onnxruntime's
+profiler splits the kernel time of ORT FP32, our integer graph and ``quantize_static`` by node type; single
+EfficientNet-Lite0 conv layers (depthwise, pointwise, stem) are timed alone as FP32 ``Conv`` vs ``QLinearConv``.
+Writes bench/results/deploy.{json,md} and deploy_<mode>.png.
 
     python -m bench --sections deploy
 """
