@@ -4,7 +4,7 @@
 
 SQAKD step: ``SQAKDTrainer.training_step`` (teacher forward under no_grad + W4A4 LSQ fake-quant
 student forward/backward + KD loss) then ``optimizer.step()``. FP step: the FP model's forward,
-cross-entropy with labels, backward, ``optimizer.step()``. Both AdamW, fp32.
+cross-entropy with labels, backward, ``optimizer.step()``. Both fused AdamW (the Trainer's default), fp32.
 
 Models: timm resnet18 at 32x32, batch 128; a BERT of MiniLM-L6 size (hidden 384, 6 layers, 12 heads,
 intermediate 1536, vocab 30522, 5-class head) at batch 16, seq 64.
@@ -90,7 +90,8 @@ def _fp_step_fn(model, batch, labels) -> Callable[[], None]:
 
     from sqakd_hf.model_io import call_model, output_tensor
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW: the transformers Trainer's default, which the SQAKD step (trainer.create_optimizer) uses too
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
 
     def step() -> None:
