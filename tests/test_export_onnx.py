@@ -190,3 +190,35 @@ def test_every_quantized_linear_is_an_integer_matmul(tmp_path: Path):
     ref = logits(student, batch).numpy()
     out = _session(tmp_path / "bert.onnx").run(None, {k: v.numpy() for k, v in batch.items()})[0]
     assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-2
+
+
+def test_static_same_padding_matches_timm_and_stays_dynamic_at_two_sizes():
+    """The constant TF 'same' amounts equal timm's own for every size, stride and kernel; a full-precision timm
+    Conv2dSame (left out of quantization) pads statically with the same output, and a conv called at two input sizes
+    keeps its dynamic padding."""
+    pytest.importorskip("timm")
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    from sqakd_hf.export.same_padding import same_padding, static_same_padding
+
+    for size in range(5, 40):
+        for kernel, stride, dilation in ((3, 1, 1), (3, 2, 1), (5, 2, 1), (3, 2, 2), (1, 2, 1)):
+            before, after = same_padding(size, kernel, stride, dilation)
+            assert before + after == get_same_padding(size, kernel, stride, dilation) and 0 <= after - before <= 1
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2), torch.nn.ReLU(), Conv2dSame(8, 8, 5, stride=2))
+    x = torch.randn(2, 3, 30, 31)
+    ref = model(x)
+    with static_same_padding(model, lambda: model(x[:1])) as made_static:
+        assert made_static == 2 and "forward" in vars(model[0])
+        assert torch.equal(model(x), ref)
+    assert "forward" not in vars(model[0])  # restored
+    shared = torch.nn.Sequential(model[2], torch.nn.MaxPool2d(2))
+
+    def twice() -> None:
+        shared(torch.randn(1, 8, 16, 16))
+        shared[0](torch.randn(1, 8, 9, 9))
+
+    with static_same_padding(shared, twice) as made_static:
+        assert made_static == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Set, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,16 +60,16 @@ def _static_forward(conv: nn.Conv2d, size: Tuple[int, int]) -> Callable[[Tensor]
 @contextlib.contextmanager
 def static_same_padding(model: nn.Module, run: Callable[[], object]) -> Iterator[int]:
     """While open, every same-padding conv of ``model`` pads by constants: the amounts for the input size it saw
-    during ``run()`` (one forward on the example inputs; skipped when there is no such conv). Yields the number of
-    convs made static; their forwards are restored on exit."""
+    during ``run()`` (one forward on the example inputs; skipped when there is no such conv; a conv called at two
+    sizes keeps its dynamic padding). Yields the number of convs made static; their forwards are restored on exit."""
     convs = same_padding_convs(model)
     if not convs:
         yield 0
         return
-    sizes: Dict[nn.Module, Tuple[int, int]] = {}
+    sizes: Dict[nn.Module, Set[Tuple[int, int]]] = {}
 
     def record(conv: nn.Module, args: Tuple[Tensor, ...]) -> None:
-        sizes.setdefault(conv, tuple(args[0].shape[-2:]))
+        sizes.setdefault(conv, set()).add(tuple(args[0].shape[-2:]))
 
     hooks = [conv.register_forward_pre_hook(record) for _, conv in convs]
     try:
@@ -77,10 +77,10 @@ def static_same_padding(model: nn.Module, run: Callable[[], object]) -> Iterator
     finally:
         for hook in hooks:
             hook.remove()
-    swapped = [conv for _, conv in convs if conv in sizes]
+    swapped = [conv for _, conv in convs if len(sizes.get(conv, ())) == 1]  # a conv called at two sizes stays dynamic
     try:
         for conv in swapped:
-            conv.forward = _static_forward(conv, sizes[conv])
+            conv.forward = _static_forward(conv, next(iter(sizes[conv])))
         yield len(swapped)
     finally:
         for conv in swapped:
