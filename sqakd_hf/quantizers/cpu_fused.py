@@ -93,11 +93,13 @@ def rows_view(x: Tensor, scale: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def as_rows(x: Tensor, scale: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(x as (C, N), scale as (C, 1))`` for one step per tensor or per leading-axis channel, else None."""
+    """``(x as (C, N), scale as (C, 1))`` for one step per tensor or per leading-axis channel, else None. Detached
+    (the autograd function computes the gradients itself): plain tensors, not views, so the compiled kernels guard
+    on their own shapes only (a view's base shape would add recompilations)."""
     if scale.numel() == 1:
-        return x.reshape(1, -1), scale.reshape(1, 1)
+        return x.reshape(1, -1).detach(), scale.reshape(1, 1).detach()
     if scale.dim() == x.dim() and scale.shape[0] == scale.numel() == x.shape[0]:  # (C, 1, ..., 1): leading axis
-        return x.reshape(scale.shape[0], -1), scale.reshape(-1, 1)
+        return x.reshape(scale.shape[0], -1).detach(), scale.reshape(-1, 1).detach()
     return None
 
 
@@ -119,4 +121,4 @@ def forward(x2: Tensor, s2: Tensor, qmin: float, qmax: float) -> Optional[Tensor
 def backward(x2: Tensor, g2: Tensor, s2: Tensor, qmin: float, qmax: float,
              pact: bool) -> Optional[Tuple[Tensor, Tensor]]:
     """Fused backward: ``(grad_x (C, N), grad_scale (C, 1))``; None when the kernels failed (use eager)."""
-    return _run("bwd", x2, g2.contiguous(), s2, s2.reciprocal(), qmin, qmax, pact)
+    return _run("bwd", x2, g2.contiguous().detach(), s2, s2.reciprocal(), qmin, qmax, pact)
