@@ -51,6 +51,7 @@ def fused(monkeypatch):
     from sqakd_hf.quantizers import cpu_fused
 
     monkeypatch.setattr(cpu_fused, "MIN_ELEMENTS", 64)
+    monkeypatch.setattr(cpu_fused, "MIN_TENSOR_ELEMENTS", 64)
     monkeypatch.setattr(cpu_fused, "MIN_FORWARD_ELEMENTS", 64)
     cpu_fused.set_enabled(True)
     yield cpu_fused
@@ -145,11 +146,14 @@ def test_fused_cpu_kernels_are_off_by_default_and_skip_small_or_unsupported_tens
     cpu_fused.set_enabled(None)
     try:
         assert cpu_fused.enabled()
-        big = torch.zeros(cpu_fused.MIN_ELEMENTS, 2)
+        big = torch.zeros(cpu_fused.MIN_TENSOR_ELEMENTS, 2)
+        rows = torch.zeros(cpu_fused.MIN_ELEMENTS // 2, 2)
         assert cpu_fused.rows_view(big, torch.ones(1)) is not None
-        assert cpu_fused.rows_view(torch.zeros(4, 4), torch.ones(1)) is None  # small: eager
+        assert cpu_fused.rows_view(rows, torch.ones(len(rows), 1)) is not None
+        assert cpu_fused.rows_view(rows, torch.ones(1)) is None  # per tensor: eager up to MIN_TENSOR_ELEMENTS
+        assert cpu_fused.rows_view(torch.zeros(4, 4), torch.ones(4, 1)) is None  # small: eager
         assert cpu_fused.rows_view(big.t(), torch.ones(1)) is None  # not contiguous
         assert cpu_fused.rows_view(big, torch.ones(1, 2)) is None  # channel on the last axis
-        assert cpu_fused.rows_view(big, torch.ones(cpu_fused.MIN_ELEMENTS)) is None  # 1-D scale broadcasts on dim -1
+        assert cpu_fused.rows_view(rows, torch.ones(len(rows))) is None  # a 1-D scale broadcasts on dim -1
     finally:
         cpu_fused.set_enabled(None)

@@ -28,11 +28,13 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-#: smallest tensor whose backward runs fused (one CPU thread: below ~2^17 elements the ~0.1 ms call overhead of a
-#: compiled function outweighs the saved passes)
-MIN_ELEMENTS = 1 << 17
-#: smallest tensor whose forward runs fused too (the eager forward is 4 in-place passes: cheap below ~2^20)
-MIN_FORWARD_ELEMENTS = 1 << 20
+#: smallest tensor with one step per row (weights per channel, token rows) whose backward runs fused (one CPU
+#: thread, measured: below ~2^18 elements the ~0.1 ms call overhead of a compiled function outweighs the saved passes)
+MIN_ELEMENTS = 1 << 18
+#: the same for one step per tensor (the eager backward's BLAS dot is fast: break-even near 2^20)
+MIN_TENSOR_ELEMENTS = 1 << 20
+#: smallest tensor whose forward runs fused too (the eager forward is 4 in-place passes: break-even near 2^19)
+MIN_FORWARD_ELEMENTS = 1 << 19
 
 _state = {"enabled": None, "broken": False, "fwd": None, "bwd": None}
 
@@ -86,7 +88,8 @@ def _compiled(name: str):
 def rows_view(x: Tensor, scale: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """``(x as (C, N), scale as (C, 1))`` when the fused kernels can serve this call (CPU, large, contiguous, one
     step per tensor or per leading-axis channel, not inside a compiled region), else None."""
-    if (x.device.type != "cpu" or x.numel() < MIN_ELEMENTS or not x.is_contiguous() or not enabled()
+    smallest = MIN_TENSOR_ELEMENTS if scale.numel() == 1 else MIN_ELEMENTS
+    if (x.device.type != "cpu" or x.numel() < smallest or not x.is_contiguous() or not enabled()
             or torch.compiler.is_compiling()):
         return None
     return as_rows(x, scale)
