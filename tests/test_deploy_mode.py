@@ -2,7 +2,8 @@
 output with one step per tensor, the rewritten forward keeps the folded teacher's function, an unknown residual block
 is refused, saved students reload identically (training and packed form), SQAKD trains them, and their ONNX export
 runs in onnxruntime as a fully integer graph (every Conv a QLinearConv, every residual Add a QLinearAdd) that agrees
-with the fake-quant student on this CPU (x86 without VNNI: 7-bit weight codes)."""
+with the fake-quant student on this CPU (x86 without VNNI: 7-bit weight codes); timm's tf_* models (TF 'same'
+padding) export with every conv but the head as a QLinearConv, random-init and the real EfficientNet-Lite0."""
 
 from __future__ import annotations
 

@@ -259,7 +259,8 @@ def export_onnx(
     ``example_inputs``: a tensor, a tuple of positional tensors (timm-style ``forward(x)``), or a mapping of keyword
     tensors (transformers: ``input_ids``, ``attention_mask``, ``pixel_values``...); their names become the graph's
     inputs, with the batch dimension (and the sequence dimension of 2-D token inputs) dynamic when
-    ``dynamic_batch``. Outputs are named ``output_names`` (default ``logits``). Raises
+    ``dynamic_batch``; other dimensions (an image's height and width) are fixed to the example's, and timm's TF
+    'same' padding convs pad by that size's constant amounts. Outputs are named ``output_names`` (default ``logits``). Raises
     :class:`~sqakd_hf.errors.InputError` for grids without an exact integer form (see :mod:`.grids`).
 
     Run the file with :data:`EXACT_SESSION_CONFIG` (also in its metadata) when quantized weights meet float inputs
