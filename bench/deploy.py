@@ -539,8 +539,8 @@ def _conv_layer(path: Path, c_in: int, c_out: int, k: int, stride: int, size: in
     else:
         consts["w"] = w
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], **conv)]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c_in, size, size])
+    graph = helper.make_graph(nodes, "layer", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(v, k_) for k_, v in consts.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
@@ -717,7 +717,8 @@ def run(setup: DeploySetup, log: Callable[[str], None] = print) -> Dict[str, Any
         with tempfile.TemporaryDirectory(prefix="sqakd-layers-") as tmp:
             layers = layer_isolation(LAYER_REPEATS, Path(tmp))
         log("[deploy] single conv layers done")
-    return {"setup": asdict(setup), "cases": cases, "layers": layers, "skipped": skipped, "goals": goals(cases), "cpu_flags": cpu_flags(),
+    return {"setup": asdict(setup), "cases": cases, "layers": layers, "skipped": skipped, "goals": goals(cases),
+            "cpu_flags": cpu_flags(),
             "onnxruntime": onnxruntime.__version__, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
             "finished": now(), "peak_rss_bench_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -824,7 +825,8 @@ def markdown(mode: str, meta: Dict[str, Any], sec: Dict[str, Any]) -> List[str]:
         if profiled:
             lines += ["", "onnxruntime kernel time by node type (ms per run, 1 thread, profiler; the largest six and "
                       "the total of all):", ""]
-            lines += [f"- {LABELS[k]}, batch {b[1:]}: " + _by_op(ms) for k, by in profiled.items() for b, ms in by.items()]
+            lines += [f"- {LABELS[k]}, batch {b[1:]}: " + _by_op(ms)
+                      for k, by in profiled.items() for b, ms in by.items()]
         ct = case["rows"].get("compressed_tensors", {}).get("memory", {})
         if "sqakd_hf_imported" in ct:
             lines.append(f"- compressed-tensors: the fresh process loaded it with plain transformers; sqakd_hf imported "

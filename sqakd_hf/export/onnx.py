@@ -17,8 +17,9 @@ While exporting, every quantized layer's quantizers are swapped for their intege
 
 The graph is traced by ``torch.onnx.export(..., dynamo=False)`` from ``torch.fake_quantize_per_*_affine``; the
 model is restored afterwards. TF 'same' padding convs (timm's ``tf_*`` models) pad by the constant amounts of the
-example input's height and width (:mod:`.same_padding`): the graph's height and width are fixed anyway. Grids without an exact integer form (and per-token activations with a learned clip
-ratio) are refused with :class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
+example input's height and width (:mod:`.same_padding`): the graph's height and width are fixed anyway. Grids
+without an exact integer form (and per-token activations with a learned clip ratio) are refused with
+:class:`~sqakd_hf.errors.InputError`, as for compressed-tensors.
 """
 
 from __future__ import annotations
@@ -260,8 +261,9 @@ def export_onnx(
     tensors (transformers: ``input_ids``, ``attention_mask``, ``pixel_values``...); their names become the graph's
     inputs, with the batch dimension (and the sequence dimension of 2-D token inputs) dynamic when
     ``dynamic_batch``; other dimensions (an image's height and width) are fixed to the example's, and timm's TF
-    'same' padding convs pad by that size's constant amounts. Outputs are named ``output_names`` (default ``logits``). Raises
-    :class:`~sqakd_hf.errors.InputError` for grids without an exact integer form (see :mod:`.grids`).
+    'same' padding convs pad by that size's constant amounts. Outputs are named ``output_names`` (default
+    ``logits``). Raises :class:`~sqakd_hf.errors.InputError` for grids without an exact integer form (see
+    :mod:`.grids`).
 
     Run the file with :data:`EXACT_SESSION_CONFIG` (also in its metadata) when quantized weights meet float inputs
     (``act_granularity="per_token_absmax"``, or weight-only layers): ``options.add_session_config_entry(
@@ -300,7 +302,7 @@ def export_onnx(
                                "kernels can saturate on this CPU (x86 without VNNI), so its outputs may differ from the "
                                "student's (real MiniLM W8A8: 99.0% top-1 agreement, 99.8% with graph optimizations "
                                "off). Use weight_bits <= 7 for such CPUs.")
-            with static_same_padding(model, lambda: traced(*values)):  # constant pads: fixed height and width
+            with static_same_padding(model, lambda: traced(*values)):  # fixed height and width: constant pads
                 torch.onnx.export(traced, tuple(values), str(staging), input_names=names, output_names=output_names,
                                   dynamic_axes=dynamic or None, opset_version=OPSET, dynamo=False)
         _store_weight_codes(staging, {SESSION_CONFIG_KEY: json.dumps(EXACT_SESSION_CONFIG)})
