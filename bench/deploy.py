@@ -715,7 +715,8 @@ def run(setup: DeploySetup, log: Callable[[str], None] = print) -> Dict[str, Any
     layers: List[Dict[str, Any]] = []
     if setup.layers:
         with tempfile.TemporaryDirectory(prefix="sqakd-layers-") as tmp:
-            layers = layer_isolation(LAYER_REPEATS, Path(tmp))
+            short = min(setup.repeats.values()) < 2  # a smoke run: as few repeats as its models
+            layers = layer_isolation(setup.repeats if short else LAYER_REPEATS, Path(tmp))
         log("[deploy] single conv layers done")
     return {"setup": asdict(setup), "cases": cases, "layers": layers, "skipped": skipped, "goals": goals(cases),
             "cpu_flags": cpu_flags(),
