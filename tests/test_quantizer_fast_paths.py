@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sqakd_hf.quantizers.base import token_absmax
-from sqakd_hf.quantizers.functional import _dot_per_scale
+from sqakd_hf.quantizers.functional import _step_grad_sum
 
 
 def test_token_absmax_equals_the_inf_norm_of_every_row():
@@ -32,16 +32,16 @@ def test_token_absmax_equals_the_inf_norm_of_every_row():
     ((6, 8), (6, 1), True),               # non-contiguous input
     ((2, 3, 5), (1, 1, 5), False),        # per-channel activation, features last
 ])
-def test_dot_per_scale_equals_the_reduced_product(shape, scale_shape, transpose):
+def test_step_grad_sum_equals_the_reduced_products(shape, scale_shape, transpose):
     torch.manual_seed(1)
-    a = torch.randn(shape[::-1] if transpose else shape, dtype=torch.float64)
-    b = torch.randn_like(a)
+    g, out, gx, other = (torch.randn(shape[::-1] if transpose else shape, dtype=torch.float64) for _ in range(4))
     if transpose:
-        a, b = a.t(), b.t()
+        g, out, gx, other = g.t(), out.t(), gx.t(), other.t()
     scale = torch.ones(scale_shape, dtype=torch.float64)
-    got = _dot_per_scale(a, b, scale)
+    got = _step_grad_sum(g, out, gx, other, scale)
     assert got.shape == scale.shape
-    assert torch.allclose(got, (a * b).sum_to_size(scale.shape), rtol=1e-12, atol=1e-12)
+    ref = (g * out).sum_to_size(scale.shape) - (gx * other).sum_to_size(scale.shape)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------ fused CPU kernels (torch.compile, opt-in)

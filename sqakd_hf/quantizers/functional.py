@@ -67,17 +67,14 @@ def _fast_path(x: Tensor, scale: Tensor, zero: Optional[Tensor], delta: Optional
     return zero is None and delta is None and not binary and per_channel_ok and full
 
 
-def _dot_per_scale(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
-    """``(a * b).sum_to_size(scale.shape)``: one BLAS dot per tensor; per channel on the leading axis (weights,
-    token rows) one row-wise ``vecdot`` of contiguous views (4-5x faster on CPU than a batched ``bmm`` of 1 x n
-    by n x 1 products); on another axis the plain product and sum."""
+def _step_grad_sum(grad: Tensor, out: Tensor, grad_x: Tensor, other: Tensor, scale: Tensor) -> Tensor:
+    """``(grad * out - grad_x * other).sum_to_size(scale.shape)``: per tensor as two BLAS dots (no temporary); per
+    channel with one temporary (``mul`` then an in-place ``addcmul_``) and one reduction, fewer passes and
+    allocations than two row-wise dots, and no cancellation between two large sums."""
     if scale.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(scale.shape)
-    axis = next(i for i, d in enumerate(scale.shape) if d != 1)
-    if axis == 0 and a.is_contiguous() and b.is_contiguous():
-        c = scale.shape[0]
-        return torch.linalg.vecdot(a.reshape(c, -1), b.reshape(c, -1)).reshape(scale.shape)
-    return (a * b).sum_to_size(scale.shape)
+        return (torch.dot(grad.reshape(-1), out.reshape(-1)) - torch.dot(grad_x.reshape(-1), other.reshape(-1))
+                ).reshape(scale.shape)
+    return torch.mul(grad, out).addcmul_(grad_x, other, value=-1).sum_to_size(scale.shape)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -144,7 +141,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def _fast_backward(ctx, grad):
-        """Same formulas as the general path with one allocation: with out = s * q,
+        """Same formulas as the general path with few allocations: with out = s * q,
         sum g (q - x_n [inside]) = (g . out - g[inside] . x) / s and, for PACT,
         sum g q [outside] = (g . out - g[inside] . out) / s."""
         qmin, qmax = ctx.qrange
@@ -163,8 +160,7 @@ class _FakeQuantize(torch.autograd.Function):
         grad_x = grad_x.eq_(x).mul_(grad)  # eq_ writes 1.0 inside the clip range, 0.0 outside
         grad_s = None
         if ctx.needs_input_grad[1]:
-            other = out if ctx.pact else x
-            grad_s = (_dot_per_scale(grad, out, scale) - _dot_per_scale(grad_x, other, scale)) / scale
+            grad_s = _step_grad_sum(grad, out, grad_x, out if ctx.pact else x, scale) / scale
         return grad_x, grad_s, None, None, None, None, None, None
 
 
