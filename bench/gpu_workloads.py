@@ -321,6 +321,8 @@ def _ratios(rows: Dict[str, Any]) -> Dict[str, Optional[float]]:
 def markdown(result: Dict[str, Any]) -> str:
     lines = [f"# QAT workloads ({result['preset']} preset, {result['gpu'] or result['device']}, "
              f"{'bf16 autocast' if result['bf16'] else 'fp32'}, torch {result['torch']})", ""]
+    if result.get("note"):
+        lines += [f"Run: {result['note']}.", ""]
     for w, data in result["workloads"].items():
         rows = data["variants"]
         fp = rows.get("fp") or {}
@@ -360,6 +362,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "on CPU only)")
     p.add_argument("--out", default=str(RESULTS), help="folder for workloads_<preset>_<device>.{json,md}")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--note", default="", help="free text for the header (e.g. the machine's load during the run)")
     a = p.parse_args(argv)
     if a.smoke:
         a.preset, a.device = "smoke", a.device or "cpu"
@@ -382,6 +385,8 @@ def main(argv: Optional[List[str]] = None, log=print) -> Path:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     result = run(a.preset, device, a.workloads, a.variants, log=log)
+    if a.note:
+        result["note"] = a.note
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"workloads_{a.preset}_{device.type}"
