@@ -217,9 +217,11 @@ class SQAKDTrainer(Trainer):
             teacher.config.use_cache = False  # no KV cache to build on every training forward
         if self.args.device.type == "cuda" and (self.args.bf16 or self.args.fp16):
             teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
-        if self.args.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in teacher.modules()):
+        if self.args.device.type == "cpu" and model_library(teacher) == "timm" and any(
+                isinstance(m, nn.Conv2d) for m in teacher.modules()):
             # oneDNN convolutions in channels_last skip a layout reorder per call: the frozen teacher's forward runs
-            # 15-35% faster on CPU (resnet18/50, EfficientNet-Lite0), same outputs up to float rounding (~1e-7)
+            # 15-35% faster on CPU (resnet18/50, EfficientNet-Lite0), same outputs up to float rounding (~1e-7).
+            # timm models support channels_last throughout (other code may .view() a conv output, which fails)
             teacher.to(memory_format=torch.channels_last)
         # accelerate now lists the teacher among its prepared models, so Trainer.evaluation_loop no longer
         # prepares a student that training has not prepared yet: see _prepare_student_for_evaluation
