@@ -1,6 +1,7 @@
 """Where a fake-quant and a SQAKD training step spend their time over an FP fine-tuning step (CPU workloads).
 
     python -m bench.step_breakdown --threads 1        # writes bench/results/step_breakdown_cpu.{json,md}
+    python -m bench.step_breakdown --preset smoke --out DIR    # seconds-long mechanics check
 
 Each row is one optimizer step (or one part of it) on the ``cpu`` preset of :mod:`bench.gpu_workloads`, timed in
 turn with the others (interleaved, CPU time of this process), so each difference is the cost of one thing:
@@ -77,9 +78,9 @@ def _teacher_forward(fp: torch.nn.Module, inputs) -> Callable[[], None]:
     return lambda: trainer.teacher_outputs(inputs)
 
 
-def breakdown(workload: str, reps: int) -> Dict[str, Any]:
+def breakdown(workload: str, reps: int, preset: str = "cpu") -> Dict[str, Any]:
     device = torch.device("cpu")
-    fp, inputs, labels = build_workload(workload, "cpu", device)
+    fp, inputs, labels = build_workload(workload, preset, device)
     steps: Dict[str, Callable[[], None]] = {"fp": _supervised_step(copy.deepcopy(fp), inputs, labels, device, False)}
     for name, (w, a) in {"student, quantizers bypassed": (True, True), "weights only": (False, True),
                          "activations only": (True, False), "fake_quant": (False, False)}.items():
@@ -91,13 +92,14 @@ def breakdown(workload: str, reps: int) -> Dict[str, Any]:
     for variant in ("sqakd", "sqakd_fused"):
         steps[variant.replace("_fused", ", fused")] = make_step(variant, copy.deepcopy(fp), inputs, labels, device,
                                                                 False)
-    times = time_interleaved(steps, reps, device, warmup=PRESETS["cpu"]["warmup"], cpu_time=True)
+    times = time_interleaved(steps, reps, device, warmup=PRESETS[preset]["warmup"], cpu_time=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"config": _describe(workload, "cpu"), "median_s": med, "times_s": times}
+    return {"config": _describe(workload, preset), "median_s": med, "times_s": times}
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    lines = ["# Where the step time goes (cpu preset, 1 thread, CPU time, interleaved)", "",
+    lines = [f"# Where the step time goes ({result['preset']} preset, {result['threads']} thread(s), CPU time, "
+             "interleaved)", "",
              f"`python -m bench.step_breakdown --threads {result['threads']}`, torch {result['torch']}"
              + (f"; {result['note']}" if result.get("note") else ""), ""]
     for data in result["workloads"].values():
@@ -119,23 +121,26 @@ _WHOLE_STEPS = ("student, quantizers bypassed", "weights only", "activations onl
 def main(argv: Optional[List[str]] = None, log=print) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default="vision,llama")
-    p.add_argument("--reps", type=int, default=PRESETS["cpu"]["reps"])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preset", choices=("cpu", "smoke"), default="cpu", help="smoke: tiny models (mechanics only)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default: the preset's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's setting)")
     p.add_argument("--note", default="", help="free text for the header (e.g. the machine's load)")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    result: Dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "note": a.note,
-                              "workloads": {}}
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    result: Dict[str, Any] = {"preset": a.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "note": a.note, "workloads": {}}
     for w in a.workloads.split(","):
-        result["workloads"][w] = breakdown(w, a.reps)
+        result["workloads"][w] = breakdown(w, a.reps or PRESETS[a.preset]["reps"], a.preset)
         log(f"[breakdown] {w}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in result["workloads"][w]["median_s"].items()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step_breakdown_cpu.json").write_text(json.dumps(result, indent=1))
-    (out / "step_breakdown_cpu.md").write_text(markdown(result))
-    log(f"[breakdown] wrote {out / 'step_breakdown_cpu'}.json and .md")
-    return out / "step_breakdown_cpu.md"
+    stem = f"step_breakdown_{a.preset}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    log(f"[breakdown] wrote {out / stem}.json and .md")
+    return out / f"{stem}.md"
 
 
 if __name__ == "__main__":
