@@ -107,6 +107,8 @@ def as_rows(x: Tensor, scale: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def _run(name: str, *args):
+    if _state["broken"]:  # failed once (e.g. a backward still pending from before the failure): eager, no new warning
+        return None
     try:
         return _compiled(name)(*args)
     except Exception as err:  # inductor unavailable (no C++ compiler, unsupported platform): eager from now on
