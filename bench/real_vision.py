@@ -359,3 +359,39 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
     md = results_dir / "real_vision.md"
     md.write_text("\n".join(lines))
     return md
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """One SQAKD row from the full preset's data and PTQ start, with its top-1 curve, printed as JSON: the quick
+    probe for choosing a row's settings (``python -m bench.real_vision --bits 4 8 --lr 1e-4 --steps 150``)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--method", default="lsq")
+    p.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("W", "A"))
+    p.add_argument("--layer-bits", type=json.loads, default=None, help='QuantConfig.layer_bits as JSON')
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--quantizer-lr", type=float, default=None)
+    p.add_argument("--train-crops", type=int, default=640)
+    p.add_argument("--test-crops", type=int, default=384)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from .runner import setup as runner_setup
+
+    runner_setup(1, False)
+    extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr}
+    if a.layer_bits:
+        extra.update(layer_bits=a.layer_bits, label="mixed")
+    setup = RealVisionSetup(a.size, a.train_crops, a.test_crops, Budget(a.steps, 16, a.lr, weight_decay=0.0, seed=a.seed),
+                            [(a.method, *a.bits, extra)], eval_every=a.eval_every)
+    row = _sqakd_row(setup, parse_setting(setup.budget, setup.settings[0]), _context(setup))
+    print(json.dumps(row, indent=1))
+    return row
+
+
+if __name__ == "__main__":
+    main()
