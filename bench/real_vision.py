@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .bench_bn_policy import _crops, _teacher
-from .common import Budget, Timer, _args, paired_difference
+from .common import TEMPERATURE, Budget, Timer, _args, paired_difference
 from .real_text import merge_run, row_budget
 
 GOALS = {(8, 8): 0.97, (4, 8): 0.90}  # SQAKD top-1 agreement
@@ -47,15 +47,16 @@ PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
 )
 
 
-#: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision and its table label
-MIXED_FIELDS = ("layer_bits", "label")
+#: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision, its table label, KD temperature
+MIXED_FIELDS = ("layer_bits", "label", "temperature")
 
 
 @dataclass
 class RealVisionSetup:
     """``settings``: ``(method, weight_bits, act_bits, lr)`` or ``(method, weight_bits, act_bits, {field: value})``
     where the dict overrides budget fields (``steps``, ``lr``, ``weight_decay``, ``quantizer_lr``) and may set
-    ``layer_bits`` (``QuantConfig.layer_bits``, mixed precision) with a ``label`` for the tables. Crops are
+    ``layer_bits`` (``QuantConfig.layer_bits``, mixed precision) with a ``label`` for the tables, and
+    ``temperature`` (the KD temperature T, default 4). Crops are
     ``size`` pixels square; ``eval_every`` > 0 records the held-out agreement every that many SQAKD steps;
     ``jobs`` > 1 runs the PTQ table and the SQAKD rows in that many worker processes."""
 
@@ -79,6 +80,7 @@ class Setting:
     budget: Budget
     layer_bits: Optional[Dict[str, Any]] = None
     label: str = ""
+    temperature: float = TEMPERATURE
 
     @property
     def bits(self) -> str:
@@ -223,7 +225,8 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, student: Opti
     student.requires_grad_(True)
     curve = _Curve(setup.eval_every, ctx.test_x, ctx.t_logits, setup.eval_batch_size)
     with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
-        args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True)
+        args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True,
+                                   temperature=st.temperature)
         trainer = SQAKDTrainer(model=student, teacher_model=ctx.teacher, args=args, train_dataset=ctx.train,
                                callbacks=[curve.callback()])
         trainer.prepare_student()  # every quantizer is initialised: only the output check runs
@@ -234,7 +237,7 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, student: Opti
     b = st.budget
     row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
            "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
-           "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
+           "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr, "temperature": st.temperature,
            "quant_config": st.config(**start).to_dict(), "ptq": ptq,
            "sqakd": {**sqakd, "train_s": tt.s, "curve": curve.points + [(b.steps, sqakd["top1_agreement"])]},
            "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
@@ -350,6 +353,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
             goal = "-" if g is None else f">= {100 * g['min_top1_agreement']:.0f}%: **{'met' if g['met'] else 'not met'}**"
             curve = ", ".join(f"{k}: {100 * v:.1f}" for k, v in s.get("curve", []))
             lr = r["lr"] if r.get("quantizer_lr", r["lr"]) == r["lr"] else f"{r['lr']} (quantizers {r['quantizer_lr']})"
+            lr = lr if r.get("temperature", b["temperature"]) == b["temperature"] else f"{lr}, T = {r['temperature']}"
             lines.append(f"| {r['method']} | {r['bits']} | {_shares(r.get('weight_bit_shares'))} | "
                          f"{r.get('steps', b['steps'])} | {lr} | {100 * p['top1_agreement']:.1f} → "
                          f"{100 * s['top1_agreement']:.1f} (±{200 * s['top1_agreement_se']:.1f}) "
@@ -374,6 +378,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--quantizer-lr", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--train-crops", type=int, default=640)
     p.add_argument("--test-crops", type=int, default=384)
     p.add_argument("--size", type=int, default=224)
@@ -383,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from .runner import setup as runner_setup
 
     runner_setup(1, False)
-    extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr}
+    extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr, "temperature": a.temperature}
     if a.layer_bits:
         extra.update(layer_bits=a.layer_bits, label="mixed")
     setup = RealVisionSetup(a.size, a.train_crops, a.test_crops, Budget(a.steps, 16, a.lr, weight_decay=0.0, seed=a.seed),
