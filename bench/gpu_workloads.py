@@ -387,12 +387,15 @@ def main(argv: Optional[List[str]] = None, log=print) -> Path:
     result = run(a.preset, device, a.workloads, a.variants, log=log)
     if a.note:
         result["note"] = a.note
-    out = Path(a.out)
+    return write_results(Path(a.out), f"workloads_{a.preset}_{device.type}", result, markdown(result), log, "workloads")
+
+
+def write_results(out: Path, stem: str, result: Dict[str, Any], text: str, log=print, tag: str = "bench") -> Path:
+    """``out/stem.json`` (the result) and ``out/stem.md`` (``text``); returns the markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"workloads_{a.preset}_{device.type}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    log(f"[workloads] wrote {out / stem}.json and .md")
+    (out / f"{stem}.md").write_text(text)
+    log(f"[{tag}] wrote {out / stem}.json and .md")
     return out / f"{stem}.md"
 
 

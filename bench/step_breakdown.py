@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from bench.gpu_workloads import (PRESETS, RESULTS, _describe, _student, _supervised_loss, _supervised_step,
-                                 _with_fused_kernels, build_workload, make_step, time_interleaved)
+                                 _with_fused_kernels, build_workload, make_step, time_interleaved, write_results)
 
 
 def _bypassed(student: torch.nn.Module, weights: bool, acts: bool) -> torch.nn.Module:
@@ -134,13 +133,7 @@ def main(argv: Optional[List[str]] = None, log=print) -> Path:
     for w in a.workloads.split(","):
         result["workloads"][w] = breakdown(w, a.reps or PRESETS[a.preset]["reps"], a.preset)
         log(f"[breakdown] {w}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in result["workloads"][w]["median_s"].items()))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"step_breakdown_{a.preset}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    log(f"[breakdown] wrote {out / stem}.json and .md")
-    return out / f"{stem}.md"
+    return write_results(Path(a.out), f"step_breakdown_{a.preset}", result, markdown(result), log, "breakdown")
 
 
 if __name__ == "__main__":
