@@ -47,7 +47,9 @@ def student_of(teacher: nn.Module, **cfg) -> nn.Module:
 
 # ---- quality on real data -------------------------------------------------------------------
 def test_label_free_sqakd_beats_ptq_on_digits(digits, digits_teacher, tmp_path):
-    """Label-free W4A4 and W2A2 students (LSQ): better than PTQ, and W4A4 within 2 points of the teacher.
+    """Label-free W4A4 and W2A2 students (LSQ): closer to the teacher than PTQ on held-out digits (lower KL to its
+    predictions, accuracy not lower: at W4A4 both sit near this easy task's ceiling, where ties happen), and W4A4
+    within 2 points of the teacher.
 
     W4A4 quantizes every layer (stem and head too): with the paper's FP stem/head, W4A4 PTQ is already
     within a point of the teacher on this easy task (97.8% vs 98.7%), leaving nothing to show. W2A2 uses
@@ -57,6 +59,17 @@ def test_label_free_sqakd_beats_ptq_on_digits(digits, digits_teacher, tmp_path):
     train_ds = image_dataset(x_tr)  # no label column at all
     assert train_ds.column_names == ["pixel_values"]
     teacher_acc = accuracy(digits_teacher, x_te, y_te)
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(digits_teacher(x_te), dim=-1)
+
+    def kl_to_teacher(model):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            logq = torch.log_softmax(model(x_te), dim=-1)
+        model.train(was)
+        return torch.nn.functional.kl_div(logq, teacher_logp, log_target=True, reduction="batchmean").item()
+
     results = {"teacher": teacher_acc}
     for name, cfg in {
         "W4A4": dict(weight_bits=4, act_bits=4, modules_to_not_convert=[]),
@@ -68,15 +81,16 @@ def test_label_free_sqakd_beats_ptq_on_digits(digits, digits_teacher, tmp_path):
         ptq = student_of(digits_teacher, **cfg)
         order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(0))[: 4 * 64]
         calibrate(ptq, [x_tr[order[i : i + 64]] for i in range(0, len(order), 64)])
-        ptq_acc = accuracy(ptq, x_te, y_te)
+        ptq_acc, ptq_kl = accuracy(ptq, x_te, y_te), kl_to_teacher(ptq)
 
         student = student_of(digits_teacher, **cfg)
         trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(digits_teacher), args=args, train_dataset=train_ds)
         trainer.train()
         # the trainer calibrated exactly like the PTQ baseline (same samples) before training
-        qat_acc = accuracy(student, x_te, y_te)
-        results[name] = {"ptq": ptq_acc, "sqakd": qat_acc}
-        assert qat_acc > ptq_acc, (name, results)
+        qat_acc, qat_kl = accuracy(student, x_te, y_te), kl_to_teacher(student)
+        results[name] = {"ptq": ptq_acc, "sqakd": qat_acc, "ptq_kl": ptq_kl, "sqakd_kl": qat_kl}
+        assert qat_kl < 0.8 * ptq_kl, (name, results)
+        assert qat_acc >= ptq_acc, (name, results)
     print(f"\ndigits held-out accuracy (%): {results}")
     assert teacher_acc > 97.0
     assert results["W4A4"]["sqakd"] >= teacher_acc - 2.0, results
