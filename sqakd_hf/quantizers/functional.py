@@ -77,6 +77,12 @@ def _step_grad_sum(grad: Tensor, out: Tensor, grad_x: Tensor, other: Tensor, sca
     return torch.mul(grad, out).addcmul_(grad_x, other, value=-1).sum_to_size(scale.shape)
 
 
+def _fake_quant_fast(x: Tensor, scale: Tensor, qmin: float, qmax: float) -> Tensor:
+    """``round(clamp(x * (1 / s), qmin, qmax)) * s`` with one allocation, then in-place passes (fresh
+    allocations dominate CPU time here)."""
+    return torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+
+
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero, qmin, qmax, delta, binary, pact):
@@ -92,8 +98,7 @@ class _FakeQuantize(torch.autograd.Function):
                 out = cpu_fused.forward(rows[0], rows[1], qmin, qmax)  # one fused C++ loop
                 out = None if out is None else out.reshape(x.shape)
             if out is None:
-                # one allocation, then in-place passes (fresh allocations dominate CPU time here)
-                out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+                out = _fake_quant_fast(x, scale, qmin, qmax)
             if rows is not None:  # the fused backward recomputes the output from x instead of reading it
                 ctx.fused = True
                 ctx.save_for_backward(x, scale)
@@ -152,7 +157,7 @@ class _FakeQuantize(torch.autograd.Function):
             if res is not None:
                 grad_s = res[1].reshape(scale.shape) if ctx.needs_input_grad[1] else None
                 return res[0].reshape(x.shape), grad_s, None, None, None, None, None, None
-            out = torch.mul(x, scale.reciprocal()).clamp_(qmin, qmax).round_().mul_(scale)
+            out = _fake_quant_fast(x, scale, qmin, qmax)
         else:
             x, scale, out = ctx.saved_tensors
         # clamp(x, s qmin, s qmax) as two passes with one broadcast bound each: faster on CPU than one with two
