@@ -143,6 +143,14 @@ class SQAKDTrainingArguments(TrainingArguments):
                   "built for another teacher, dataset, k or temperature is an error, not overwritten."},
     )
 
+    fused_quantizers: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Fused CPU kernels (torch.compile, inductor's C++ backend) for the fake-quant forward and "
+                  "backward of large CPU tensors during train(): true on, false off, unset = the SQAKD_CPU_FUSED "
+                  "environment variable (off unless it is 1). The first use of each kernel compiles for 5-25 s and "
+                  "needs a C++ compiler (without one: eager path, one warning). GPU training is unaffected."},
+    )
+
     def __post_init__(self) -> None:
         def number(name: str) -> float:
             value = getattr(self, name)

@@ -33,6 +33,7 @@ image columns (transformers has no public one; see ``SQAKDTrainer``'s column han
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -57,6 +58,7 @@ from ..serialization.manifest import non_finite
 from ..hub.card_info import write_model_card
 from ..hub.push import push_to_hub as push_quantized_to_hub
 from ..injection import is_quantized, quant_layers, quantizer_parameters, named_quantizers
+from ..quantizers import cpu_fused
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
@@ -466,8 +468,10 @@ class SQAKDTrainer(Trainer):
         restore = self._use_teacher_cache() if self.args.cache_teacher_outputs else None
         self._prepare_pending = True
         self.finite_guard.reset()
+        fused = self.args.fused_quantizers
         try:
-            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            with cpu_fused.use(fused) if fused is not None else contextlib.nullcontext():
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._prepare_pending = False
             if restore is not None:
