@@ -14,7 +14,8 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * a BatchNorm statistics policy (``bn_policy``, see :mod:`.batchnorm`): by default (``"auto"``) an 8-bit
   student's BN layers stay in eval mode, keeping the teacher's running statistics (weight and bias still
   train), and a lower-bit student's BN re-estimates them;
-* a separate optimizer group for quantizer parameters (own lr, no weight decay by default);
+* a separate optimizer group for quantizer parameters (own lr, no weight decay by default), updated relative to
+  their size by default (``quantizer_lr_mode``, see :mod:`.quantizer_lr`);
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
   hidden-state targets);
@@ -66,6 +67,7 @@ from .ddp import unused_parameters
 from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
+from .quantizer_lr import RelativeQuantizerUpdate
 from .losses import hidden_state_per_position, kd_kl_per_position, kd_kl_topk_per_position
 from .teacher_cache import (
     INDEX_KEY, CacheSpec, CachedTeacherCollator, IndexedDataset, TeacherCache, check_deterministic,
@@ -181,6 +183,8 @@ class SQAKDTrainer(Trainer):
         self._bn_cache: Tuple[Optional[nn.Module], str, List[Tuple[str, nn.Module]]] = (None, "train", [])
         #: the teacher-output cache of the current (or last) training run (``args.cache_teacher_outputs``)
         self.teacher_cache: Optional[TeacherCache] = None
+        #: the step hooks of ``quantizer_lr_mode='relative'`` on the trainer's own optimizer (None otherwise)
+        self.quantizer_update: Optional[RelativeQuantizerUpdate] = None
 
     # ---- validation ------------------------------------------------------------------------
     @staticmethod
@@ -453,11 +457,16 @@ class SQAKDTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         if is_optimizer_factory(optimizer_cls) or any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")):
             logger.warning(
-                "sqakd: optimizer %s builds its own parameter groups; quantizer parameters get no separate group",
+                "sqakd: optimizer %s builds its own parameter groups; quantizer parameters get no separate group%s",
                 getattr(optimizer_cls, "__name__", optimizer_cls),
+                " and absolute updates (quantizer_lr_mode='relative' needs the trainer's groups)"
+                if self.args.quantizer_lr_mode == "relative" else "",
             )
             return super().create_optimizer(model)
-        self.optimizer = optimizer_cls(self.quantizer_param_groups(opt_model), **optimizer_kwargs)
+        groups = self.quantizer_param_groups(opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        if self.args.quantizer_lr_mode == "relative":  # the quantizer group is the last one
+            self.quantizer_update = RelativeQuantizerUpdate(self.optimizer, len(groups) - 1)
         return self.optimizer
 
     # ---- calibration and checks before the first step ---------------------------------------
@@ -827,6 +836,7 @@ class SQAKDTrainer(Trainer):
         return {
             "temperature": a.temperature, "kd_weight": a.kd_weight, "ce_weight": a.ce_weight,
             "learning_rate": a.learning_rate, "quantizer_learning_rate": a.effective_quantizer_learning_rate,
+            "quantizer_lr_mode": a.quantizer_lr_mode,
             # epochs actually trained (a max_steps run may end long before num_train_epochs)
             "epochs": round(float(self.state.epoch or 0.0), 3), "global_steps": self.state.global_step,
         }
