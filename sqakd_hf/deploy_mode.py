@@ -13,6 +13,13 @@ each conv's weight and input it quantizes
   block's output has no ``input_quantizer`` (that tensor is already on one grid), and a quantized layer that reads a
   rewritten block's output directly gets a pass-through input quantizer.
 
+An integer conv also adds its bias as an int32 code at step ``s_in * s_w`` (input step times the channel's weight step),
+so each conv whose output the graph quantizes (it feeds, through ReLU / ReLU6 / identity only, a quantized layer or
+quantizer) adds ``round(b / d) * d`` with ``d = max(s_in * s_w, |b| / BIAS_CODE_LIMIT)`` (straight-through gradient
+to ``b``): the rounding moves an output by up to ``s_in * s_w / 2``, a sizeable fraction of an output step for convs
+with few inputs per output (the stem: ~0.04 of a step), which without it flips one code in a few hundred; the floor
+keeps the code inside int32 for channels with near-zero folded weights (:func:`integer_bias`).
+
 The residual blocks are found by type in :data:`BLOCKS` (timm's ResNet ``BasicBlock`` / ``Bottleneck`` and the
 EfficientNet / MobileNet ``InvertedResidual``, ``DepthwiseSeparableConv`` and ``ConvBnAct`` with a skip); each block is
 given a subclass of its type whose ``forward`` adds the quantizers, keeping every child and tensor name. Which tensors
@@ -25,18 +32,24 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .config import QuantConfig
 from .errors import InputError
-from .folding import traced_graphs
+from .folding import FoldedNorm, traced_graphs
 from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
-__all__ = ["BLOCKS", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "tensor_quantizers"]
+__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "integer_bias",
+           "tensor_quantizers"]
+
+#: largest ``|bias code|`` of an integer conv: int32, with room for the accumulated products (``K * 255 * 128``
+#: stays below ``2**30`` up to ``K = 32768`` inputs per output)
+BIAS_CODE_LIMIT = 2 ** 30
 
 #: the quantizers a rewritten block may hold, in the order its forward applies them
 BLOCK_QUANTIZERS = ("input_quantizer", "residual_quantizer", "shortcut_quantizer", "output_quantizer")
@@ -72,6 +85,7 @@ BLOCKS: Dict[Tuple[str, str], BlockSpec] = {
 }
 
 _DEPLOY_CLASSES: Dict[type, type] = {}
+_INTEGER_CLASSES: Dict[type, type] = {}  # quantized conv type -> its subclass adding the bias on the int32 grid
 
 
 def _child(block: nn.Module, name: Optional[str]) -> Optional[nn.Module]:
@@ -112,12 +126,15 @@ def _deploy_class(cls: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """``Deploy<Block>`` classes by name, also in a process that has not rewritten a block yet (unpickling)."""
+    """``Deploy<Block>`` / ``Integer<Conv>`` classes by name, also in a process that has not rewritten a model yet
+    (unpickling)."""
+    import importlib
+
     for module, cls_name in BLOCKS:
         if name == f"Deploy{cls_name}":
-            import importlib
-
             return _deploy_class(getattr(importlib.import_module(module), cls_name))
+    if name in ("IntegerQuantConv2d", "IntegerQuantConv2dSame"):
+        return _integer_conv_class(getattr(importlib.import_module(".modules", __package__), name[len("Integer"):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -136,6 +153,78 @@ def deploy_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if _spec(module) is not None:
             yield name, module
+
+
+#: modules an integer conv absorbs on the way to the next quantizer (onnxruntime folds ReLU / Clip into the
+#: requantization, dropout and identities vanish in eval, and the export quantizes in front of a max-pool)
+_PASS_THROUGH = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.MaxPool2d)
+
+
+def _passes_codes(module: Optional[nn.Module]) -> bool:
+    if isinstance(module, FoldedNorm):
+        return all(_passes_codes(c) for c in module.children())
+    return module is None or isinstance(module, _PASS_THROUGH) or type(module).__name__ == "DropPath"
+
+
+def _live_step(q: object) -> Optional[Union[Tensor, float]]:
+    """The step of a static per-tensor activation quantizer (LSQ / minmax ``scale``, PACT ``alpha / qmax``), or of the
+    Q/DQ module an exporter swapped in for it (a float ``scale``); None when it does not quantize."""
+    if isinstance(q, Quantizer):
+        if isinstance(q, FullPrecision) or q.bits >= 32 or not q.initialized or q.bypass:
+            return None
+        alpha = getattr(q, "alpha", None)
+        if isinstance(alpha, Tensor):
+            return alpha.detach().abs().clamp_min(1e-8) / q.qmax
+        scale = getattr(q, "scale", None)
+        return scale.detach().clamp_min(1e-8) if isinstance(scale, Tensor) else None
+    scale = getattr(q, "scale", None)
+    return scale if isinstance(scale, (float, Tensor)) else None
+
+
+def integer_bias(layer: nn.Module) -> Optional[Tensor]:
+    """``layer.bias`` as an integer engine adds it: ``round(b / d) * d`` with ``d = max(s_in * s_w, |b| /
+    BIAS_CODE_LIMIT)`` per output channel, straight-through to ``b``, for a conv the deploy rewrite marked (its output
+    is quantized, see :func:`apply_deploy_mode`) while its input and weight quantizers are active; else
+    ``layer.bias``."""
+    bias = layer.bias
+    source = layer.__dict__.get("deploy_input_source")  # (owner, attribute) of the quantizer that made the input
+    if bias is None or source is None:
+        return bias
+    s_in = _live_step(getattr(source[0], source[1], None))
+    wq = layer.weight_quantizer
+    if isinstance(wq, Quantizer):
+        s_w = wq.grid(layer.weight)[0] if wq.bits < 32 and wq.initialized and not wq.bypass else None
+    else:  # the exporter's Q/DQ weight: its per-channel scale
+        s_w = getattr(wq, "scale", None)
+    if s_in is None or s_w is None:
+        return bias
+    b = bias.detach()
+    s_in = s_in.detach().to(b).reshape(()) if isinstance(s_in, Tensor) else s_in
+    step = torch.maximum(s_w.detach().to(b).reshape(-1) * s_in, b.abs() / BIAS_CODE_LIMIT)
+    return bias + (torch.round(b / step) * step - b)
+
+
+def _integer_forward(self: nn.Module, x: Tensor) -> Tensor:
+    x = self.input_quantizer(x)
+    if self.deploy_same_padding:  # timm's Conv2dSame: TF 'same' padding (quantize first: zero is on every grid)
+        from timm.layers.padding import pad_same
+
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.quantized_weight(), integer_bias(self), self.stride, (0, 0), self.dilation,
+                        self.groups)
+    return self._conv_forward(x, self.quantized_weight(), integer_bias(self))
+
+
+def _integer_conv_class(cls: type) -> type:
+    """``cls`` (a quantized conv) adding :func:`integer_bias`; one subclass per type, reachable by name here."""
+    if cls not in _INTEGER_CLASSES:
+        name = f"Integer{cls.__name__}"
+        new = type(name, (cls,), {"forward": _integer_forward, "__module__": __name__,
+                                  "deploy_same_padding": cls.__name__ == "QuantConv2dSame",
+                                  "__doc__": f"{cls.__name__} adding its bias on the int32 grid (see {__name__})."})
+        _INTEGER_CLASSES[cls] = new
+        globals()[name] = new
+    return _INTEGER_CLASSES[cls]
 
 
 def _kept_whole(m: nn.Module) -> bool:
@@ -167,12 +256,14 @@ def _act_quantizer(config: QuantConfig, name: str, device: torch.device, dtype: 
 
 def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     """Rewrite ``model``'s residual blocks for ``config.deploy`` (see the module docstring), in place, after the
-    layers were wrapped; works on a meta skeleton. Returns the rewritten blocks' names. Raises
+    layers were wrapped; works on a meta skeleton. Every quantized conv whose output the integer graph quantizes adds
+    its bias on the int32 grid (:func:`integer_bias`). Returns the rewritten blocks' names. Raises
     :class:`~sqakd_hf.errors.InputError` for a residual add outside a known block."""
     blocks = dict(deploy_blocks(model))
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
-    fed_by_block: Dict[str, bool] = {}  # block -> its input is another block's output
-    reads_block: List[str] = []  # quantized layers reading a block's output directly
+    fed_by: Dict[str, Optional[str]] = {}  # block -> the block whose output it reads (None: another tensor)
+    reads_block: List[Tuple[str, str]] = []  # (quantized layer, block) for layers reading a block's output directly
+    integer: List[nn.Module] = []  # convs whose output is quantized, outside the rewritten blocks
     traced: List[str] = []
     for prefix, graph in traced_graphs(model, leaf=_kept_whole):
         traced.append(prefix)
@@ -189,21 +280,86 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
             if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             name, src = prefix + node.target, node.args[0]
-            from_block = src.op == "call_module" and prefix + src.target in blocks
+            source = prefix + src.target if src.op == "call_module" and prefix + src.target in blocks else None
             if name in blocks:
-                fed_by_block[name] = from_block
-            elif from_block and name in layers:
-                reads_block.append(name)
+                fed_by[name] = source
+            elif source is not None and name in layers:
+                reads_block.append((name, source))
+            if name in layers and _feeds_quantizer(node, prefix, model, blocks, layers):
+                integer.append(layers[name])
     _check_untraced(model, traced, config)
-    missing = sorted(set(blocks) - set(fed_by_block))
+    missing = sorted(set(blocks) - set(fed_by))
     if missing:
         raise InputError(f"deploy={config.deploy!r}: cannot follow the data flow into {missing[0]} "
                          f"({type(blocks[missing[0]]).__name__}): the model does not trace with torch.fx")
+    sources: Dict[int, Tuple[nn.Module, str]] = {}  # id(layer) -> (owner, attribute) of the quantizer it reads
     for name, block in blocks.items():
-        _rewrite(block, name, config, quantize_input=not fed_by_block[name])
-    for name in reads_block:
+        src = (block, "input_quantizer") if fed_by[name] is None else (blocks[fed_by[name]], "output_quantizer")
+        sources.update((id(reader), src) for reader in _rewrite(block, name, config, quantize_input=src[0] is block))
+        integer.extend(_block_integer_convs(block))
+    for name, src in reads_block:
         layers[name].input_quantizer = FullPrecision("act")
+        sources[id(layers[name])] = (blocks[src], "output_quantizer")
+    for conv in integer:
+        _add_integer_bias(conv, sources.get(id(conv), (conv, "input_quantizer")))
     return sorted(blocks)
+
+
+def _reads_quantized(module: nn.Module) -> bool:
+    q = module.input_quantizer if isinstance(module, QuantLayer) else module._modules.get("input_quantizer")
+    return isinstance(q, Quantizer) and not isinstance(q, FullPrecision) and q.bits < 32
+
+
+def _feeds_quantizer(node: fx.Node, prefix: str, model: nn.Module, blocks: Dict[str, nn.Module],
+                     layers: Dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output reaches, through pass-through modules only and with no other reader, a quantized
+    layer or a residual block's input (whose quantizer then quantizes it): the integer graph quantizes it there."""
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if node.op != "call_module":
+            return False
+        name = prefix + node.target
+        if name in layers:
+            return _reads_quantized(layers[name])
+        if name in blocks:
+            return True  # a block fed by a non-block tensor quantizes its input
+        if not _passes_codes(model.get_submodule(name)):
+            return False
+    return False
+
+
+def _block_integer_convs(block: nn.Module) -> List[nn.Module]:
+    """The convs of a rewritten block whose outputs are quantized: followed on the main branch by pass-through
+    children up to the next quantized layer or the residual quantizer; a downsample conv up to the shortcut
+    quantizer."""
+    spec: BlockSpec = block.deploy_spec
+    main = [c for c in (_child(block, n) for n in spec.main) if c is not None]
+    down = _child(block, spec.downsample)
+    branches = [main]
+    if down is not None:
+        branches.append([down] if isinstance(down, QuantLayer) else list(down.children()))
+    found = []
+    for branch in branches:
+        for i, layer in enumerate(branch):
+            if not isinstance(layer, QuantLayer):
+                continue
+            after = next((c for c in branch[i + 1:] if not _passes_codes(c)), None)
+            if after is None or (isinstance(after, QuantLayer) and _reads_quantized(after)):
+                found.append(layer)
+    return found
+
+
+def _add_integer_bias(layer: nn.Module, source: Tuple[nn.Module, str]) -> None:
+    """Make a quantized conv add its bias on the int32 grid of ``s_in * s_w``, ``s_in`` read from ``source`` (the
+    owner and attribute of the quantizer that quantized its input), a plain reference outside the module tree."""
+    if type(layer) in _INTEGER_CLASSES.values():
+        layer.__dict__["deploy_input_source"] = source
+        return
+    cls = type(layer)
+    if cls.__name__ not in ("QuantConv2d", "QuantConv2dSame") or cls.__module__ != QuantLayer.__module__:
+        return
+    layer.__dict__["deploy_input_source"] = source
+    layer.__class__ = _integer_conv_class(type(layer))
 
 
 def _check_untraced(model: nn.Module, traced: List[str], config: QuantConfig) -> None:
@@ -231,7 +387,8 @@ def _check_untraced(model: nn.Module, traced: List[str], config: QuantConfig) ->
                 "(QuantConfig(act_granularity='per_tensor') still exports to ONNX)")
 
 
-def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input: bool) -> None:
+def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input: bool) -> List[nn.Module]:
+    """Add the block quantizers and the deploy forward; returns the quantized layers that read the block input."""
     spec = _spec(block)
     ref = next((t for t in block.parameters()), None)
     device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
@@ -239,9 +396,9 @@ def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input
     down = _child(block, spec.downsample)
     if down is not None:
         readers.append(down if isinstance(down, QuantLayer) else next(iter(down.children()), None))
+    readers = [r for r in readers if isinstance(r, QuantLayer)]
     for reader in readers:  # they read the block input through the block's one input quantizer
-        if isinstance(reader, QuantLayer):
-            reader.input_quantizer = FullPrecision("act")
+        reader.input_quantizer = FullPrecision("act")
     if quantize_input:
         block.input_quantizer = _act_quantizer(config, name, device, dtype)
     block.residual_quantizer = _act_quantizer(config, name, device, dtype)
@@ -249,6 +406,7 @@ def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input
         block.shortcut_quantizer = _act_quantizer(config, name, device, dtype)
     block.output_quantizer = _act_quantizer(config, name, device, dtype)
     block.__class__ = _deploy_class(type(block))
+    return readers
 
 
 def tensor_quantizers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, Quantizer]]:

@@ -41,7 +41,8 @@ from ..model_io import unwrap
 from ..modules import QuantEmbedding
 from ..quantizers.dynamic import token_steps
 from .grids import ActGrid, TokenGrid, WeightCodes, act_grid, weight_codes
-from .onnx_integer import cpu_has_vnni, one_qdq_per_matmul, to_integer_graph
+from .onnx_integer import (_drop_unused, cpu_has_vnni, fit_biases_in_int32, one_qdq_per_matmul,
+                           to_integer_graph)
 from .same_padding import static_same_padding
 
 logger = logging.getLogger(__name__)
@@ -183,8 +184,9 @@ def _constant(graph: Any, name: str) -> Optional[Any]:
 def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Rewrite the ONNX file at ``path`` so that every weight is stored as its int8 codes feeding DequantizeLinear,
     instead of float ``scale * codes`` feeding QuantizeLinear: the same function (the codes are exact), a quarter of
-    the bytes for the quantized weights. ``metadata`` entries are added to the file's metadata. An activation Q/DQ
-    pair read by several MatMuls becomes one pair per MatMul (:func:`.onnx_integer.one_qdq_per_matmul`), so that
+    the bytes for the quantized weights; a conv channel whose bias code would overflow int32 gets a larger weight step
+    (:func:`.onnx_integer.fit_biases_in_int32`). ``metadata`` entries are added to the file's metadata. An activation
+    Q/DQ pair read by several MatMuls becomes one pair per MatMul (:func:`.onnx_integer.one_qdq_per_matmul`), so that
     onnxruntime runs each of them as an integer matmul."""
     import numpy as np
     import onnx
@@ -218,6 +220,8 @@ def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -
     for name, count in users.items():
         if count == 0 and name in inits:
             graph.initializer.remove(inits[name])
+    if fit_biases_in_int32(graph):
+        _drop_unused(graph)
     one_qdq_per_matmul(model)
     if metadata:
         onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})

@@ -34,7 +34,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-__all__ = ["to_integer_graph", "one_qdq_per_matmul", "cpu_has_vnni", "optimized_op_counts"]
+from ..deploy_mode import BIAS_CODE_LIMIT
+
+__all__ = ["to_integer_graph", "one_qdq_per_matmul", "fit_biases_in_int32", "cpu_has_vnni", "optimized_op_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,57 @@ def _pads_into_convs(model) -> int:
     for pad in folded:
         graph.node.remove(pad)
     return len(folded)
+
+
+def fit_biases_in_int32(graph) -> int:
+    """Raise the weight step of every conv output channel whose bias would not fit in int32 at ``s_in * s_w``.
+
+    An integer runtime adds a conv's bias as the int32 code ``round(b / (s_in * s_w))`` (onnxruntime quantizes a float
+    bias so when it fuses ``DQ -> Conv -> Q`` into a QLinearConv). A channel whose folded weights are nearly zero (a
+    BatchNorm gamma near 0: "dead" channels, common in trained EfficientNets) gets a tiny per-channel step ``s_w``, and
+    its bias code overflows: onnxruntime saturates it to ``-2**31``, and adding the zero-point correction wraps it
+    around, so the channel outputs a wrong constant. Each such channel's step becomes
+    ``|b| / (s_in * BIAS_CODE_LIMIT)`` and its codes are re-rounded on that step (they only shrink); the weights move
+    by at most half the new step, so the output moves by at most ``K * max|x| * |b| / (2 * s_in * 2**30)``, far
+    below an output step for the tiny weights this applies to. Convs whose input, weight or bias is not a constant
+    Q/DQ form are left alone. Returns the number of channels changed; edits ``graph`` in place."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    producers = _producers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    changed = 0
+    for conv in [n for n in graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2]]:
+        act, wdq = producers.get(conv.input[0]), producers.get(conv.input[1])
+        if act is None or wdq is None or act.op_type != "DequantizeLinear" or wdq.op_type != "DequantizeLinear" or \
+                wdq.input[0] not in inits or len(wdq.input) < 3:
+            continue
+        s_in, s_w, bias = _value(graph, act.input[1]), _value(graph, wdq.input[1]), _value(graph, conv.input[2])
+        w_zero = _value(graph, wdq.input[2])
+        if s_in is None or s_in.size != 1 or s_w is None or bias is None or bias.ndim != 1 or w_zero is None or \
+                np.any(w_zero != 0):
+            continue
+        codes = numpy_helper.to_array(inits[wdq.input[0]])
+        if codes.shape[0] != bias.size or s_w.size not in (1, bias.size):
+            continue
+        scale = np.broadcast_to(s_w.astype(np.float64).reshape(-1), bias.shape)
+        need = np.abs(bias.astype(np.float64)) / (float(s_in.reshape(())) * BIAS_CODE_LIMIT) * (1 + 2 ** -20)
+        low = need > scale
+        if not low.any():
+            continue
+        new_scale = np.where(low, need, scale).astype(np.float32)
+        ratio = (scale / new_scale.astype(np.float64)).reshape([-1] + [1] * (codes.ndim - 1))
+        new_codes = np.rint(codes.astype(np.float64) * ratio).astype(codes.dtype)
+        tag = f"{conv.name or conv.output[0]}_int32_bias"
+        names = [f"{tag}_weight_codes", f"{tag}_weight_scale", f"{tag}_weight_zero_point"]
+        zero = np.zeros(bias.size, dtype=codes.dtype)  # symmetric weight grids: zero point 0 per channel
+        graph.initializer.extend(numpy_helper.from_array(v, n) for v, n in zip((new_codes, new_scale, zero), names))
+        wdq.input[:] = names
+        for a in [a for a in wdq.attribute if a.name == "axis"]:
+            wdq.attribute.remove(a)
+        wdq.attribute.append(helper.make_attribute("axis", 0))
+        changed += int(low.sum())
+    return changed
 
 
 def _to_uint8(graph) -> int:
@@ -453,14 +506,15 @@ def _drop_unused(graph) -> None:
 
 def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     """Apply the module's graph edits to the QDQ ONNX file at ``path`` in place; returns how many tensors each edit
-    changed (``casts_dropped``, ``pads_into_convs``, ``clips_dropped``, ``uint8_activations``, ``pools_quantized``,
-    ``clips_on_codes``).
+    changed (``casts_dropped``, ``pads_into_convs``, ``biases_fitted`` (channels), ``clips_dropped``,
+    ``uint8_activations``, ``pools_quantized``, ``clips_on_codes``).
     """
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
     counts = {"casts_dropped": _drop_noop_casts(model), "pads_into_convs": _pads_into_convs(model),
+              "biases_fitted": fit_biases_in_int32(graph),
               "clips_dropped": _drop_redundant_clips(graph),
               "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph),
               "clips_on_codes": _clips_on_codes(graph)}

@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterator, List, Set, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..deploy_mode import integer_bias
+
 __all__ = ["same_padding", "static_same_padding", "same_padding_convs"]
 
 
@@ -52,7 +54,7 @@ def _static_forward(conv: nn.Conv2d, size: Tuple[int, int]) -> Callable[[Tensor]
             x = conv.input_quantizer(x)
         x = F.pad(x, (left, right, top, bottom))
         weight = conv.quantized_weight() if quantized else conv.weight
-        return F.conv2d(x, weight, conv.bias, conv.stride, (0, 0), conv.dilation, conv.groups)
+        return F.conv2d(x, weight, integer_bias(conv), conv.stride, (0, 0), conv.dilation, conv.groups)
 
     return forward
 
