@@ -44,8 +44,8 @@ from .folding import FoldedNorm, traced_graphs
 from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
-__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "integer_bias",
-           "tensor_quantizers"]
+__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_conv",
+           "integer_bias", "tensor_quantizers"]
 
 #: largest ``|bias code|`` of an integer conv: int32, with room for the accumulated products (``K * 255 * 128``
 #: stays below ``2**30`` up to ``K = 32768`` inputs per output)
@@ -155,6 +155,9 @@ def deploy_blocks(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield name, module
 
 
+#: where a quantizer lives: (owner module, attribute name), resolved at each call (exporters swap quantizers)
+Source = Tuple[nn.Module, str]
+
 #: modules an integer conv absorbs on the way to the next quantizer (onnxruntime folds ReLU / Clip into the
 #: requantization, dropout and identities vanish in eval, and the export quantizes in front of a max-pool)
 _PASS_THROUGH = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout, nn.MaxPool2d)
@@ -204,13 +207,56 @@ def integer_bias(layer: nn.Module) -> Optional[Tensor]:
     return bias + (torch.round(b / step) * step - b)
 
 
+def _calibrated(q: object) -> bool:
+    return isinstance(q, Quantizer) and not isinstance(q, FullPrecision) and q.bits < 32 and q.initialized and \
+        not q.bypass
+
+
+def engine_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, ...]) -> Optional[Tensor]:
+    """A marked conv's output as onnxruntime's QLinearConv computes it from the quantized input ``x``: the integer
+    codes accumulated exactly (float32 while ``K * 2**a_bits * 2**(w_bits-1) < 2**24``, else float64), the int32 bias
+    code added, one float32 multiply by ``s_in * s_w / s_out`` and a round half to even; returned on the output grid
+    (``codes * s_out``), which the output quantizer then keeps exactly. Channels whose bias code would overflow int32
+    use the export's larger weight step (:func:`~sqakd_hf.export.onnx_integer.fit_biases_in_int32`). None (use the
+    float path) unless the input, weight and output quantizers are calibrated quantizers and ``x`` is float32."""
+    source, output = layer.__dict__.get("deploy_input_source"), layer.__dict__.get("deploy_output_source")
+    if source is None or output is None or x.dtype != torch.float32 or layer.padding_mode != "zeros":
+        return None
+    q_in, q_out, wq = getattr(*source, None), getattr(*output, None), layer.weight_quantizer
+    if not (_calibrated(q_in) and _calibrated(q_out) and _calibrated(wq)):
+        return None
+    s_in, s_out = _live_step(q_in).float().reshape(()), _live_step(q_out).float().reshape(())
+    s_w = wq.grid(layer.weight)[0].detach().float().reshape(-1)
+    channel = (-1,) + (1,) * (layer.weight.dim() - 1)
+    bias = integer_bias(layer)
+    bias = torch.zeros_like(s_w) if bias is None else bias.detach().float()
+    need = bias.double().abs() / (s_in.double() * BIAS_CODE_LIMIT) * (1 + 2 ** -20)
+    s_eff = torch.where(need > s_w.double(), need, s_w.double()).float()
+    codes_w = torch.round(layer.quantized_weight().detach().float() / s_w.view(channel))
+    codes_w = torch.round(codes_w.double() * (s_w.double() / s_eff.double()).view(channel))
+    bias_codes = torch.round(bias / (s_in * s_eff))
+    exact32 = codes_w[0].numel() * 2 ** q_in.bits * 2 ** (wq.bits - 1) < 2 ** 24
+    dtype = torch.float32 if exact32 else torch.float64
+    acc = F.conv2d(torch.round(x / s_in).to(dtype), codes_w.to(dtype), None, layer.stride, padding, layer.dilation,
+                   layer.groups)
+    acc = acc + bias_codes.to(dtype).view(1, -1, *([1] * (acc.dim() - 2)))
+    scale = (s_in * s_eff) / s_out
+    return torch.round(acc.float() * scale.view(1, -1, *([1] * (acc.dim() - 2)))) * s_out
+
+
 def _integer_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.input_quantizer(x)
+    padding = self.padding
     if self.deploy_same_padding:  # timm's Conv2dSame: TF 'same' padding (quantize first: zero is on every grid)
         from timm.layers.padding import pad_same
 
-        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
-        return F.conv2d(x, self.quantized_weight(), integer_bias(self), self.stride, (0, 0), self.dilation,
+        x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
+    if not self.training and not torch.is_grad_enabled():  # evaluation: the integer engine's arithmetic
+        out = engine_conv(self, x, padding)
+        if out is not None:
+            return out
+    if self.deploy_same_padding:
+        return F.conv2d(x, self.quantized_weight(), integer_bias(self), self.stride, padding, self.dilation,
                         self.groups)
     return self._conv_forward(x, self.quantized_weight(), integer_bias(self))
 
@@ -263,7 +309,7 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     fed_by: Dict[str, Optional[str]] = {}  # block -> the block whose output it reads (None: another tensor)
     reads_block: List[Tuple[str, str]] = []  # (quantized layer, block) for layers reading a block's output directly
-    integer: List[nn.Module] = []  # convs whose output is quantized, outside the rewritten blocks
+    integer: List[Tuple[nn.Module, Source]] = []  # (conv, the quantizer of its output) for integer convs
     traced: List[str] = []
     for prefix, graph in traced_graphs(model, leaf=_kept_whole):
         traced.append(prefix)
@@ -285,14 +331,15 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
                 fed_by[name] = source
             elif source is not None and name in layers:
                 reads_block.append((name, source))
-            if name in layers and _feeds_quantizer(node, prefix, model, blocks, layers):
-                integer.append(layers[name])
+            output = _feeds_quantizer(node, prefix, model, blocks, layers) if name in layers else None
+            if output is not None:
+                integer.append((layers[name], output))
     _check_untraced(model, traced, config)
     missing = sorted(set(blocks) - set(fed_by))
     if missing:
         raise InputError(f"deploy={config.deploy!r}: cannot follow the data flow into {missing[0]} "
                          f"({type(blocks[missing[0]]).__name__}): the model does not trace with torch.fx")
-    sources: Dict[int, Tuple[nn.Module, str]] = {}  # id(layer) -> (owner, attribute) of the quantizer it reads
+    sources: Dict[int, Source] = {}  # id(layer) -> the quantizer of its input
     for name, block in blocks.items():
         src = (block, "input_quantizer") if fed_by[name] is None else (blocks[fed_by[name]], "output_quantizer")
         sources.update((id(reader), src) for reader in _rewrite(block, name, config, quantize_input=src[0] is block))
@@ -300,8 +347,8 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     for name, src in reads_block:
         layers[name].input_quantizer = FullPrecision("act")
         sources[id(layers[name])] = (blocks[src], "output_quantizer")
-    for conv in integer:
-        _add_integer_bias(conv, sources.get(id(conv), (conv, "input_quantizer")))
+    for conv, output in integer:
+        _add_integer_bias(conv, sources.get(id(conv), (conv, "input_quantizer")), output)
     return sorted(blocks)
 
 
@@ -311,55 +358,58 @@ def _reads_quantized(module: nn.Module) -> bool:
 
 
 def _feeds_quantizer(node: fx.Node, prefix: str, model: nn.Module, blocks: Dict[str, nn.Module],
-                     layers: Dict[str, nn.Module]) -> bool:
-    """Whether ``node``'s output reaches, through pass-through modules only and with no other reader, a quantized
-    layer or a residual block's input (whose quantizer then quantizes it): the integer graph quantizes it there."""
+                     layers: Dict[str, nn.Module]) -> Optional[Source]:
+    """The quantizer (owner, attribute) that ``node``'s output reaches through pass-through modules only, with no
+    other reader: a quantized layer's input quantizer or a residual block's (the integer graph quantizes it there);
+    None if there is none."""
     while len(node.users) == 1:
         node = next(iter(node.users))
         if node.op != "call_module":
-            return False
+            return None
         name = prefix + node.target
         if name in layers:
-            return _reads_quantized(layers[name])
+            return (layers[name], "input_quantizer") if _reads_quantized(layers[name]) else None
         if name in blocks:
-            return True  # a block fed by a non-block tensor quantizes its input
+            return blocks[name], "input_quantizer"  # a block fed by a non-block tensor quantizes its input
         if not _passes_codes(model.get_submodule(name)):
-            return False
-    return False
+            return None
+    return None
 
 
-def _block_integer_convs(block: nn.Module) -> List[nn.Module]:
-    """The convs of a rewritten block whose outputs are quantized: followed on the main branch by pass-through
-    children up to the next quantized layer or the residual quantizer; a downsample conv up to the shortcut
-    quantizer."""
+def _block_integer_convs(block: nn.Module) -> List[Tuple[nn.Module, Source]]:
+    """``(conv, output quantizer)`` for the convs of a rewritten block whose outputs are quantized: followed on the
+    main branch by pass-through children up to the next quantized layer or the residual quantizer; a downsample conv
+    up to the shortcut quantizer."""
     spec: BlockSpec = block.deploy_spec
     main = [c for c in (_child(block, n) for n in spec.main) if c is not None]
     down = _child(block, spec.downsample)
-    branches = [main]
+    branches = [(main, "residual_quantizer")]
     if down is not None:
-        branches.append([down] if isinstance(down, QuantLayer) else list(down.children()))
+        branches.append(([down] if isinstance(down, QuantLayer) else list(down.children()), "shortcut_quantizer"))
     found = []
-    for branch in branches:
+    for branch, end in branches:
         for i, layer in enumerate(branch):
             if not isinstance(layer, QuantLayer):
                 continue
             after = next((c for c in branch[i + 1:] if not _passes_codes(c)), None)
-            if after is None or (isinstance(after, QuantLayer) and _reads_quantized(after)):
-                found.append(layer)
+            if after is None:
+                found.append((layer, (block, end)))
+            elif isinstance(after, QuantLayer) and _reads_quantized(after):
+                found.append((layer, (after, "input_quantizer")))
     return found
 
 
-def _add_integer_bias(layer: nn.Module, source: Tuple[nn.Module, str]) -> None:
-    """Make a quantized conv add its bias on the int32 grid of ``s_in * s_w``, ``s_in`` read from ``source`` (the
-    owner and attribute of the quantizer that quantized its input), a plain reference outside the module tree."""
-    if type(layer) in _INTEGER_CLASSES.values():
-        layer.__dict__["deploy_input_source"] = source
-        return
+def _add_integer_bias(layer: nn.Module, source: Source, output: Source) -> None:
+    """Make a quantized conv compute as an integer conv: ``source`` and ``output`` are the quantizers (owner,
+    attribute) of its input and output, plain references outside the module tree (see :func:`integer_bias`,
+    :func:`engine_conv`)."""
     cls = type(layer)
-    if cls.__name__ not in ("QuantConv2d", "QuantConv2dSame") or cls.__module__ != QuantLayer.__module__:
-        return
+    if cls not in _INTEGER_CLASSES.values():
+        if cls.__name__ not in ("QuantConv2d", "QuantConv2dSame") or cls.__module__ != QuantLayer.__module__:
+            return
+        layer.__class__ = _integer_conv_class(cls)
     layer.__dict__["deploy_input_source"] = source
-    layer.__class__ = _integer_conv_class(type(layer))
+    layer.__dict__["deploy_output_source"] = output
 
 
 def _check_untraced(model: nn.Module, traced: List[str], config: QuantConfig) -> None:
