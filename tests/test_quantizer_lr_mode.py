@@ -120,6 +120,12 @@ def test_resume_keeps_the_relative_rule(digits_ds, tmp_path):
     assert max((a[n] - c[n]).abs().max().item() for n in a) > 1e-3  # the modes do differ
 
 
+def test_default_is_relative(tmp_path):
+    args = _args(tmp_path, "d")
+    assert args.quantizer_lr_mode == "relative"
+    assert "relative" in SQAKDTrainingArguments.__dataclass_fields__["quantizer_learning_rate"].metadata["help"]
+
+
 def test_bad_mode_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="quantizer_lr_mode must be one of absolute, relative"):
         _args(tmp_path, "x", quantizer_lr_mode="log")

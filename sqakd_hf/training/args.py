@@ -45,15 +45,19 @@ class SQAKDTrainingArguments(TrainingArguments):
         },
     )
     quantizer_lr_mode: str = field(
-        default="absolute",
+        default="relative",
         metadata={
             "help": "How the optimizer's update d of a quantizer parameter p is applied. 'relative' (default): "
             "p <- p * exp(sign(p) * d), about p + |p| d, so every quantizer parameter moves by about "
             "quantizer_learning_rate times its own size per step (to first order the optimizer's step on "
             "log|p|); steps and clip levels keep their sign. 'absolute': p <- p + d, the optimizer's plain "
-            "update (Adam moves every parameter by about the lr per step: an 8-bit weight step of ~2e-3 drifts "
-            "by its own size within ~100 steps at lr 2e-5, a 2-bit step of ~0.1 barely moves). Default by "
-            "measurement: see the README's training section.",
+            "update: Adam moves every parameter by about the lr per step, so an 8-bit weight step of ~2e-3 "
+            "drifts by its own size within ~100 steps at lr 2e-5 while a 2-bit step of ~0.1 barely moves. "
+            "Default by measurement: EfficientNet-Lite0 W8A8 LSQ from its PTQ model, 100 label-free steps at "
+            "lr 1e-5, top-1 agreement with the teacher on 384 validation crops 95.3%% -> 96.9%% relative vs "
+            "95.6%% absolute (absolute dipped to 94.0%% mid-run); digits W4A4 / W2A2 and the transformer "
+            "trainer tests pass in both modes (gpt2 W4A4 token agreement 0.954 -> 0.959 relative, 0.952 "
+            "absolute).",
             "choices": list(QUANTIZER_LR_MODES),
         },
     )
