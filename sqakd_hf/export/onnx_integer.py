@@ -158,7 +158,7 @@ def _pads_into_convs(model) -> int:
     return len(folded)
 
 
-def fit_biases_in_int32(graph) -> int:
+def fit_biases_in_int32(model) -> int:
     """Raise the weight step of every conv output channel whose bias would not fit in int32 at ``s_in * s_w``.
 
     An integer runtime adds a conv's bias as the int32 code ``round(b / (s_in * s_w))`` (onnxruntime quantizes a float
@@ -168,11 +168,14 @@ def fit_biases_in_int32(graph) -> int:
     around, so the channel outputs a wrong constant. Each such channel's step becomes
     ``|b| / (s_in * BIAS_CODE_LIMIT)`` and its codes are re-rounded on that step (they only shrink); the weights move
     by at most half the new step, so the output moves by at most ``K * max|x| * |b| / (2 * s_in * 2**30)``, far
-    below an output step for the tiny weights this applies to. Convs whose input, weight or bias is not a constant
-    Q/DQ form are left alone. Returns the number of channels changed; edits ``graph`` in place."""
+    below an output step for the tiny weights this applies to. A bias computed from constants (the tracer keeps the
+    rounding of :func:`~sqakd_hf.deploy_mode.integer_bias` as nodes) becomes an initializer first. Convs whose input,
+    weight or bias is not a constant Q/DQ form are left alone. Returns the number of channels changed; edits ``model``
+    in place."""
     import numpy as np
     from onnx import helper, numpy_helper
 
+    graph = model.graph
     producers = _producers(graph)
     inits = {i.name: i for i in graph.initializer}
     changed = 0
@@ -182,6 +185,12 @@ def fit_biases_in_int32(graph) -> int:
                 wdq.input[0] not in inits or len(wdq.input) < 3:
             continue
         s_in, s_w, bias = _value(graph, act.input[1]), _value(graph, wdq.input[1]), _value(graph, conv.input[2])
+        if bias is None and conv.input[2] in producers:
+            bias = _computed_constant(model, conv.input[2])
+            if bias is not None:
+                name = f"{conv.name or conv.output[0]}_bias"
+                graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
+                conv.input[2] = name
         w_zero = _value(graph, wdq.input[2])
         if s_in is None or s_in.size != 1 or s_w is None or bias is None or bias.ndim != 1 or w_zero is None or \
                 np.any(w_zero != 0):
@@ -514,7 +523,7 @@ def to_integer_graph(path: Union[str, os.PathLike]) -> Dict[str, int]:
     model = onnx.load(str(path))
     graph = model.graph
     counts = {"casts_dropped": _drop_noop_casts(model), "pads_into_convs": _pads_into_convs(model),
-              "biases_fitted": fit_biases_in_int32(graph),
+              "biases_fitted": fit_biases_in_int32(model),
               "clips_dropped": _drop_redundant_clips(graph),
               "uint8_activations": _to_uint8(graph), "pools_quantized": _quantize_before_maxpool(graph),
               "clips_on_codes": _clips_on_codes(graph)}
