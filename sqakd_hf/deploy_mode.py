@@ -237,11 +237,12 @@ def engine_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, ...]) -> Option
     bias_codes = torch.round(bias / (s_in * s_eff))
     exact32 = codes_w[0].numel() * 2 ** q_in.bits * 2 ** (wq.bits - 1) < 2 ** 24
     dtype = torch.float32 if exact32 else torch.float64
-    acc = F.conv2d(torch.round(x / s_in).to(dtype), codes_w.to(dtype), None, layer.stride, padding, layer.dilation,
+    acc = F.conv2d(x.div(s_in).round_().to(dtype), codes_w.to(dtype), None, layer.stride, padding, layer.dilation,
                    layer.groups)
-    acc = acc + bias_codes.to(dtype).view(1, -1, *([1] * (acc.dim() - 2)))
+    # the bias code joins the exact integer sum with one rounding, as float32(int32 sum) does
+    acc = acc.add_(bias_codes.to(dtype).view(1, -1, *([1] * (acc.dim() - 2)))).float()
     scale = (s_in * s_eff) / s_out
-    return torch.round(acc.float() * scale.view(1, -1, *([1] * (acc.dim() - 2)))) * s_out
+    return acc.mul_(scale.view(1, -1, *([1] * (acc.dim() - 2)))).round_().mul_(s_out)
 
 
 def _integer_forward(self: nn.Module, x: Tensor) -> Tensor:
