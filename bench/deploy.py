@@ -15,9 +15,12 @@ size, peak RSS of a fresh process that loads the model and runs one batch of 32,
 fake-quant student and with the FP teacher on held-out crops / tweets. For the vision models, onnxruntime's
 profiler splits the kernel time of ORT FP32, our integer graph and ``quantize_static`` by node type; single
 EfficientNet-Lite0 conv layers (depthwise, pointwise, stem) are timed alone as FP32 ``Conv`` vs ``QLinearConv``.
-Writes bench/results/deploy.{json,md} and deploy_<mode>.png.
+Writes bench/results/deploy.{json,md} and deploy_<mode>.png. ``python -m bench.deploy`` runs only the
+EfficientNet-Lite0 agreement probe (:func:`lite0_agreement`: the integer graph against its student's evaluation
+function and its float fake-quant path, on the real-model benchmark's held-out crops; ~3 min on one thread).
 
     python -m bench --sections deploy
+    python -m bench.deploy --test 384
 """
 
 from __future__ import annotations

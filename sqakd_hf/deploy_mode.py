@@ -11,7 +11,9 @@ each conv's weight and input it quantizes
   branch's output; an identity shortcut is the already quantized block input);
 * the add's output (after the block's activation): ``output_quantizer``. A block whose input is another rewritten
   block's output has no ``input_quantizer`` (that tensor is already on one grid), and a quantized layer that reads a
-  rewritten block's output directly gets a pass-through input quantizer.
+  rewritten block's output directly gets a pass-through input quantizer;
+* the input of an average pool fed by a conv (the head conv of EfficientNet-Lite before its global pool): an
+  ``input_quantizer`` on the pool (one of :data:`POOLS`), so that conv too runs as an integer conv.
 
 An integer conv also adds its bias as an int32 code at step ``s_in * s_w`` (input step times the channel's weight step),
 so each conv whose output the graph quantizes (it feeds, through ReLU / ReLU6 / identity only, a quantized layer or
@@ -44,7 +46,7 @@ from .folding import FoldedNorm, traced_graphs
 from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
-__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_conv",
+__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "POOLS", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_conv",
            "integer_bias", "tensor_quantizers"]
 
 #: largest ``|bias code|`` of an integer conv: int32, with room for the accumulated products (``K * 255 * 128``
@@ -86,6 +88,10 @@ BLOCKS: Dict[Tuple[str, str], BlockSpec] = {
 
 _DEPLOY_CLASSES: Dict[type, type] = {}
 _INTEGER_CLASSES: Dict[type, type] = {}  # quantized conv type -> its subclass adding the bias on the int32 grid
+_POOL_CLASSES: Dict[type, type] = {}  # average-pool type -> its subclass quantizing its input
+#: average pools whose input the integer graph quantizes when a conv feeds them (the head conv of EfficientNet-Lite:
+#: it then runs as an integer conv, the pool on the dequantized codes)
+POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
 def _child(block: nn.Module, name: Optional[str]) -> Optional[nn.Module]:
@@ -113,16 +119,22 @@ def _deploy_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self.output_quantizer(out)
 
 
+def _subclass(registry: Dict[type, type], cls: type, prefix: str, attrs: Dict[str, object], doc: str) -> type:
+    """``cls`` with ``attrs`` as ``<prefix><cls name>``: defined once per type, and reachable by name in this module
+    (unpickling, see :func:`__getattr__`)."""
+    if cls not in registry:
+        name = f"{prefix}{cls.__name__}"
+        registry[cls] = type(name, (cls,), {**attrs, "__module__": __name__,
+                                            "__doc__": f"{cls.__name__} {doc} (see {__name__})."})
+        globals()[name] = registry[cls]
+    return registry[cls]
+
+
 def _deploy_class(cls: type) -> type:
-    """``cls`` with the deploy forward (a subclass, defined once per type and reachable by name in this module)."""
-    if cls not in _DEPLOY_CLASSES:
-        spec = BLOCKS[(cls.__module__, cls.__name__)]
-        name = f"Deploy{cls.__name__}"
-        new = type(name, (cls,), {"forward": _deploy_forward, "deploy_spec": spec, "__module__": __name__,
-                                  "__doc__": f"{cls.__name__} with the deploy-mode quantizers (see {__name__})."})
-        _DEPLOY_CLASSES[cls] = new
-        globals()[name] = new
-    return _DEPLOY_CLASSES[cls]
+    """``cls`` (a residual block) with the deploy forward."""
+    return _subclass(_DEPLOY_CLASSES, cls, "Deploy", {"forward": _deploy_forward,
+                                                      "deploy_spec": BLOCKS[(cls.__module__, cls.__name__)]},
+                     "with the deploy-mode quantizers")
 
 
 def __getattr__(name: str) -> type:
@@ -135,6 +147,9 @@ def __getattr__(name: str) -> type:
             return _deploy_class(getattr(importlib.import_module(module), cls_name))
     if name in ("IntegerQuantConv2d", "IntegerQuantConv2dSame"):
         return _integer_conv_class(getattr(importlib.import_module(".modules", __package__), name[len("Integer"):]))
+    pool = next((cls for cls in POOLS if name == f"Deploy{cls.__name__}"), None)
+    if pool is not None:
+        return _pool_class(pool)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -262,16 +277,21 @@ def _integer_forward(self: nn.Module, x: Tensor) -> Tensor:
     return self._conv_forward(x, self.quantized_weight(), integer_bias(self))
 
 
+def _pool_forward(self: nn.Module, x: Tensor) -> Tensor:
+    return self.deploy_base.forward(self, self.input_quantizer(x))
+
+
+def _pool_class(cls: type) -> type:
+    """``cls`` (an average pool) quantizing its input."""
+    return _subclass(_POOL_CLASSES, cls, "Deploy", {"forward": _pool_forward, "deploy_base": cls},
+                     "quantizing its input")
+
+
 def _integer_conv_class(cls: type) -> type:
-    """``cls`` (a quantized conv) adding :func:`integer_bias`; one subclass per type, reachable by name here."""
-    if cls not in _INTEGER_CLASSES:
-        name = f"Integer{cls.__name__}"
-        new = type(name, (cls,), {"forward": _integer_forward, "__module__": __name__,
-                                  "deploy_same_padding": cls.__name__ == "QuantConv2dSame",
-                                  "__doc__": f"{cls.__name__} adding its bias on the int32 grid (see {__name__})."})
-        _INTEGER_CLASSES[cls] = new
-        globals()[name] = new
-    return _INTEGER_CLASSES[cls]
+    """``cls`` (a quantized conv) adding its bias on the int32 grid and computing as the engine in evaluation."""
+    return _subclass(_INTEGER_CLASSES, cls, "Integer", {"forward": _integer_forward,
+                                                        "deploy_same_padding": cls.__name__ == "QuantConv2dSame"},
+                     "adding its bias on the int32 grid")
 
 
 def _kept_whole(m: nn.Module) -> bool:
@@ -348,9 +368,19 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     for name, src in reads_block:
         layers[name].input_quantizer = FullPrecision("act")
         sources[id(layers[name])] = (blocks[src], "output_quantizer")
+    names = {id(m): n for n, m in model.named_modules()}
     for conv, output in integer:
+        if isinstance(output[0], POOLS):
+            _quantize_pool_input(output[0], names[id(output[0])], config, conv.weight)
         _add_integer_bias(conv, sources.get(id(conv), (conv, "input_quantizer")), output)
     return sorted(blocks)
+
+
+def _quantize_pool_input(pool: nn.Module, name: str, config: QuantConfig, like: Tensor) -> None:
+    """Give an average pool fed by a conv its own input quantizer (on ``like``'s device and dtype)."""
+    if type(pool) not in _POOL_CLASSES.values():
+        pool.input_quantizer = _act_quantizer(config, name, like.device, like.dtype)
+        pool.__class__ = _pool_class(type(pool))
 
 
 def _reads_quantized(module: nn.Module) -> bool:
@@ -361,8 +391,8 @@ def _reads_quantized(module: nn.Module) -> bool:
 def _feeds_quantizer(node: fx.Node, prefix: str, model: nn.Module, blocks: Dict[str, nn.Module],
                      layers: Dict[str, nn.Module]) -> Optional[Source]:
     """The quantizer (owner, attribute) that ``node``'s output reaches through pass-through modules only, with no
-    other reader: a quantized layer's input quantizer or a residual block's (the integer graph quantizes it there);
-    None if there is none."""
+    other reader: a quantized layer's input quantizer, a residual block's, or an average pool's (the integer graph
+    quantizes it there); None if there is none."""
     while len(node.users) == 1:
         node = next(iter(node.users))
         if node.op != "call_module":
@@ -372,7 +402,10 @@ def _feeds_quantizer(node: fx.Node, prefix: str, model: nn.Module, blocks: Dict[
             return (layers[name], "input_quantizer") if _reads_quantized(layers[name]) else None
         if name in blocks:
             return blocks[name], "input_quantizer"  # a block fed by a non-block tensor quantizes its input
-        if not _passes_codes(model.get_submodule(name)):
+        module = model.get_submodule(name)
+        if isinstance(module, POOLS):
+            return module, "input_quantizer"  # given one by apply_deploy_mode
+        if not _passes_codes(module):
             return None
     return None
 
@@ -461,10 +494,10 @@ def _rewrite(block: nn.Module, name: str, config: QuantConfig, *, quantize_input
 
 
 def tensor_quantizers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str, Quantizer]]:
-    """``(qualified name, owner, attribute, quantizer)`` of every deploy-mode block quantizer (for exporters that swap
-    quantizers for their integer grids)."""
+    """``(qualified name, owner, attribute, quantizer)`` of every deploy-mode block or pool quantizer (for exporters that
+    swap quantizers for their integer grids)."""
     for name, block in model.named_modules():
-        if type(block) in _DEPLOY_CLASSES.values():
+        if type(block) in _DEPLOY_CLASSES.values() or type(block) in _POOL_CLASSES.values():
             for attr in BLOCK_QUANTIZERS:
                 q = block._modules.get(attr)
                 if isinstance(q, Quantizer):

@@ -3,7 +3,9 @@ output with one step per tensor, the rewritten forward keeps the folded teacher'
 is refused, saved students reload identically (training and packed form), SQAKD trains them, and their ONNX export
 runs in onnxruntime as a fully integer graph (every Conv a QLinearConv, every residual Add a QLinearAdd) that agrees
 with the fake-quant student on this CPU (x86 without VNNI: 7-bit weight codes); timm's tf_* models (TF 'same'
-padding) export with every conv but the head as a QLinearConv, random-init and the real EfficientNet-Lite0."""
+padding) export with every conv as a QLinearConv (the head conv's output is quantized before the global pool),
+random-init and the real EfficientNet-Lite0; the student in evaluation computes each integer conv with the engine's
+arithmetic, so the graphs agree with it to float rounding."""
 
 from __future__ import annotations
 
@@ -127,10 +129,10 @@ def test_unknown_residual_block_is_refused():
     quantize_model(plain, QuantConfig(deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[]))  # no add
 
 
-@pytest.mark.parametrize("arch, float_convs", [("resnet10t", set()), ("efficientnet_lite0", {"conv_head"})])
-def test_integer_convs_add_their_bias_on_the_int32_grid(arch, float_convs, crops):
-    """Every conv whose output the integer graph quantizes computes as an integer conv (resnet: all of them; Lite0: all
-    but the head, whose ReLU6 output goes to the float pooling): its bias is rounded to the int32 grid ``s_in * s_w``
+@pytest.mark.parametrize("arch", ["resnet10t", "efficientnet_lite0"])
+def test_integer_convs_add_their_bias_on_the_int32_grid(arch, crops):
+    """Every conv whose output the integer graph quantizes computes as an integer conv (all of them here; Lite0's head
+    conv through the input quantizer of its global pool): its bias is rounded to the int32 grid ``s_in * s_w``
     (with s_in the step of the quantizer that made its input, the block's where the conv reads a block input), in
     training too with a straight-through gradient; in evaluation it computes with the engine's arithmetic, the same
     function as the float fake-quant path up to rounding."""
@@ -139,7 +141,10 @@ def test_integer_convs_add_their_bias_on_the_int32_grid(arch, float_convs, crops
     student = _student(arch, crops)
     convs = {n: m for n, m in student.named_modules() if isinstance(m, nn.Conv2d)}
     integer = {n for n, m in convs.items() if type(m).__name__.startswith("Integer")}
-    assert set(convs) - integer == float_convs
+    assert integer == set(convs)
+    if arch == "efficientnet_lite0":
+        assert student.global_pool.pool.input_quantizer.bits == 8
+        assert student.conv_head.deploy_output_source == (student.global_pool.pool, "input_quantizer")
     for name in integer:
         conv = convs[name]
         owner, attr = conv.deploy_input_source
@@ -182,7 +187,7 @@ def test_dead_channel_bias_fits_int32_and_the_graph_matches(tmp_path, crops):
     s_in, s_w = float(conv.input_quantizer.scale), float(conv.weight_quantizer.scale.reshape(-1)[0])
     assert abs(float(conv.bias[0])) / (s_in * s_w) > 2 ** 31  # would overflow
     path = export_onnx(student, tmp_path / "m.onnx", crops[:1])
-    assert _ort_ops(path, tmp_path).get("QLinearConv") == 1  # the second conv feeds the float pooling
+    assert _ort_ops(path, tmp_path).get("QLinearConv") == 2  # the second through the pool's input quantizer
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     codes = [inits[n.input[8]].astype(np.int64) for n in graph.node if n.op_type == "QLinearConv"]
@@ -298,12 +303,13 @@ def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     """timm EfficientNet-Lite0: every InvertedResidual / DepthwiseSeparableConv with a skip gets the deploy quantizers
     (the rewritten forward keeps the folded teacher's function) and each of its adds becomes a QLinearAdd; the int8
     graph computes the student's function (its depthwise stack amplifies a one-code difference into several logits,
-    so this needs the student's integer-engine arithmetic in evaluation: measured 1.5e-5 of 38)."""
+    so this needs the student's integer-engine arithmetic in evaluation: the float path differs by 3.5 of 38)."""
     teacher = teacher_of("efficientnet_lite0")
     student = quantize_model(copy.deepcopy(teacher), DEPLOY)
     skips = [m for m in teacher.modules() if getattr(m, "has_skip", False)]
     rewritten = {n.rpartition(".")[0] for n, _, _, _ in tensor_quantizers(student)}
-    assert len(rewritten) == len(skips) == 9
+    assert rewritten - {"global_pool.pool"} == {n for n, m in teacher.named_modules() if getattr(m, "has_skip", 0)}
+    assert len(skips) == 9
     for _, q in named_quantizers(student):
         q.bypass = True
     with torch.no_grad():
@@ -316,14 +322,16 @@ def test_efficientnet_blocks_with_skip_are_rewritten(tmp_path, crops):
     path = export_onnx(student.eval(), tmp_path / "e.onnx", crops[:1])
     ops = _ort_ops(path, tmp_path)
     assert ops.get("QLinearAdd") == 9 and ops.get("Add") == ops.get("MatMulIntegerToFloat") == 1, ops  # + fc bias
-    # ReLU6 before a grid reaching past 6 is clamped on the integer codes: every conv but the head (whose ReLU6
-    # output goes to the float pooling) runs as QLinearConv
+    # ReLU6 before a grid reaching past 6 is clamped on the integer codes: every conv runs as QLinearConv (the head's
+    # output is quantized by its pool's input quantizer)
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
-    assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+    assert ops.get("QLinearConv") == convs and not ops.get("FusedConv") and not ops.get("Conv"), ops
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": crops.numpy()})[0]
     with torch.no_grad():
         ref = student(crops).numpy()
-    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max() and (out.argmax(1) == ref.argmax(1)).all()
+    # the trunk is bit-exact; the global pool averages 2x2 codes in float (onnxruntime and torch sum in different
+    # orders), so a mean exactly halfway between two classifier-input codes can round either way (measured 0.3%)
+    assert np.abs(out - ref).max() <= 0.01 * np.abs(ref).max() and (out.argmax(1) == ref.argmax(1)).all()
 
 
 def test_full_8bit_weight_codes_warn_on_a_cpu_without_vnni(tmp_path, crops, caplog):
@@ -359,7 +367,7 @@ def test_pickled_deploy_student_loads_in_a_fresh_process(tmp_path, crops):
 
 def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypatch):
     """timm's tf_* models pad dynamically (Conv2dSame): the export pads by the example size's constant amounts, folded
-    into each conv's pads, so every conv but the head (whose ReLU6 output goes to the float pooling) is a QLinearConv,
+    into each conv's pads, so every conv (the head's output quantized before the global pool) is a QLinearConv,
     with no Pad, no float Conv and no shape arithmetic left. The function is unchanged, on an even size (asymmetric TF
     pads) and an odd one: the static forward gives the student's logits exactly, and the graph run unoptimized (Q/DQ in
     float) gives exactly the logits of the graph traced from the student's own dynamic padding; optimized (integer
@@ -394,7 +402,7 @@ def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypa
         written = {n.op_type for n in onnx.load(str(path)).graph.node}
         assert not written & {"Pad", "Shape", "Ceil"}, written
         ops = _ort_ops(path, tmp_path)
-        assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+        assert ops.get("QLinearConv") == convs and not ops.get("FusedConv") and not ops.get("Conv"), ops
         assert not ops.get("Pad") and ops.get("DequantizeLinear", 0) <= 2, ops
         with monkeypatch.context() as m:  # the graph as traced from the student's dynamic padding
             m.setattr(onnx_export, "static_same_padding", lambda model, run: contextlib.nullcontext(0))
@@ -404,12 +412,13 @@ def test_tf_same_padding_convs_export_as_integer_convs(tmp_path, crops, monkeypa
         integer = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             logits = student(x).numpy()
-        assert np.abs(integer - logits).max() <= 1e-4 * np.abs(logits).max()
+        # bit-exact trunk; float 2x2 global pool: halfway means may round either way (see the test above)
+        assert np.abs(integer - logits).max() <= 0.01 * np.abs(logits).max()
 
 
 def test_real_efficientnet_lite0_runs_as_integer_convs_and_agrees(effnet_teacher, tmp_path):
-    """The real tf_efficientnet_lite0 (ImageNet weights) as a deploy-mode W8A8 student: in onnxruntime every conv but
-    the head is a QLinearConv (the five TF 'same' padding convs included), no conv bias saturates int32 (its dead
+    """The real tf_efficientnet_lite0 (ImageNet weights) as a deploy-mode W8A8 student: in onnxruntime every conv is a
+    QLinearConv (the five TF 'same' padding convs and the head included), no conv bias saturates int32 (its dead
     channels, with near-zero folded weights, get a larger weight step), and the int8 graph computes the fake-quant
     student's function on held-out photo crops: the same top-1 on every crop and logits equal up to float rounding.
     Measured at 224 px on 384 crops: 100% top-1, relative logit error 0.05% (was 96% / 3.2% with the bias rounded only
@@ -426,11 +435,11 @@ def test_real_efficientnet_lite0_runs_as_integer_convs_and_agrees(effnet_teacher
     path = export_onnx(student, tmp_path / "lite0.onnx", calib[:1])
     ops = _ort_ops(path, tmp_path)
     convs = sum(isinstance(m, nn.Conv2d) for m in student.modules())
-    assert ops.get("QLinearConv") == convs - 1 and ops.get("FusedConv", 0) + ops.get("Conv", 0) == 1, ops
+    assert ops.get("QLinearConv") == convs and not ops.get("FusedConv") and not ops.get("Conv"), ops
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     biases = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     codes = [biases[n.input[8]] for n in graph.node if n.op_type == "QLinearConv" and len(n.input) > 8]
-    assert len(codes) == convs - 1 and max(int(np.abs(c.astype(np.int64)).max()) for c in codes) <= BIAS_CODE_LIMIT
+    assert len(codes) == convs and max(int(np.abs(c.astype(np.int64)).max()) for c in codes) <= BIAS_CODE_LIMIT
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": held.numpy()})[0]
     with torch.no_grad():
         ref = student(held).numpy()
