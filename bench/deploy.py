@@ -20,7 +20,7 @@ EfficientNet-Lite0 agreement probe (:func:`lite0_agreement`: the integer graph a
 function and its float fake-quant path, on the real-model benchmark's held-out crops; ~3 min on one thread).
 
     python -m bench --sections deploy
-    python -m bench.deploy --test 384
+    python -m bench.deploy --test 384 --other 32
 """
 
 from __future__ import annotations
@@ -744,26 +744,35 @@ def _agreement_stats(got: Tensor, ref: Tensor) -> Dict[str, Any]:
             "flipped_top1_margins": [round(m, 4) for m in (top2[:, 0] - top2[:, 1])[~agree].tolist()]}
 
 
-def lite0_agreement(size: int = 224, calib: int = 64, test: int = 384, seed: int = 0) -> Dict[str, Any]:
+def lite0_agreement(size: int = 224, calib: int = 64, test: int = 384, seed: int = 0, other: int = 0) -> Dict[str, Any]:
     """The deployment-aware EfficientNet-Lite0 student (ImageNet weights, W8A8, calibrated on ``calib`` crops), exported
-    as an integer graph, against the student on the real-model benchmark's ``test`` held-out crops at ``size`` px
-    (the deploy section's Lite0 arm alone): for the student's evaluation function (each integer conv with the engine's
-    arithmetic) and for its float fake-quant path (autograd on: float32 convs of the dequantized values, which round
-    differently in rare codes)."""
+    as an integer graph, against the student on the real-model benchmark's held-out crops at ``size`` px (the deploy
+    section's Lite0 arm alone): ``test`` crops of the two training photos and, with ``other``, that many crops of each
+    photo the benchmark never trains on (``bench/real_vision.py``'s ``other`` set). For each set: the student's
+    evaluation function (each integer conv with the engine's arithmetic) and its float fake-quant path (autograd on:
+    float32 convs of the dequantized values, which round differently in rare codes)."""
     setup = DeploySetup([("efficientnet_lite0", size)], 0, calib, test, {}, seed=seed, lite0_test=test)
     case = _vision_case("efficientnet_lite0", size, setup)
+    sets = {"test": case.test}
+    if other:
+        from .real_vision import _other_crops
+
+        sets["other_photos"] = {"input": _other_crops(other, seed + 3, size)}
     student = _student(case, setup, deploy="onnx", modules_to_not_convert=[])
+    result: Dict[str, Any] = {"note": case.note}
     with tempfile.TemporaryDirectory(prefix="sqakd-lite0-") as tmp:
         path = Path(tmp) / "lite0.onnx"
         _integer_export(student, path, _take(case.test, 1)["input"])
-        ort_logits = _logits(_ort_forward(path, 1), case.test)
-        ops = _ort_ops(path, Path(tmp))
-    engine = _logits(_torch_forward(student, "vision"), case.test)
-    with torch.enable_grad():
-        float_path = _logits(lambda feed: student(feed["input"]).detach(), case.test)
-    return {"note": case.note, "ort_ops": ops, "student_eval": _agreement_stats(ort_logits, engine),
-            "student_float_path": _agreement_stats(ort_logits, float_path),
-            "float_path_vs_eval": _agreement_stats(float_path, engine)}
+        result["ort_ops"] = _ort_ops(path, Path(tmp))
+        graph = _ort_forward(path, 1)
+        for name, cols in sets.items():
+            ort_logits, engine = _logits(graph, cols), _logits(_torch_forward(student, "vision"), cols)
+            with torch.enable_grad():
+                float_path = _logits(lambda feed: student(feed["input"]).detach(), cols)
+            result[name] = {"student_eval": _agreement_stats(ort_logits, engine),
+                            "student_float_path": _agreement_stats(ort_logits, float_path),
+                            "float_path_vs_eval": _agreement_stats(float_path, engine)}
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -774,7 +783,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=main.__doc__)
     parser.add_argument("--size", type=int, default=224, help="crop size in pixels")
     parser.add_argument("--calib", type=int, default=64, help="calibration crops")
-    parser.add_argument("--test", type=int, default=384, help="held-out crops")
+    parser.add_argument("--test", type=int, default=384, help="held-out crops of the two training photos")
+    parser.add_argument("--other", type=int, default=0,
+                        help="crops of each photo never trained on (needs scikit-image)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (onnxruntime uses 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -782,7 +793,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     with Timer() as t:
-        result = lite0_agreement(args.size, args.calib, args.test, args.seed)
+        result = lite0_agreement(args.size, args.calib, args.test, args.seed, args.other)
     result["meta"] = {"finished": now(), "wall_s": t.s, "threads": args.threads, "load_avg_start": load,
                       "load_avg_end": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}
     args.out.mkdir(parents=True, exist_ok=True)
