@@ -239,7 +239,8 @@ def _public(scores: Dict[str, Any]) -> Dict[str, Any]:
 def _ptq_rows(setup: "RealVisionSetup", settings: Sequence[Setting], ctx: _Context,
               log: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Calibration only, for every PTQ variant at every uniform setting's bits (the SQAKD start variant only for a
-    mixed-precision setting): what each technique adds, on the test and other-photo sets."""
+    mixed-precision setting): what each technique adds, on the test set (the SQAKD rows report their start on
+    every set)."""
     from sqakd_hf import calibrate, quantize_model
 
     rows = []
@@ -248,15 +249,13 @@ def _ptq_rows(setup: "RealVisionSetup", settings: Sequence[Setting], ctx: _Conte
         for name, fields in variants:
             with Timer() as t:
                 student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**fields)), ctx.calib)
-            sets = ctx.score(student, setup.eval_batch_size, ("test", "other"))
+            sets = ctx.score(student, setup.eval_batch_size, ("test",))
             sc = _public(sets.pop(ctx.main))
             rows.append({"method": st.method, "bits": st.bits, "variant": name, **sc, "calibrate_s": t.s,
                          "sets": {k: _public(v) for k, v in sets.items()},
                          "weight_bit_shares": weight_bit_shares(student)})
-            other = sets.get("other", {}).get("top1_agreement", float("nan"))
-            log(f"[real_vision] PTQ {st.method} {st.bits} {name}: top-1 {sc['top1_agreement']:.3f} (other photos "
-                f"{other:.3f}), top-5 {sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} "
-                f"({t.s:.0f} s)")
+            log(f"[real_vision] PTQ {st.method} {st.bits} {name}: top-1 {sc['top1_agreement']:.3f}, top-5 "
+                f"{sc['top5_agreement']:.3f}, logit error {sc['relative_logit_error']:.3f} ({t.s:.0f} s)")
     return rows
 
 
@@ -427,15 +426,15 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
         if sec.get("ptq_rows"):
             lines += ["### PTQ: each technique (calibration only)", "",
                       "| method | bits | PTQ variant | top-1 agreement, test (±2 SE) | top-1, first 384 (old protocol) "
-                      "| top-1, other photos (±2 SE) | top-5 agreement | logit error | goal (PTQ top-1) | calibrate s |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| top-5 agreement | logit error | goal (PTQ top-1) | calibrate s |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for r in sec["ptq_rows"]:
                 p1 = r["top1_agreement"]
                 se = math.sqrt(p1 * (1 - p1) / sec["data"]["test_crops"])
                 g = PTQ_GOALS.get((int(r["bits"][1]), int(r["bits"][3])))
                 goal = "-" if g is None else f">= {100 * g:.0f}%: **{'met' if p1 >= g else 'not met'}**"
                 lines.append(f"| {r['method']} | {r['bits']} | {r['variant']} | {100 * p1:.1f} (±{200 * se:.1f}) | "
-                             f"{_pct(r.get('sets', {}).get('old_protocol'))} | {_pct(r.get('sets', {}).get('other'))} | "
+                             f"{_pct(r.get('sets', {}).get('old_protocol'))} | "
                              f"{100 * r['top5_agreement']:.1f} | {r['relative_logit_error']:.3f} | {goal} | "
                              f"{r['calibrate_s']:.0f} |")
             start = ", ".join(f"{k}={v}" for k, v in sec["sqakd_start"].items()) or "defaults"

@@ -38,9 +38,10 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 1e-5, weight_decay=0.0, seed=seed),
                                        [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 150})],
                                        jobs=2),
-            "real_vision": RealVisionSetup(224, 640, 384, Budget(300, 16, 1e-4, weight_decay=0.0, seed=seed),
-                                           [("lsq", 8, 8, {"lr": 1e-5, "quantizer_lr": 1e-7, "steps": 40, "temperature": 1.0}),
-                                            ("lsq", 4, 8, LITE0_W8), ("lsq", 4, 8)], jobs=2),
+            "real_vision": RealVisionSetup(224, 640, 1152, Budget(300, 16, 1e-4, weight_decay=0.0, seed=seed),
+                                           [("lsq", 8, 8, {"lr": 1e-5, "steps": 100}),
+                                            ("lsq", 4, 8, LITE0_W8), ("lsq", 4, 8, {"steps": 200})], jobs=2,
+                                           eval_every=100, val_crops=384, other_crops=96),
             "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 64,
                                   {1: 10, 32: 3}, threads=(1,), seed=seed, text_test=200),
         }
