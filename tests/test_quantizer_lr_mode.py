@@ -120,14 +120,34 @@ def test_resume_keeps_the_relative_rule(digits_ds, tmp_path):
     assert max((a[n] - c[n]).abs().max().item() for n in a) > 1e-3  # the modes do differ
 
 
-def test_default_is_relative(tmp_path):
+def test_default_is_auto(tmp_path):
     args = _args(tmp_path, "d")
-    assert args.quantizer_lr_mode == "relative"
-    assert "relative" in SQAKDTrainingArguments.__dataclass_fields__["quantizer_learning_rate"].metadata["help"]
+    assert args.quantizer_lr_mode == "auto"
+    assert "relatively" in SQAKDTrainingArguments.__dataclass_fields__["quantizer_learning_rate"].metadata["help"]
+
+
+def test_auto_updates_8_bit_steps_relatively_and_coarser_ones_absolutely(digits_ds, tmp_path):
+    """'auto': the 8-bit layer's steps change as in 'relative', the 2-bit layer's as in 'absolute' (one step: the
+    same gradients in every mode)."""
+    torch.manual_seed(0)
+    teacher, base = DigitsCNN().eval(), DigitsCNN()
+    after = {}
+    for mode in ("auto", "relative", "absolute"):
+        student = _mixed_student(base)
+        args = _args(tmp_path, mode, max_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
+                     quantizer_lr_mode=mode, save_strategy="no")
+        trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=args, train_dataset=digits_ds)
+        trainer.train()
+        after[mode] = _steps(student)
+    fine, coarse = "features.0.0.weight_quantizer", "features.1.0.weight_quantizer"
+    torch.testing.assert_close(after["auto"][fine], after["relative"][fine])
+    torch.testing.assert_close(after["auto"][coarse], after["absolute"][coarse])
+    assert (after["relative"][coarse] - after["absolute"][coarse]).abs().max() > 1e-4  # the test can tell them apart
+    assert (after["relative"][fine] - after["absolute"][fine]).abs().max() > 1e-4
 
 
 def test_bad_mode_names_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="quantizer_lr_mode must be one of absolute, relative"):
+    with pytest.raises(ValueError, match="quantizer_lr_mode must be one of auto, relative, absolute"):
         _args(tmp_path, "x", quantizer_lr_mode="log")
     with pytest.raises(ValueError, match="group_index 3"):
         RelativeQuantizerUpdate(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), 3)

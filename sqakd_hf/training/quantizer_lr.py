@@ -12,6 +12,12 @@ parameter keeps its sign (steps and clip levels stay positive); one at exactly 0
 The rule is element-wise and stateless: it works with any ``torch.optim`` optimizer (fused AdamW included), LR
 schedules (they scale ``d``), checkpoints (the optimizer state is the plain optimizer's) and flattened or
 sharded parameters, and needs no host sync.
+
+``"auto"`` (the default) applies it to quantizers of 8 bits or more only. Their calibrated steps are already close
+to optimal and tiny against usual learning rates, so they must stay put; a 2-4 bit grid needs its steps to move
+far from calibration, which the plain (LSQ-style) update does and a relative one at the weights' lr would not.
+Measured on real weights: EfficientNet-Lite0 W8A8 (relative keeps SQAKD above its PTQ start, absolute drifts below
+it) and MiniLM W4A4 on tweets (2000 held-out, 150 steps: teacher agreement 95.25% absolute, 94.65% relative).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-QUANTIZER_LR_MODES = ("absolute", "relative")
+QUANTIZER_LR_MODES = ("auto", "relative", "absolute")
+#: ``"auto"``: quantizers of at least this many bits are updated relative to their size, coarser ones absolutely
+RELATIVE_FROM_BITS = 8
 
 
 def relative_update_(params: List[Tensor], old: List[Tensor]) -> None:

@@ -14,8 +14,8 @@ softmax(z_s / T))`` (Hinton et al., 2015; SQAKD, Zhao & Zhao, AISTATS 2024), wit
 * a BatchNorm statistics policy (``bn_policy``, see :mod:`.batchnorm`): by default (``"auto"``) an 8-bit
   student's BN layers stay in eval mode, keeping the teacher's running statistics (weight and bias still
   train), and a lower-bit student's BN re-estimates them;
-* a separate optimizer group for quantizer parameters (own lr, no weight decay by default), updated relative to
-  their size by default (``quantizer_lr_mode``, see :mod:`.quantizer_lr`);
+* a separate optimizer group for quantizer parameters (own lr, no weight decay by default), those of 8-bit
+  quantizers updated relative to their size by default (``quantizer_lr_mode``, see :mod:`.quantizer_lr`);
 * label-free evaluation (:mod:`.metrics`): ``eval_kd_loss`` and ``eval_teacher_agreement`` (plus
   ``eval_accuracy`` and ``eval_teacher_accuracy`` when labels exist; ``eval_hidden_mse`` for
   hidden-state targets);
@@ -67,7 +67,7 @@ from .ddp import unused_parameters
 from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
 from .ewgs_schedule import all_reduce_deltas, apply_ewgs_deltas, estimate_ewgs_deltas, ewgs_quantizers
 from .finite import FiniteGuard, NonFiniteError, all_finite
-from .quantizer_lr import RelativeQuantizerUpdate
+from .quantizer_lr import RELATIVE_FROM_BITS, RelativeQuantizerUpdate
 from .losses import hidden_state_per_position, kd_kl_per_position, kd_kl_topk_per_position
 from .teacher_cache import (
     INDEX_KEY, CacheSpec, CachedTeacherCollator, IndexedDataset, TeacherCache, check_deterministic,
@@ -183,7 +183,7 @@ class SQAKDTrainer(Trainer):
         self._bn_cache: Tuple[Optional[nn.Module], str, List[Tuple[str, nn.Module]]] = (None, "train", [])
         #: the teacher-output cache of the current (or last) training run (``args.cache_teacher_outputs``)
         self.teacher_cache: Optional[TeacherCache] = None
-        #: the step hooks of ``quantizer_lr_mode='relative'`` on the trainer's own optimizer (None otherwise)
+        #: the step hooks of ``quantizer_lr_mode`` 'relative' / 'auto' on the trainer's own optimizer (None otherwise)
         self.quantizer_update: Optional[RelativeQuantizerUpdate] = None
 
     # ---- validation ------------------------------------------------------------------------
@@ -437,14 +437,19 @@ class SQAKDTrainer(Trainer):
         qids = {id(p) for p in quantizer_parameters(_core(model))}
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        quant = [p for _, p in named if id(p) in qids]
+        fine = {id(p) for _, q in named_quantizers(_core(model)) if q.bits >= RELATIVE_FROM_BITS
+                for p in q.quant_parameters()}
+        mode = self.args.quantizer_lr_mode
+        # the last group is the one updated relative to size (all quantizers, or with "auto" the >= 8-bit ones)
+        parts = [quant] if mode != "auto" else [[p for p in quant if id(p) not in fine], [p for p in quant if id(p) in fine]]
         return [
             {"params": [p for n, p in named if id(p) not in qids and n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if id(p) not in qids and n not in decay], "weight_decay": 0.0},
-            {
-                "params": [p for _, p in named if id(p) in qids],
-                "weight_decay": self.args.quantizer_weight_decay,
-                "lr": self.args.effective_quantizer_learning_rate,
-            },
+        ] + [
+            {"params": part, "weight_decay": self.args.quantizer_weight_decay,
+             "lr": self.args.effective_quantizer_learning_rate}
+            for part in parts
         ]
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
@@ -459,13 +464,13 @@ class SQAKDTrainer(Trainer):
             logger.warning(
                 "sqakd: optimizer %s builds its own parameter groups; quantizer parameters get no separate group%s",
                 getattr(optimizer_cls, "__name__", optimizer_cls),
-                " and absolute updates (quantizer_lr_mode='relative' needs the trainer's groups)"
-                if self.args.quantizer_lr_mode == "relative" else "",
+                " and absolute updates (quantizer_lr_mode 'relative' / 'auto' needs the trainer's groups)"
+                if self.args.quantizer_lr_mode != "absolute" else "",
             )
             return super().create_optimizer(model)
         groups = self.quantizer_param_groups(opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        if self.args.quantizer_lr_mode == "relative":  # the quantizer group is the last one
+        if self.args.quantizer_lr_mode != "absolute":  # the relative quantizer group is the last one
             self.quantizer_update = RelativeQuantizerUpdate(self.optimizer, len(groups) - 1)
         return self.optimizer
 
