@@ -22,10 +22,11 @@ to ``b``): the rounding moves an output by up to ``s_in * s_w / 2``, a sizeable 
 with few inputs per output (the stem: ~0.04 of a step), which without it flips one code in a few hundred; the floor
 keeps the code inside int32 for channels with near-zero folded weights (:func:`integer_bias`). In evaluation (eval
 mode with autograd off, e.g. under ``torch.no_grad()``) such a conv computes as onnxruntime's QLinearConv does
-(:func:`engine_conv`: exact integer accumulation, one float32 requantization, round half to even): float32
-fake-quant arithmetic rounds a few codes in 10^5 differently, and a deep depthwise stack amplifies each such one-code
-flip (EfficientNet-Lite0: 98.7% top-1 agreement with the integer graph, or with the same student run in float64;
-100% with the engine's arithmetic). Training keeps the float fake-quant path and its gradients.
+(:func:`engine_conv`: exact integer accumulation, one float32 requantization, round half to even), and so does each
+residual add (:func:`engine_add`: QLinearAdd's fused multiply-adds on the uint8 codes): float32 fake-quant arithmetic
+rounds a few codes in 10^5 differently, and a deep depthwise stack amplifies each such one-code flip
+(EfficientNet-Lite0: 98.7% top-1 agreement with the integer graph, or with the same student run in float64; 100% with
+the engine's arithmetic). Training keeps the float fake-quant path and its gradients.
 
 The residual blocks are found by type in :data:`BLOCKS` (timm's ResNet ``BasicBlock`` / ``Bottleneck`` and the
 EfficientNet / MobileNet ``InvertedResidual``, ``DepthwiseSeparableConv`` and ``ConvBnAct`` with a skip); each block is
@@ -51,8 +52,8 @@ from .folding import FoldedNorm, traced_graphs
 from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
-__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "POOLS", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_conv",
-           "integer_bias", "tensor_quantizers"]
+__all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "POOLS", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_add",
+           "engine_conv", "integer_bias", "tensor_quantizers"]
 
 #: largest ``|bias code|`` of an integer conv: int32, with room for the accumulated products (``K * 255 * 128``
 #: stays below ``2**30`` up to ``K = 32768`` inputs per output)
@@ -117,7 +118,14 @@ def _deploy_forward(self: nn.Module, x: Tensor) -> Tensor:
     down = _child(self, spec.downsample)
     if down is not None:
         shortcut = self.shortcut_quantizer(down(x))
-    out = self.residual_quantizer(y) + shortcut
+    main = self.residual_quantizer(y)
+    out = None
+    if not self.training and not torch.is_grad_enabled():  # evaluation: the integer engine's arithmetic
+        source = (self, "shortcut_quantizer") if down is not None else self.__dict__.get("deploy_input_source")
+        out = engine_add(main, self.residual_quantizer, shortcut, getattr(*source) if source else None,
+                         self.output_quantizer)
+    if out is None:
+        out = main + shortcut
     post = _child(self, spec.post)
     if post is not None:
         out = post(out)
@@ -265,6 +273,28 @@ def engine_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, ...]) -> Option
     return acc.mul_(scale.view(1, -1, *([1] * (acc.dim() - 2)))).round_().mul_(s_out)
 
 
+def _u8_zero_point(q: Quantizer) -> float:
+    """The uint8 zero point of a quantizer's grid in the exported graph (signed: 128; unsigned b-bit: 128 - 2^(b-1))."""
+    return 128.0 if q.qmin < 0 else 128.0 - 2 ** (q.bits - 1)
+
+
+def engine_add(a: Tensor, qa: Quantizer, b: Tensor, qb: Optional[Quantizer], qc: Quantizer) -> Optional[Tensor]:
+    """``a + b`` (on the grids of ``qa`` and ``qb``) as onnxruntime's QLinearAdd computes it onto ``qc``'s grid: on the
+    uint8 codes ``A``, ``B``, ``round(fma(A, sa/sc, fma(B, sb/sc, zc - (sa/sc * za + sb/sc * zb))))`` in float32
+    (fused multiply-adds, emulated exactly in float64), round half to even, saturated to uint8; returned on ``qc``'s
+    grid. None (use the float sum) unless the three quantizers are calibrated and the inputs float32."""
+    if qb is None or a.dtype != torch.float32 or not all(_calibrated(q) for q in (qa, qb, qc)):
+        return None
+    sa, sb, sc = (_live_step(q).float().reshape(()) for q in (qa, qb, qc))
+    za, zb, zc = (_u8_zero_point(q) for q in (qa, qb, qc))
+    rac, rbc = sa / sc, sb / sc
+    fixed = zc - ((rac * za).float() + (rbc * zb).float())
+    codes_a, codes_b = a.div(sa).round_().add_(za).double(), b.div(sb).round_().add_(zb).double()
+    inner = codes_b.mul_(rbc.double()).add_(fixed.double()).float().double()
+    out = codes_a.mul_(rac.double()).add_(inner).float()
+    return out.round_().clamp_(0, 255).sub_(zc).mul_(sc)
+
+
 def _integer_forward(self: nn.Module, x: Tensor) -> Tensor:
     x = self.input_quantizer(x)
     padding = self.padding
@@ -369,6 +399,7 @@ def apply_deploy_mode(model: nn.Module, config: QuantConfig) -> List[str]:
     for name, block in blocks.items():
         src = (block, "input_quantizer") if fed_by[name] is None else (blocks[fed_by[name]], "output_quantizer")
         sources.update((id(reader), src) for reader in _rewrite(block, name, config, quantize_input=src[0] is block))
+        block.__dict__["deploy_input_source"] = src  # an identity shortcut's grid (see engine_add)
         integer.extend(_block_integer_convs(block))
     for name, src in reads_block:
         layers[name].input_quantizer = FullPrecision("act")

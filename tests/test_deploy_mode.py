@@ -161,6 +161,48 @@ def test_integer_convs_add_their_bias_on_the_int32_grid(arch, crops):
     assert all(convs[n].bias.grad is not None and bool(torch.isfinite(convs[n].bias.grad).all()) for n in integer)
 
 
+def test_residual_adds_match_the_integer_graph_bit_for_bit(tmp_path, crops):
+    """Every residual add's output codes in onnxruntime (QLinearAdd: fused multiply-adds in float32 on the uint8 codes)
+    equal the student's in evaluation, which computes each integer conv and add with the engine's arithmetic. minmax
+    steps come from observed maxima, so two grids often share a step and an add lands exactly halfway between two
+    codes; the student's float sum rounded such a code differently on these 24 crops (random-init Lite0, 64 px)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = crops
+    config = QuantConfig(method="minmax", deploy="onnx", weight_bits=8, act_bits=8, modules_to_not_convert=[])
+    student = _student("efficientnet_lite0", x, config)
+    path = export_onnx(student, tmp_path / "m.onnx", x[:1])
+    _ort_ops(path, tmp_path)
+    model = onnx.load(str(tmp_path / "optimized.onnx"))
+    adds = [n for n in model.graph.node if n.op_type == "QLinearAdd"]
+    model.graph.output.extend(helper.make_tensor_value_info(n.output[0], TensorProto.UINT8, None) for n in adds)
+    onnx.save(model, str(tmp_path / "adds.onnx"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "adds.onnx"), options, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x.numpy()})))
+    blocks = {n.rpartition(".")[0]: owner for n, owner, _, _ in tensor_quantizers(student)
+              if hasattr(owner, "residual_quantizer")}
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, k=k: seen.__setitem__(k, out)) for k, b in blocks.items()]
+    with torch.no_grad():
+        student(x)
+    for h in hooks:
+        h.remove()
+    assert len(adds) == 9
+    for node in adds:
+        name = [p for p in node.name.split("/") if "." in p][-1]  # "/blocks/blocks.1/blocks.1.1/Add"
+        q = blocks[name].output_quantizer
+        codes = got[node.output[0]].astype(np.int64)
+        if codes.shape[1] != seen[name].shape[1]:  # channels-last in onnxruntime's graph
+            codes = codes.transpose(0, 3, 1, 2)
+        zero = 128 if q.qmin < 0 else 0
+        ours = torch.round(seen[name] / q.scale).numpy().astype(np.int64) + zero
+        assert np.array_equal(codes, ours), (name, int((codes != ours).sum()))
+
+
 def test_dead_channel_bias_fits_int32_and_the_graph_matches(tmp_path, crops):
     """A channel whose folded weights are nearly zero (a BatchNorm gamma near 0, as in trained EfficientNets) gets a
     tiny weight step, so its bias code ``b / (s_in * s_w)`` overflows int32: onnxruntime saturated it to -2**31 and
