@@ -9,6 +9,7 @@ update ``d = p_new - p_old`` the optimizer computed for the quantizer group into
 
 so each parameter moves by about ``lr * |p|`` per step: to first order the optimizer's step on ``log|p|``. A
 parameter keeps its sign (steps and clip levels stay positive); one at exactly 0 gets the plain update ``d``.
+Decoupled weight decay is part of ``d``, so it is scaled by ``|p|`` too.
 The rule is element-wise and stateless: it works with any ``torch.optim`` optimizer (fused AdamW included), LR
 schedules (they scale ``d``), checkpoints (the optimizer state is the plain optimizer's) and flattened or
 sharded parameters, and needs no host sync.
