@@ -36,7 +36,7 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "cost": {"batch_size": 16, "seq_len": 128, "reps": 5},
             "size": [8, 4, 2, 1],
             "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 1e-5, weight_decay=0.0, seed=seed),
-                                       [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 150})],
+                                       [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 300})],
                                        jobs=2),
             "real_vision": RealVisionSetup(224, 640, 1152, Budget(300, 16, 1e-4, weight_decay=0.0, seed=seed),
                                            [("lsq", 8, 8, {"lr": 1e-5, "steps": 100, "quantizer_lr_mode": "relative"}),
