@@ -441,7 +441,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
             lines += ["", f"### SQAKD from the PTQ start ({start})", ""]
         lines += ["| method | bits | weights | steps | lr | top-1 agreement, test: PTQ → SQAKD (±2 SE) | SQAKD − PTQ "
                   "(pt, ±2 SE) | first 384 (old protocol): PTQ → SQAKD | other photos: PTQ → SQAKD (±2 SE) | other: "
-                  "SQAKD − PTQ | top-5 agreement PTQ → SQAKD | top-1 during training (step: %) | goal (SQAKD top-1) "
+                  "SQAKD − PTQ | top-5 agreement PTQ → SQAKD | top-1 during training, val set (step: %) | goal (SQAKD top-1) "
                   "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sec["rows"]:
             p, s, d = r["ptq"], r["sqakd"], r["paired"]["sqakd_minus_ptq"]
