@@ -211,7 +211,10 @@ def _store_weight_codes(path: Path, metadata: Optional[Dict[str, str]] = None) -
         shape = [1] * weight.ndim
         if scale.size > 1:
             shape[axis % weight.ndim] = scale.size
-        codes = np.rint(weight / scale.astype(np.float64).reshape(shape)) + zero.astype(np.float64).reshape(shape)
+        zeros = zero.astype(np.float64).reshape(shape)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a row with step 0 (an all-zero row) dequantizes to 0
+            codes = np.rint(weight / scale.astype(np.float64).reshape(shape)) + zeros
+        codes = np.where(np.isfinite(codes), codes, np.broadcast_to(zeros, codes.shape))
         graph.initializer.append(numpy_helper.from_array(np.clip(codes, -128, 127).astype(np.int8), node.output[0]))
         replaced.append(node)
         users[node.input[0]] -= 1
