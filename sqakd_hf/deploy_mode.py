@@ -197,11 +197,17 @@ def _passes_codes(module: Optional[nn.Module]) -> bool:
     return module is None or isinstance(module, _PASS_THROUGH) or type(module).__name__ == "DropPath"
 
 
+def _calibrated(q: object) -> bool:
+    """Whether ``q`` is one of our quantizers and quantizes now (calibrated, below 32 bits, not bypassed)."""
+    return isinstance(q, Quantizer) and not isinstance(q, FullPrecision) and q.bits < 32 and q.initialized and \
+        not q.bypass
+
+
 def _live_step(q: object) -> Optional[Union[Tensor, float]]:
     """The step of a static per-tensor activation quantizer (LSQ / minmax ``scale``, PACT ``alpha / qmax``), or of the
     Q/DQ module an exporter swapped in for it (a float ``scale``); None when it does not quantize."""
     if isinstance(q, Quantizer):
-        if isinstance(q, FullPrecision) or q.bits >= 32 or not q.initialized or q.bypass:
+        if not _calibrated(q):
             return None
         alpha = getattr(q, "alpha", None)
         if isinstance(alpha, Tensor):
@@ -224,7 +230,7 @@ def integer_bias(layer: nn.Module) -> Optional[Tensor]:
     s_in = _live_step(getattr(source[0], source[1], None))
     wq = layer.weight_quantizer
     if isinstance(wq, Quantizer):
-        s_w = wq.grid(layer.weight)[0] if wq.bits < 32 and wq.initialized and not wq.bypass else None
+        s_w = wq.grid(layer.weight)[0] if _calibrated(wq) else None
     else:  # the exporter's Q/DQ weight: its per-channel scale
         s_w = getattr(wq, "scale", None)
     if s_in is None or s_w is None:
@@ -233,11 +239,6 @@ def integer_bias(layer: nn.Module) -> Optional[Tensor]:
     s_in = s_in.detach().to(b).reshape(()) if isinstance(s_in, Tensor) else s_in
     step = torch.maximum(s_w.detach().to(b).reshape(-1) * s_in, b.abs() / BIAS_CODE_LIMIT)
     return bias + (torch.round(b / step) * step - b)
-
-
-def _calibrated(q: object) -> bool:
-    return isinstance(q, Quantizer) and not isinstance(q, FullPrecision) and q.bits < 32 and q.initialized and \
-        not q.bypass
 
 
 def engine_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, ...]) -> Optional[Tensor]:
