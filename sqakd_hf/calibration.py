@@ -41,6 +41,15 @@ def model_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _is_empty(batch: Any) -> bool:
+    """Whether a batch (as :func:`model_forward` takes it) holds no samples: its first tensor has size 0."""
+    if isinstance(batch, Mapping):
+        batch = next((v for v in split_labels(batch)[0].values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (list, tuple)):
+        batch = batch[0] if batch else None
+    return isinstance(batch, torch.Tensor) and batch.numel() == 0
+
+
 def _all_reduce_stats(stats: dict) -> dict:
     """All-reduce a stats dict across ranks with each statistic's own merge op."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -153,6 +162,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         for q in [q for _, q in acts]:
             q.observing = True
         for batch in itertools.islice(batches, num_batches):
+            if _is_empty(batch):
+                raise ValueError(f"calibration batch {seen} (0-based) is empty (0 samples): pass non-empty batches "
+                                 "(e.g. fewer calibration batches than the data holds, or a smaller batch size)")
             counter[0] = seen
             model_forward(model, to_device(batch, device))
             seen += 1

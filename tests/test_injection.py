@@ -191,6 +191,19 @@ def test_errors_nothing_to_quantize_pattern_without_match_and_double_quantize():
         quantize_model(model, QuantConfig())
 
 
+def test_calibrate_refuses_an_empty_batch_by_its_index():
+    model = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2)))
+    x = torch.randn(3, 4)
+    for batches in ([x, x[:0]], [(x, x), (x[:0], x[:0])]):
+        with pytest.raises(ValueError, match=r"calibration batch 1 \(0-based\) is empty"):
+            calibrate(model, batches)
+    bert, inputs = _bert()
+    bert = quantize_model(bert, QuantConfig())
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(0-based\) is empty"):
+        calibrate(bert, [{"input_ids": inputs["input_ids"][:0], "labels": torch.zeros(0, dtype=torch.long)}])
+    calibrate(bert, [inputs])  # the error left the model usable
+
+
 def test_report_is_readable():
     model = quantize_model(timm.create_model("resnet18", num_classes=10), QuantConfig(method="pact"))
     text = str(model.sqakd_report)
