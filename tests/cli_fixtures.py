@@ -225,6 +225,9 @@ def check_card_against_record(out: Path) -> Dict[str, Any]:
         assert rows["epochs"] == [f"{result['epochs']:g}"]
         assert rows["training examples"] == [str(result["train_examples"])]
         assert rows["global batch size"] == [str(result["global_batch_size"])]
+        hp = result["hyperparameters"]
+        assert hp["quantizer_lr_mode"] in ("auto", "relative", "absolute") and hp["bn_policy"]
+        assert rows["quantizer_lr_mode"] == [hp["quantizer_lr_mode"]] and rows["bn_policy"] == [hp["bn_policy"]]
         claim = "**No labels were used** in training"
         assert (claim in text) != result["labels_used"]
     assert rows["labels used"] == ["yes (ce_weight > 0)" if result["labels_used"] else "no"]

@@ -188,7 +188,7 @@ def runs(tmp_path_factory):
                         **common)
     assert main(["train", str(text)]) == 0
     vision = image_recipe(root, timm_teacher, imgs, eval_split=None, max_steps=-1, num_train_epochs=1,
-                          output_dir=str(root / "timm-run"), weight_bits=2, act_bits=2)
+                          output_dir=str(root / "timm-run"), weight_bits=2, act_bits=2, quantizer_lr_mode="relative")
     assert main(["train", str(write_recipe(root / "timm.yaml", **vision))]) == 0
     ptq = image_recipe(root, timm_teacher, imgs, output_dir=str(root / "ptq-run"), method="minmax", weight_bits=8,
                        act_bits=8)
@@ -204,12 +204,14 @@ def test_card_of_a_real_run_matches_its_record(runs, run):
     result = record["result"]
     if run == "text-run":
         assert result["mode"] == "train" and result["optimizer_steps"] == 3
+        assert result["hyperparameters"]["quantizer_lr_mode"] == "auto"  # the default, on the card too
         assert result["epochs"] == pytest.approx(0.6)  # 3 steps of 8 out of 40 examples, not "epochs 3"
         assert result["eval"] == {"files": [str(runs / "text" / "eval.csv")], "split": "eval.csv", "examples": 12,
                                   "metrics": ["accuracy", "kd_loss", "teacher_agreement"]}
     elif run == "timm-run":
         assert result["mode"] == "train" and result["eval"] is None
         assert result["epochs"] == pytest.approx(1.0) and result["optimizer_steps"] == 2  # 32 images, batch 16
+        assert result["hyperparameters"]["quantizer_lr_mode"] == "relative"  # the recipe's choice, on the card too
     else:
         assert result["mode"] == "ptq" and result["optimizer_steps"] == 0 and result["epochs"] == 0
         assert result["eval"]["split"] == "test" and result["eval"]["examples"] == 16

@@ -51,7 +51,8 @@ def run_result(trainer: Any, recipe: Any, mode: str, train_ds: Any, eval_ds: Any
         "hyperparameters": {
             "learning_rate": t.learning_rate, "quantizer_learning_rate": t.effective_quantizer_learning_rate,
             "weight_decay": t.weight_decay, "lr_scheduler_type": _plain(t.lr_scheduler_type),
-            "optim": _plain(t.optim), "temperature": t.temperature,
+            "optim": _plain(t.optim), "temperature": t.temperature, "quantizer_lr_mode": t.quantizer_lr_mode,
+            "bn_policy": t.bn_policy,
         },
         "eval": None,
     }
@@ -83,7 +84,7 @@ def _training_rows(result: Dict[str, Any]) -> Dict[str, Any]:
             "training examples": result.get("train_examples") or "streamed",
             "global batch size": result.get("global_batch_size")}
     rows.update({k: hp[k] for k in ("learning_rate", "quantizer_learning_rate", "lr_scheduler_type", "optim",
-                                    "weight_decay", "temperature") if k in hp})
+                                    "quantizer_lr_mode", "weight_decay", "temperature", "bn_policy") if k in hp})
     rows["labels used"] = labels
     return rows
 
