@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ from .modules import QuantLayer
 from .quantizers import FullPrecision, Quantizer, build_quantizer
 
 __all__ = ["BLOCKS", "BIAS_CODE_LIMIT", "POOLS", "BlockSpec", "apply_deploy_mode", "deploy_blocks", "engine_add",
-           "engine_conv", "integer_bias", "tensor_quantizers"]
+           "engine_conv", "int32_fit_weight_step", "integer_bias", "tensor_quantizers"]
 
 #: largest ``|bias code|`` of an integer conv: int32, with room for the accumulated products (``K * 255 * 128``
 #: stays below ``2**30`` up to ``K = 32768`` inputs per output)
@@ -218,6 +218,16 @@ def _live_step(q: object) -> Optional[Union[Tensor, float]]:
     return scale if isinstance(scale, (float, Tensor)) else None
 
 
+def int32_fit_weight_step(s_w: Tensor, s_in: Union[Tensor, float], bias: Tensor) -> Tensor:
+    """Per output channel, the weight step an integer conv uses so that its bias code ``round(b / (s_in * step))``
+    stays within :data:`BIAS_CODE_LIMIT`: ``s_w``, raised to ``|b| / (s_in * BIAS_CODE_LIMIT)`` (plus a 2**-20
+    margin) where that is larger; float64, shape of ``bias``."""
+    s_in = torch.as_tensor(s_in, dtype=torch.float64).reshape(())
+    need = bias.double().abs() / (s_in * BIAS_CODE_LIMIT) * (1 + 2 ** -20)
+    s_w = s_w.double().reshape(-1).expand_as(need)
+    return torch.where(need > s_w, need, s_w)
+
+
 def integer_bias(layer: nn.Module) -> Optional[Tensor]:
     """``layer.bias`` as an integer engine adds it: ``round(b / d) * d`` with ``d = max(s_in * s_w, |b| /
     BIAS_CODE_LIMIT)`` per output channel, straight-through to ``b``, for a conv the deploy rewrite marked (its output
@@ -259,8 +269,7 @@ def engine_conv(layer: nn.Module, x: Tensor, padding: Tuple[int, ...]) -> Option
     channel = (-1,) + (1,) * (layer.weight.dim() - 1)
     bias = integer_bias(layer)
     bias = torch.zeros_like(s_w) if bias is None else bias.detach().float()
-    need = bias.double().abs() / (s_in.double() * BIAS_CODE_LIMIT) * (1 + 2 ** -20)
-    s_eff = torch.where(need > s_w.double(), need, s_w.double()).float()
+    s_eff = int32_fit_weight_step(s_w, s_in, bias).float()
     codes_w = torch.round(layer.quantized_weight().detach().float() / s_w.view(channel))
     codes_w = torch.round(codes_w.double() * (s_w.double() / s_eff.double()).view(channel))
     bias_codes = torch.round(bias / (s_in * s_eff))

@@ -34,7 +34,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from ..deploy_mode import BIAS_CODE_LIMIT
+import torch
+
+from ..deploy_mode import int32_fit_weight_step
 
 __all__ = ["to_integer_graph", "one_qdq_per_matmul", "fit_biases_in_int32", "cpu_has_vnni", "optimized_op_counts"]
 
@@ -199,11 +201,12 @@ def fit_biases_in_int32(model) -> int:
         if codes.shape[0] != bias.size or s_w.size not in (1, bias.size):
             continue
         scale = np.broadcast_to(s_w.astype(np.float64).reshape(-1), bias.shape)
-        need = np.abs(bias.astype(np.float64)) / (float(s_in.reshape(())) * BIAS_CODE_LIMIT) * (1 + 2 ** -20)
-        low = need > scale
+        fitted = int32_fit_weight_step(torch.from_numpy(scale.copy()), float(s_in.reshape(())),
+                                       torch.from_numpy(bias.astype(np.float64))).numpy()
+        low = fitted != scale
         if not low.any():
             continue
-        new_scale = np.where(low, need, scale).astype(np.float32)
+        new_scale = fitted.astype(np.float32)
         ratio = (scale / new_scale.astype(np.float64)).reshape([-1] + [1] * (codes.ndim - 1))
         new_codes = np.rint(codes.astype(np.float64) * ratio).astype(codes.dtype)
         tag = f"{conv.name or conv.output[0]}_int32_bias"
