@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,6 +83,22 @@ def test_micro_real_vision_run_writes_results(tmp_path):
     assert row["bits"] == "W8A8" and 0.0 <= row["sqakd"]["top1_agreement"] <= row["sqakd"]["top5_agreement"] <= 1.0
     assert set(row["goal"]) == {"min_top1_agreement", "met"} and "sqakd_minus_ptq" in row["paired"]
     assert "| lsq | W8A8 |" in md.read_text()
+
+
+def test_real_vision_protocols_cycle_through_their_photos():
+    """The many-photo protocol's crops cycle photo by photo (each photo its own seed); an unknown protocol is refused."""
+    pytest.importorskip("sklearn")
+    from bench.bench_bn_policy import photo_crops
+    from bench.common import Budget
+    from bench.real_vision import RealVisionSetup, _interleaved_crops, photo_paths
+
+    photos = (("sklearn", "china.jpg"), ("sklearn", "flower.jpg"))
+    china, flower = photo_paths(photos)
+    x = _interleaved_crops(photos, 5, 7, 32)
+    assert x.shape == (5, 3, 32, 32)
+    assert torch.equal(x[0::2], photo_crops(china, 3, 7, 32)) and torch.equal(x[1::2], photo_crops(flower, 3, 1007, 32)[:2])
+    with pytest.raises(ValueError, match="photos='all'.*'many', 'two'"):
+        RealVisionSetup(32, 8, 8, Budget(1, 4, 1e-5), [("lsq", 8, 8, 1e-5)], photos="all")
 
 
 def test_micro_deploy_run_writes_results(tmp_path):
