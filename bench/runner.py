@@ -38,11 +38,13 @@ def presets(mode: str, seed: int) -> Dict[str, Any]:
             "real_text": RealTextSetup(48, 2000, 0, 500, 16, 1e-4, Budget(120, 16, 1e-5, weight_decay=0.0, seed=seed),
                                        [("lsq", 4, 8, {"lr": 1e-5}), ("lsq", 4, 4, {"lr": 5e-5, "steps": 300})],
                                        jobs=2),
-            "real_vision": RealVisionSetup(224, 640, 1152, Budget(300, 16, 1e-4, weight_decay=0.0, seed=seed),
-                                           [("lsq", 8, 8, {"lr": 1e-5, "steps": 100, "quantizer_lr_mode": "relative"}),
+            # 14 training photos, 6 held out whole (T = 2 for W8A8: 96.4% on val vs 96.1% at T = 1, 95.3% at T = 4)
+            "real_vision": RealVisionSetup(224, 1344, 1344, Budget(300, 16, 1e-4, weight_decay=0.0, seed=seed),
+                                           [("lsq", 8, 8, {"lr": 1e-5, "steps": 100, "temperature": 2.0,
+                                                           "quantizer_lr_mode": "relative"}),
                                             ("lsq", 4, 8, {**LITE0_W8, "quantizer_lr_mode": "relative"}),
-                                            ("lsq", 4, 8, {"steps": 200, "quantizer_lr_mode": "relative"})], jobs=2,
-                                           eval_every=100, val_crops=384, other_crops=96),
+                                            ("lsq", 4, 8, {"quantizer_lr_mode": "relative"})], jobs=2,
+                                           eval_every=100, val_crops=384, other_crops=96, photos="many"),
             "deploy": DeploySetup([("resnet18", 128), ("resnet18", 224), ("efficientnet_lite0", 224)], 128, 64, 64,
                                   {1: 10, 32: 3}, threads=(1,), seed=seed, text_test=200),
         }
