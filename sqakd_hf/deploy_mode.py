@@ -229,10 +229,10 @@ def int32_fit_weight_step(s_w: Tensor, s_in: Union[Tensor, float], bias: Tensor)
 
 
 def integer_bias(layer: nn.Module) -> Optional[Tensor]:
-    """``layer.bias`` as an integer engine adds it: ``round(b / d) * d`` with ``d = max(s_in * s_w, |b| /
-    BIAS_CODE_LIMIT)`` per output channel, straight-through to ``b``, for a conv the deploy rewrite marked (its output
-    is quantized, see :func:`apply_deploy_mode`) while its input and weight quantizers are active; else
-    ``layer.bias``."""
+    """``layer.bias`` as an integer engine adds it: ``round(b / d) * d`` with ``d = s_in * step``
+    (:func:`int32_fit_weight_step`) per output channel, straight-through to ``b``, for a conv the deploy rewrite
+    marked (its output is quantized, see :func:`apply_deploy_mode`) while its input and weight quantizers are
+    active; else ``layer.bias``."""
     bias = layer.bias
     source = layer.__dict__.get("deploy_input_source")  # (owner, attribute) of the quantizer that made the input
     if bias is None or source is None:
@@ -247,7 +247,7 @@ def integer_bias(layer: nn.Module) -> Optional[Tensor]:
         return bias
     b = bias.detach()
     s_in = s_in.detach().to(b).reshape(()) if isinstance(s_in, Tensor) else s_in
-    step = torch.maximum(s_w.detach().to(b).reshape(-1) * s_in, b.abs() / BIAS_CODE_LIMIT)
+    step = (int32_fit_weight_step(s_w.detach(), s_in, b) * s_in).to(b)
     return bias + (torch.round(b / step) * step - b)
 
 
