@@ -47,13 +47,13 @@ from .real_text import merge_run, row_budget
 GOALS = {(8, 8): 0.97, (4, 8): 0.90}  # SQAKD top-1 agreement
 PTQ_GOALS = {(8, 8): 0.90}  # top-1 agreement after calibration only
 #: PTQ techniques measured one by one (QuantConfig fields on top of the defaults); the last is the SQAKD start
-PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
-    ("default", {}),
+PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
+    ("bias_correction=False", {"bias_correction": False}),
+    ("default (bias correction of the convs)", {}),
     ("fold_bn", {"fold_bn": True}),
     ("fold_bn + equalize", {"fold_bn": True, "equalize": True}),
-    ("fold_bn + bias_correction", {"fold_bn": True, "bias_correction": True}),
+    ("fold_bn + gptq, bias_correction=False", {"fold_bn": True, "gptq": True, "bias_correction": False}),
     ("fold_bn + gptq", {"fold_bn": True, "gptq": True}),
-    ("fold_bn + gptq + bias_correction", {"fold_bn": True, "gptq": True, "bias_correction": True}),
 )
 
 
@@ -127,7 +127,7 @@ class Setting:
     def bits(self) -> str:
         return f"W{self.weight_bits}A{self.act_bits}" + (f" ({self.label})" if self.label else "")
 
-    def config(self, **fields: bool) -> Any:
+    def config(self, **fields: Any) -> Any:
         from sqakd_hf import QuantConfig
 
         return QuantConfig(method=self.method, weight_bits=self.weight_bits, act_bits=self.act_bits,

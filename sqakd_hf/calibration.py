@@ -20,6 +20,7 @@ from torch import nn
 
 from .bias_correction import correct_biases
 from .config import QuantConfig
+from .folding import CONVS
 from .gptq import gptq_round
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
@@ -122,8 +123,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     With ``smooth_alpha`` set in the model's config, activation outliers are first migrated into the weights
     (SmoothQuant, see :mod:`sqakd_hf.smoothing`; the batches are then read into a list, since they are used
     twice); the layers migrated are listed in ``model.sqakd_smoothed``.
-    With ``bias_correction`` set, once every quantizer is initialised, each quantized layer's mean output shift
-    over the batches is added to its bias (see :mod:`sqakd_hf.bias_correction`); those layers are listed in
+    With ``bias_correction`` set (``"auto"``, the default: convolutions only, none for DoReFa), once every quantizer
+    is initialised, each quantized layer's mean output shift over the batches is added to its bias, or removed
+    through the BatchNorm after it (see :mod:`sqakd_hf.bias_correction`); those layers are listed in
     ``model.sqakd_bias_corrected``. With ``gptq`` set, before that, weights are GPTQ-rounded on their grids
     (see :mod:`sqakd_hf.gptq`; the layers in ``model.sqakd_gptq_rounded``).
     Weight quantizers are initialised from the current weights. Activation
@@ -143,6 +145,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     config = _config_or_none(model)
     alpha = getattr(config, "smooth_alpha", None)
     bias_correction, gptq = getattr(config, "bias_correction", False), getattr(config, "gptq", False)
+    if bias_correction == "auto" and (config.method == "dorefa" or not any(isinstance(m, CONVS) for _, m in layers)):
+        bias_correction = False  # DoReFa's fixed [0, 1] clip: shifts that depend on the input; or nothing to correct
     device = next(model.parameters()).device
     if alpha is not None or bias_correction or gptq:  # the batches are read more than once
         batches = list(itertools.islice(batches, num_batches))
@@ -200,7 +204,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             reference = {name: layer.weight.detach().clone() for name, layer in layers}
         model.sqakd_gptq_rounded = gptq_round(model, [to_device(b, device) for b in batches], model_forward)
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
-        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward, reference)
+        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward, reference,
+                                   convs_only=bias_correction == "auto")
         model.sqakd_bias_corrected = corrected
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
     return model

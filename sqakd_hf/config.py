@@ -75,8 +75,13 @@ class QuantConfig(QuantizationConfigMixin):
             ``s_c = sqrt(r1_c * r2_c) / r2_c`` (``r``: per-channel weight ranges). Needs ``fold_bn=True`` on
             models with BatchNorm (a BatchNorm between the convs stops the pair); a no-op without conv pairs.
         bias_correction: at calibration, add each quantized layer's mean output shift (full precision minus
-            quantized, per output channel, over the calibration batches) to its bias (default False; layers
-            without a bias are left as they are).
+            quantized, per output channel, over the calibration batches) to its bias, or subtract it from the
+            running mean of the BatchNorm that alone reads a bias-free conv's output (other layers without a bias
+            are left as they are). ``"auto"`` (default): convolutions only (EfficientNet-Lite0 W8A8 85.0% ->
+            92.7% top-1 agreement; on transformer linears the mean shift is not the same for every token and the
+            correction can hurt: all-MiniLM-L6-v2 static per-tensor W8A8 0.986 -> 0.480 min cosine), and not for
+            DoReFa, whose fixed [0, 1] activation clip makes the shift depend on the input (resnet18 W8A8 relative
+            error 0.041 -> 0.098); ``True``: every quantized layer; ``False``: off.
         gptq: at calibration, round each quantized Conv2d / Linear weight with GPTQ (Frantar et al. 2023) on the
             grid calibration chose, from the layer's calibration inputs, instead of to the nearest grid value
             (default False; methods whose forward does not keep its own grid values, e.g. minmax, are left as
@@ -111,7 +116,7 @@ class QuantConfig(QuantizationConfigMixin):
         embedding_bits: Optional[int] = None,
         fold_bn: bool = False,
         equalize: bool = False,
-        bias_correction: bool = False,
+        bias_correction: Union[bool, str] = "auto",
         gptq: bool = False,
         deploy: Optional[str] = None,
         modules_to_not_convert: Optional[List[str]] = None,
@@ -162,9 +167,11 @@ class QuantConfig(QuantizationConfigMixin):
         if not isinstance(fold_bn, bool):
             raise ValueError(f"fold_bn must be True or False; got {fold_bn!r}")
         self.fold_bn = fold_bn or deploy is not None  # an integer graph has no BatchNorm
-        for name, value in (("equalize", equalize), ("bias_correction", bias_correction), ("gptq", gptq)):
+        for name, value in (("equalize", equalize), ("gptq", gptq)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False; got {value!r}")
+        if not isinstance(bias_correction, bool) and bias_correction != "auto":
+            raise ValueError(f"bias_correction must be True, False or 'auto' (convolutions only); got {bias_correction!r}")
         self.equalize = equalize
         self.bias_correction = bias_correction
         self.gptq = gptq

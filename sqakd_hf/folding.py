@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FoldedNorm", "fold_batchnorm", "conv_bn_pairs", "set_submodule", "traced_graphs"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: the layer types treated as convolutions (folding, bias correction)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -58,7 +59,7 @@ class _LeafTracer(fx.Tracer):
         self._leaf = tuple(leaf)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _CONVS + (_BatchNorm, FoldedNorm)) or type(m) in self._leaf:
+        if isinstance(m, CONVS + (_BatchNorm, FoldedNorm)) or type(m) in self._leaf:
             return True
         if self._leaf_if is not None and self._leaf_if(m):
             return True
@@ -87,12 +88,13 @@ def _foldable_norm(m: nn.Module) -> bool:
     return type(m).__name__ == "BatchNormAct2d" and type(m).__module__.startswith("timm.")
 
 
-def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+def conv_bn_pairs(model: nn.Module, leaf: Optional[Callable[[nn.Module], bool]] = None) -> List[Tuple[str, str]]:
     """``(conv_name, norm_name)`` for every BatchNorm (with running statistics) whose input is a conv's output
-    that nothing else reads, each module called once, channel counts equal."""
+    that nothing else reads, each module called once, channel counts equal. ``leaf``: modules traced whole (e.g.
+    fake-quant layers, whose forward does not trace)."""
     modules = dict(model.named_modules())
     pairs = []
-    for prefix, graph in traced_graphs(model):
+    for prefix, graph in traced_graphs(model, leaf=leaf):
         calls: Dict[str, int] = {}
         for node in graph.nodes:
             if node.op == "call_module":
@@ -104,7 +106,7 @@ def conv_bn_pairs(model: nn.Module) -> List[Tuple[str, str]]:
             if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
                 continue
             conv, norm = modules.get(prefix + src.target), modules.get(prefix + node.target)
-            if (isinstance(conv, _CONVS) and norm is not None and _foldable_norm(norm)
+            if (isinstance(conv, CONVS) and norm is not None and _foldable_norm(norm)
                     and calls[src.target] == 1 and calls[node.target] == 1 and conv.out_channels == norm.num_features):
                 pairs.append((prefix + src.target, prefix + node.target))
     return pairs

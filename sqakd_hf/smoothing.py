@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .injection import named_quantizers
 from .modules import QuantEmbedding, QuantLayer
+from .quantizers import bypassing
 
 logger = logging.getLogger(__name__)
 
@@ -187,39 +188,35 @@ def smooth_model(model: nn.Module, batches: Sequence[Any], alpha: float,
     Returns the groups that were folded (each: the source and the Linears smoothed)."""
     if not batches:
         return []
-    quantizers = [q for _, q in named_quantizers(model)]
     was_training = model.training
     model.eval()
-    for q in quantizers:
-        q.bypass = True
-    try:
-        trace = _Trace(model)
+    with bypassing(q for _, q in named_quantizers(model)):
         try:
-            reference = None
-            for i, batch in enumerate(batches):
-                out = _first_tensor(forward(model, batch))
-                if i == 0:
-                    reference = out.detach().float().clone() if out is not None else None
-                trace.end_batch()
+            trace = _Trace(model)
+            try:
+                reference = None
+                for i, batch in enumerate(batches):
+                    out = _first_tensor(forward(model, batch))
+                    if i == 0:
+                        reference = out.detach().float().clone() if out is not None else None
+                    trace.end_batch()
+            finally:
+                trace.remove()
+            _all_reduce_max(trace.absmax)
+            if reference is None or not trace.absmax or \
+                    not torch.isfinite(torch.stack([v.max() for v in trace.absmax.values()])).all():
+                return []  # non-finite activations: calibrate() names the batch and layer
+            folded = []
+            gen = torch.Generator().manual_seed(0)
+            for group in _candidates(model, trace):
+                if not any(_act_quantized(model.get_submodule(n)) for n in group.targets):
+                    continue
+                if _preserves_function(model, group, batches[0], reference, forward, gen):
+                    s = _scales(model, group, trace.absmax, alpha)
+                    _fold(model, group, s)
+                    folded.append(group)
         finally:
-            trace.remove()
-        _all_reduce_max(trace.absmax)
-        if reference is None or not trace.absmax or \
-                not torch.isfinite(torch.stack([v.max() for v in trace.absmax.values()])).all():
-            return []  # non-finite activations: calibrate() names the batch and layer
-        folded = []
-        gen = torch.Generator().manual_seed(0)
-        for group in _candidates(model, trace):
-            if not any(_act_quantized(model.get_submodule(n)) for n in group.targets):
-                continue
-            if _preserves_function(model, group, batches[0], reference, forward, gen):
-                s = _scales(model, group, trace.absmax, alpha)
-                _fold(model, group, s)
-                folded.append(group)
-    finally:
-        for q in quantizers:
-            q.bypass = False
-        model.train(was_training)
+            model.train(was_training)
     logger.info("sqakd: SmoothQuant (alpha=%s) migrated %d layer input(s): %s", alpha,
                 sum(len(g.targets) for g in folded), ", ".join(t for g in folded for t in g.targets) or "none")
     return folded

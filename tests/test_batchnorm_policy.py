@@ -1,7 +1,7 @@
 """BatchNorm statistics policy of SQAKDTrainer (``bn_policy``): real Trainer, a digits CNN with BatchNorm.
 
-'frozen' keeps the running statistics the student started with (the teacher's) exactly while BN weight/bias
-train; 'train' updates them; 'freeze_after' updates them during the first ``bn_freeze_steps`` optimizer steps
+'frozen' keeps the running statistics the student started with (the teacher's, with the running means of the
+norms after bias-corrected convs moved by calibration) exactly while BN weight/bias train; 'train' updates them; 'freeze_after' updates them during the first ``bn_freeze_steps`` optimizer steps
 only, also across a resume from a checkpoint.
 """
 
@@ -104,8 +104,13 @@ def test_frozen_keeps_teacher_statistics_trains_affine_and_saves_them(setup, tmp
     trainer = SQAKDTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=_args(tmp_path, bn_policy="frozen"),
                            train_dataset=ds)
     affine_before = _affine(student)
+    trainer.prepare_student()  # calibration: bias correction moves the running means of the corrected convs' norms
+    calibrated = _stats(student)
+    assert sorted(student.sqakd_bias_corrected) == ["features.1.0", "features.2.0", "features.3.0"]
+    for k, v in _stats(teacher).items():  # the stem conv stays full precision: its norm keeps the teacher's mean
+        assert torch.equal(calibrated[k], v) == (k == "features.0.1.running_mean" or not k.endswith("running_mean")), k
     trainer.train()
-    assert _same(_stats(student), _stats(teacher))
+    assert _same(_stats(student), calibrated)
     moved = [k for k, v in _affine(student).items() if not torch.equal(v, affine_before[k])]
     assert len(moved) == len(affine_before)  # every BN weight and bias still trained
     # evaluation uses the (kept) statistics and works as before; saving writes them unchanged
@@ -114,7 +119,7 @@ def test_frozen_keeps_teacher_statistics_trains_affine_and_saves_them(setup, tmp
     assert 0.0 <= metrics["eval_teacher_agreement"] <= 1.0
     trainer.save_model(str(tmp_path / "saved"))
     saved = load_file(os.path.join(tmp_path, "saved", "model.safetensors"))
-    for k, v in _stats(teacher).items():
+    for k, v in calibrated.items():
         if k in saved:
             assert torch.equal(saved[k], v), k
     assert any(k.endswith("running_var") for k in saved)

@@ -61,13 +61,18 @@ def test_no_pairs_is_a_noop():
 
 
 def test_fields_validate_and_round_trip():
-    for field in ("equalize", "bias_correction"):
-        with pytest.raises(ValueError, match=f"{field} must be True or False"):
-            QuantConfig(**{field: 1})
-    cfg = QuantConfig(fold_bn=True, equalize=True, bias_correction=True)
-    assert QuantConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()
-    old = QuantConfig.from_dict({"method": "lsq"})
-    assert not old.equalize and not old.bias_correction
+    with pytest.raises(ValueError, match="equalize must be True or False"):
+        QuantConfig(equalize=1)
+    for bad in (1, "convs"):
+        with pytest.raises(ValueError, match="bias_correction must be True, False or 'auto'"):
+            QuantConfig(bias_correction=bad)
+    assert QuantConfig().bias_correction == "auto"
+    for value in (True, False, "auto"):
+        cfg = QuantConfig(fold_bn=True, equalize=True, bias_correction=value)
+        assert QuantConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()
+        assert QuantConfig.from_dict(cfg.to_dict()).bias_correction == value
+    old = QuantConfig.from_dict({"method": "lsq"})  # written before the field existed: calibrated without it
+    assert not old.equalize and old.bias_correction is False
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -104,6 +109,45 @@ def test_bias_correction_removes_the_mean_shift_it_measures(gptq):
     assert mean_shift(True) < 0.2 * mean_shift(False)
 
 
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_conv_without_bias_is_corrected_through_the_batchnorm_after_it(setting):
+    """conv (no bias) -> BatchNorm: the shift goes into the norm's running mean; "auto" leaves linears alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.Flatten(1), nn.Linear(4 * 8 * 8, 5))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(16, 3, 8, 8) + 0.5
+    batches = [x[:8], x[8:]]
+
+    def student_of(bias_correction):
+        cfg = QuantConfig(weight_bits=2, act_bits=8, act_granularity="per_tensor", modules_to_not_convert=[],
+                          bias_correction=bias_correction)
+        return calibrate(quantize_model(copy.deepcopy(model), cfg), batches).eval()
+
+    def shift(student) -> float:  # mean shift of the second norm's output, per channel
+        with torch.no_grad():
+            return (model[:5](x) - student[:5](x)).mean((0, 2, 3)).abs().max().item()
+
+    off, on = student_of(False), student_of(setting)
+    assert sorted(on.sqakd_bias_corrected) == (["0", "3", "6"] if setting is True else ["0", "3"])
+    assert shift(on) < 0.2 * shift(off)
+    assert on[0].bias is None and on[3].bias is None  # no new parameter: the checkpoint keeps its keys
+    assert not torch.equal(on[1].running_mean, off[1].running_mean)
+    assert torch.equal(on[6].bias, off[6].bias) is (setting == "auto")
+
+
+def test_auto_bias_correction_skips_a_model_without_convs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    student = calibrate(quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, modules_to_not_convert=[])),
+                        iter([torch.randn(4, 6)]))  # a one-shot iterator: read once, nothing to correct
+    assert not hasattr(student, "sqakd_bias_corrected")
+
+
 def _smooth_images(n: int, seed: int) -> torch.Tensor:
     """Spatially correlated inputs (blurred noise), where rounding errors of a kernel's taps add up."""
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +163,8 @@ def test_gptq_rounding_beats_nearest_on_correlated_inputs(method, rounds):
     calib, test = _smooth_images(32, 1), _smooth_images(16, 2)
 
     def error(gptq: bool) -> float:
-        cfg = QuantConfig(method=method, weight_bits=4, act_bits=32, modules_to_not_convert=[], gptq=gptq)
+        cfg = QuantConfig(method=method, weight_bits=4, act_bits=32, modules_to_not_convert=[], gptq=gptq,
+                          bias_correction=False)  # GPTQ alone
         student = calibrate(quantize_model(copy.deepcopy(model), cfg), [calib[:16], calib[16:]]).eval()
         if gptq:
             assert (student.sqakd_gptq_rounded == ["0", "2", "4"]) == rounds

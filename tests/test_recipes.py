@@ -124,6 +124,19 @@ def test_yaml_and_overrides(tmp_path):
     assert parse_recipe(path, {"weight_bits": 8}).quant.weight_bits == 8
 
 
+def test_bias_correction_takes_a_bool_or_auto_from_yaml_and_the_command_line(tmp_path):
+    def setting(path=None, argv=()):
+        return parse_recipe(path, list(argv)).quant.to_quant_config().bias_correction
+
+    assert setting() == "auto"
+    for word, value in (("false", False), ("yes", True), ("auto", "auto")):
+        assert setting(argv=["--bias_correction", word]) == value
+    (tmp_path / "off.yaml").write_text("teacher: t\nbias_correction: off\n")  # YAML 1.1: off is false
+    assert setting(tmp_path / "off.yaml") is False
+    with pytest.raises(RecipeError, match="bias_correction must be true, false or auto; got 'convs'"):
+        setting(argv=["--bias_correction", "convs"])
+
+
 def test_unknown_and_invalid_keys_are_clear_errors(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", teacher="t", wieght_bits=2)
     with pytest.raises(RecipeError) as err:

@@ -14,8 +14,11 @@ import inspect
 import math
 import re
 import typing
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+from transformers.hf_argparser import string_to_bool
 
 from ..config import STORAGE_FIELDS, QuantConfig
 from ..errors import RecipeError
@@ -225,17 +228,31 @@ def _docstring_args(cls: type) -> Dict[str, str]:
 
 
 def _argument_type(hint: Any) -> Any:
-    """A mapping field also accepts its YAML/JSON text (``--layer_bits '{"fc": 8}'``)."""
+    """A mapping field also accepts its YAML/JSON text (``--layer_bits '{"fc": 8}'``); a bool-or-word field
+    (``bias_correction``: True, False or "auto") is read as text and converted in ``to_quant_config``."""
     parts = typing.get_args(hint) or (hint,)
     if any(p is dict or typing.get_origin(p) in (dict, typing.Mapping) for p in parts):
         return Optional[Union[dict, str]]
+    if bool in parts and str in parts:
+        return str
     return hint
+
+
+def _bool_or_word(name: str, value: Any, words: tuple = ("auto",)) -> Any:
+    """``value`` of a bool-or-word field: a bool, one of ``words``, or text meaning a bool (true/false, yes/no, 1/0)."""
+    if isinstance(value, bool) or value in words:
+        return value
+    try:
+        return string_to_bool(value)
+    except (ArgumentTypeError, AttributeError):
+        raise RecipeError(f"{name} must be true, false or {' or '.join(words)}; got {value!r}") from None
 
 
 class _QuantArgumentsMethods:
     def to_quant_config(self) -> QuantConfig:
         """The :class:`QuantConfig`; an invalid value raises :class:`RecipeError` naming the field."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["bias_correction"] = _bool_or_word("bias_correction", values["bias_correction"])
         if isinstance(values.get("layer_bits"), str):
             import yaml
 

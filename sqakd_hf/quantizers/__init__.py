@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple, Type, Union
 
-from .base import FullPrecision, Quantizer
+from .base import FullPrecision, Quantizer, bypassing
 from .dorefa import DoReFaQuantizer
 from .dynamic import RuntimeTokenQuantizer
 from .ewgs import EWGSQuantizer
@@ -57,4 +57,4 @@ def build_quantizer(
     return cls(bits, role, param_shape, channel_axis=channel_axis, init=init, **kw)
 
 
-__all__ = ["Quantizer", "FullPrecision", "RuntimeTokenQuantizer", "QUANTIZERS", "METHODS", "build_quantizer"] + [c.__name__ for c in QUANTIZERS.values()]
+__all__ = ["Quantizer", "FullPrecision", "bypassing", "RuntimeTokenQuantizer", "QUANTIZERS", "METHODS", "build_quantizer"] + [c.__name__ for c in QUANTIZERS.values()]

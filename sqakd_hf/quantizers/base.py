@@ -19,7 +19,8 @@ packed export relies on it.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Tuple
+import contextlib
+from typing import ClassVar, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -337,3 +338,18 @@ class FullPrecision(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+@contextlib.contextmanager
+def bypassing(quantizers: Iterable[Quantizer]) -> Iterator[None]:
+    """Inside the block every quantizer of ``quantizers`` passes its input through unchanged (the full-precision
+    function); each one's own ``bypass`` flag is restored after, also on error."""
+    quantizers = list(quantizers)
+    saved = [q.bypass for q in quantizers]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q, flag in zip(quantizers, saved):
+            q.bypass = flag

@@ -8,6 +8,7 @@ import torch
 
 from ..injection import named_quantizers, quant_layers
 from ..model_io import call_model, output_tensor, split_labels
+from ..quantizers import bypassing
 
 __all__ = ["unused_parameters"]
 
@@ -21,20 +22,14 @@ def unused_parameters(model: Any, batch: Any, distill_target: str = "logits") ->
     memory). A quantizer's parameters count as used when its layer's weight is (it quantizes that layer's
     weight or input whenever the layer runs).
     """
-    quantizers = [q for _, q in named_quantizers(model)]
-    bypassed = [q.bypass for q in quantizers]
     was_training = model.training
     model.eval()
-    for q in quantizers:
-        q.bypass = True
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), bypassing(q for _, q in named_quantizers(model)):
             inputs, _ = split_labels(batch)
             extra = {"output_hidden_states": True} if distill_target == "hidden_states" else {}
             out = output_tensor(call_model(model, inputs, **extra), distill_target)
     finally:
-        for q, flag in zip(quantizers, bypassed):
-            q.bypass = flag
         model.train(was_training)
     reached = set()
     stack = [out.grad_fn] if out.grad_fn is not None else []

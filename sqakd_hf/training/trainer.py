@@ -59,7 +59,7 @@ from ..serialization.manifest import non_finite
 from ..hub.card_info import write_model_card
 from ..hub.push import push_to_hub as push_quantized_to_hub
 from ..injection import is_quantized, quant_layers, quantizer_parameters, named_quantizers
-from ..quantizers import cpu_fused
+from ..quantizers import bypassing, cpu_fused
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
 from .args import SQAKDTrainingArguments
@@ -614,6 +614,8 @@ class SQAKDTrainer(Trainer):
             batches = self._finite_calibration_batches(batches)
         core = _core(self.model)
         if needs_calibration:
+            with bypassing(q for _, q in named_quantizers(core)):  # a mismatch fails before calibration changes it
+                self._check_outputs(batches[0])
             calibrate(core, [call_input(core, split_labels(b)[0]) for b in batches])
         self._check_outputs(batches[0], finite=force_check)
         self._checked_model_id = id(self.model)
