@@ -478,7 +478,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
                   + (f" Validation: {sec['data']['val']}." if sec["data"].get("val_crops") else "") + " SQAKD: "
                   f"steps × {b['batch_size']} per row, AdamW (weight decay {b['weight_decay']}), cosine, "
                   f"T = {b['temperature']}, {b['calibration_batches']} calibration batches, lr per row (quantizer "
-                  f"parameters at the same lr unless the row says otherwise).", ""]
+                  f"parameters at the same lr unless the row says otherwise).", ""] + ([me["note"], ""] if me.get("note") else [])
         if sec.get("ptq_rows"):
             other = any("other" in r.get("sets", {}) for r in sec["ptq_rows"])
             head = ["method", "bits", "PTQ variant", "top-1 agreement, test (±2 SE)"] + \
