@@ -78,7 +78,7 @@ class QuantConfig(QuantizationConfigMixin):
             quantized, per output channel, over the calibration batches) to its bias, or subtract it from the
             running mean of the BatchNorm that alone reads a bias-free conv's output (other layers without a bias
             are left as they are). ``"auto"`` (default): convolutions only (EfficientNet-Lite0 W8A8 85.0% ->
-            92.7% top-1 agreement; on transformer linears the mean shift is not the same for every token and the
+            92.8% top-1 agreement; on transformer linears the mean shift is not the same for every token and the
             correction can hurt: all-MiniLM-L6-v2 static per-tensor W8A8 0.986 -> 0.480 min cosine), and not for
             DoReFa, whose fixed [0, 1] activation clip makes the shift depend on the input (resnet18 W8A8 relative
             error 0.041 -> 0.098); ``True``: every quantized layer; ``False``: off.

@@ -613,11 +613,12 @@ class SQAKDTrainer(Trainer):
         if needs_calibration or force_check:  # calibration and the pre-training check need finite data
             batches = self._finite_calibration_batches(batches)
         core = _core(self.model)
+        teacher = None
         if needs_calibration:
             with bypassing(q for _, q in named_quantizers(core)):  # a mismatch fails before calibration changes it
-                self._check_outputs(batches[0])
+                teacher = self._check_outputs(batches[0])
             calibrate(core, [call_input(core, split_labels(b)[0]) for b in batches])
-        self._check_outputs(batches[0], finite=force_check)
+        self._check_outputs(batches[0], finite=force_check, teacher=teacher)
         self._checked_model_id = id(self.model)
 
     def _finite_calibration_batches(self, batches: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -692,14 +693,16 @@ class SQAKDTrainer(Trainer):
         return [self._to_device(split_cached(b)[0]) for b in batches]
 
     @torch.no_grad()
-    def _check_outputs(self, batch: Mapping, finite: bool = False) -> None:
-        """Teacher and student outputs on ``batch`` match in shape; ``finite`` (before training): and are finite."""
+    def _check_outputs(self, batch: Mapping, finite: bool = False, teacher: Optional[Tensor] = None) -> Tensor:
+        """Teacher and student outputs on ``batch`` match in shape; ``finite`` (before training): and are finite.
+        ``teacher``: the teacher's output on ``batch`` if already computed. Returns the teacher's output."""
         core = _core(self.model)
         was_training = core.training
         core.eval()
         try:
             model_inputs, _ = split_labels(batch)
-            t = output_tensor(self.teacher_outputs(model_inputs), self.args.distill_target, "teacher")
+            t = teacher if teacher is not None else output_tensor(
+                self.teacher_outputs(model_inputs), self.args.distill_target, "teacher")
             s = output_tensor(call_model(core, model_inputs, **self._extra_kwargs()), self.args.distill_target, "student")
         finally:
             core.train(was_training)
@@ -707,6 +710,7 @@ class SQAKDTrainer(Trainer):
             raise ValueError(self._mismatch_message(s, t))
         if finite:
             self._check_first_outputs(s, t)
+        return t
 
     def _check_first_outputs(self, s: Tensor, t: Tensor) -> None:
         """NaN/inf teacher or student outputs on the first (finite) batch: a broken model, reported before any step.
