@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bias_correction import correct_biases
+from .bias_correction import auto_corrects, correct_biases
 from .config import QuantConfig
-from .folding import CONVS
 from .gptq import gptq_round
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
@@ -145,8 +144,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     config = _config_or_none(model)
     alpha = getattr(config, "smooth_alpha", None)
     bias_correction, gptq = getattr(config, "bias_correction", False), getattr(config, "gptq", False)
-    if bias_correction == "auto" and (config.method == "dorefa" or not any(isinstance(m, CONVS) for _, m in layers)):
-        bias_correction = False  # DoReFa's fixed [0, 1] clip: shifts that depend on the input; or nothing to correct
+    if bias_correction == "auto" and not any(auto_corrects(m) for _, m in layers):
+        bias_correction = False  # nothing to correct: keep the single pass over the batches
     device = next(model.parameters()).device
     if alpha is not None or bias_correction or gptq:  # the batches are read more than once
         batches = list(itertools.islice(batches, num_batches))
@@ -205,7 +204,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
         model.sqakd_gptq_rounded = gptq_round(model, [to_device(b, device) for b in batches], model_forward)
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
         corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward, reference,
-                                   convs_only=bias_correction == "auto")
+                                   auto=bias_correction == "auto")
         model.sqakd_bias_corrected = corrected
     logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
     return model

@@ -140,12 +140,19 @@ def test_a_conv_without_bias_is_corrected_through_the_batchnorm_after_it(setting
     assert torch.equal(on[6].bias, off[6].bias) is (setting == "auto")
 
 
-def test_auto_bias_correction_skips_a_model_without_convs():
+@pytest.mark.parametrize("model, method", [
+    (nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), "lsq"),  # no convs
+    (nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU(), nn.Conv2d(6, 3, 1)), "dorefa"),  # inputs clipped to a fixed [0, 1]
+], ids=["linears", "dorefa-convs"])
+def test_auto_bias_correction_skips_what_it_does_not_correct(model, method):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
-    student = calibrate(quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, modules_to_not_convert=[])),
-                        iter([torch.randn(4, 6)]))  # a one-shot iterator: read once, nothing to correct
+    x = torch.randn(4, 6) if isinstance(model[0], nn.Linear) else torch.randn(4, 6, 3, 3)
+    cfg = QuantConfig(method=method, weight_bits=4, act_bits=8, modules_to_not_convert=[])
+    student = calibrate(quantize_model(copy.deepcopy(model), cfg), iter([x]))  # one-shot: read once, nothing to correct
     assert not hasattr(student, "sqakd_bias_corrected")
+    explicit = calibrate(quantize_model(copy.deepcopy(model), QuantConfig(**{**cfg.to_dict(), "bias_correction": True})),
+                         [x])
+    assert explicit.sqakd_bias_corrected == ["0", "2"]  # True corrects them all
 
 
 def _smooth_images(n: int, seed: int) -> torch.Tensor:

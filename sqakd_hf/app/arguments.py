@@ -228,8 +228,8 @@ def _docstring_args(cls: type) -> Dict[str, str]:
 
 
 def _argument_type(hint: Any) -> Any:
-    """A mapping field also accepts its YAML/JSON text (``--layer_bits '{"fc": 8}'``); a bool-or-word field
-    (``bias_correction``: True, False or "auto") is read as text and converted in ``to_quant_config``."""
+    """A mapping field also accepts its YAML/JSON text (``--layer_bits '{"fc": 8}'``); a bool-or-"auto" field
+    (``bias_correction``) is read as text and converted in ``to_quant_config``."""
     parts = typing.get_args(hint) or (hint,)
     if any(p is dict or typing.get_origin(p) in (dict, typing.Mapping) for p in parts):
         return Optional[Union[dict, str]]
@@ -238,21 +238,21 @@ def _argument_type(hint: Any) -> Any:
     return hint
 
 
-def _bool_or_word(name: str, value: Any, words: tuple = ("auto",)) -> Any:
-    """``value`` of a bool-or-word field: a bool, one of ``words``, or text meaning a bool (true/false, yes/no, 1/0)."""
-    if isinstance(value, bool) or value in words:
+def _bool_or_auto(name: str, value: Any) -> Any:
+    """``value`` of a bool-or-"auto" field: a bool, ``"auto"``, or text meaning a bool (true/false, yes/no, 1/0)."""
+    if isinstance(value, bool) or value == "auto":
         return value
     try:
         return string_to_bool(value)
     except (ArgumentTypeError, AttributeError):
-        raise RecipeError(f"{name} must be true, false or {' or '.join(words)}; got {value!r}") from None
+        raise RecipeError(f"{name} must be true, false or auto; got {value!r}") from None
 
 
 class _QuantArgumentsMethods:
     def to_quant_config(self) -> QuantConfig:
         """The :class:`QuantConfig`; an invalid value raises :class:`RecipeError` naming the field."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values["bias_correction"] = _bool_or_word("bias_correction", values["bias_correction"])
+        values["bias_correction"] = _bool_or_auto("bias_correction", values["bias_correction"])
         if isinstance(values.get("layer_bits"), str):
             import yaml
 

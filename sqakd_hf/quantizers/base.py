@@ -67,6 +67,8 @@ class Quantizer(nn.Module):
     """Base class: bit-width, signedness, grid bounds, calibration state."""
 
     method: ClassVar[str] = ""
+    #: activations clipped to a fixed range (nothing calibrated): their quantization error depends on the input
+    fixed_act_range: ClassVar[bool] = False
 
     def __init__(
         self,

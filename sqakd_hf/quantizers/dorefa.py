@@ -23,6 +23,7 @@ class DoReFaQuantizer(Quantizer):
     """
 
     method = "dorefa"
+    fixed_act_range = True
 
     def __init__(self, bits: int, role: str = "weight", param_shape: Tuple[int, ...] = (), **kw) -> None:
         super().__init__(bits, role, param_shape, **kw)
