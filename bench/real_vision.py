@@ -59,7 +59,7 @@ PTQ_VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
 
 #: per-setting keys besides the budget's (``real_text.ROW_FIELDS``): mixed precision, its table label, KD temperature,
 #: the trainer's quantizer_lr_mode
-MIXED_FIELDS = ("layer_bits", "label", "temperature", "quantizer_lr_mode")
+MIXED_FIELDS = ("layer_bits", "layer_bits_budget", "label", "temperature", "quantizer_lr_mode")
 #: the earlier protocol's test set: the first this many crops of ``test`` (the same seed draws the same crops first)
 OLD_TEST_CROPS = 384
 #: photos SQAKD never trains on in the two-photo protocol: (package, file in its sample-data folder)
@@ -125,6 +125,9 @@ class Setting:
     act_bits: int
     budget: Budget
     layer_bits: Optional[Dict[str, Any]] = None
+    #: choose ``layer_bits`` by measurement (:func:`resolve_layer_bits`): 8-bit weights for the most sensitive
+    #: layers, at most this share of the weight elements
+    layer_bits_budget: Optional[float] = None
     label: str = ""
     temperature: float = TEMPERATURE
     quantizer_lr_mode: Optional[str] = None
@@ -147,6 +150,19 @@ def parse_setting(budget: Budget, setting: Sequence[Any]) -> Setting:
     extra = {"lr": extra} if isinstance(extra, (int, float)) else dict(extra)
     mixed = {k: extra.pop(k) for k in MIXED_FIELDS if k in extra}
     return Setting(method, wb, ab, row_budget(budget, (method, wb, ab, extra)), **mixed)
+
+
+def resolve_layer_bits(setup: "RealVisionSetup", st: Setting, ctx: "_Context") -> Setting:
+    """``st`` with its ``layer_bits`` chosen by ``sqakd_hf.layer_sensitivity`` (each layer's weights quantized alone
+    as the SQAKD start quantizes them, output error over the calibration batches) and ``choose_layer_bits`` (8-bit
+    weights for the most sensitive layers within ``st.layer_bits_budget``); ``st`` itself when it has no budget.
+    Deterministic, so every worker process gets the same layers."""
+    if st.layer_bits_budget is None:
+        return st
+    from sqakd_hf import choose_layer_bits, layer_sensitivity
+
+    sensitivity = layer_sensitivity(ctx.teacher, st.config(**setup.sqakd_start), ctx.calib, progress=False)
+    return dataclasses.replace(st, layer_bits=choose_layer_bits(ctx.teacher, sensitivity, st.layer_bits_budget))
 
 
 def weight_bit_shares(model: torch.nn.Module) -> Dict[str, float]:
@@ -385,8 +401,8 @@ def _task(setup: RealVisionSetup, index: int, threads: int) -> Any:
     ctx = _context(setup)
     settings = [parse_setting(setup.budget, s) for s in setup.settings]
     if index < 0:
-        return _ptq_rows(setup, settings, ctx, print)
-    return _sqakd_row(setup, settings[index], ctx)
+        return _ptq_rows(setup, [resolve_layer_bits(setup, st, ctx) for st in settings], ctx, print)
+    return _sqakd_row(setup, resolve_layer_bits(setup, settings[index], ctx), ctx)
 
 
 def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -410,6 +426,7 @@ def run(setup: RealVisionSetup, log: Callable[[str], None] = print) -> Dict[str,
         classes = None if test is None else int(_logits(teacher, test, setup.eval_batch_size).argmax(-1).unique().numel())
     else:
         ctx = _context(setup)
+        settings = [resolve_layer_bits(setup, st, ctx) for st in settings]
         ptq_rows = _ptq_rows(setup, settings, ctx, log)
         rows = [_sqakd_row(setup, st, ctx, log) for st in settings]
         classes = int(ctx.evals["test"][1].argmax(-1).unique().numel()) if "test" in ctx.evals else None
@@ -545,6 +562,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--method", default="lsq")
     p.add_argument("--bits", type=int, nargs=2, default=(8, 8), metavar=("W", "A"))
     p.add_argument("--layer-bits", type=json.loads, default=None, help='QuantConfig.layer_bits as JSON')
+    p.add_argument("--layer-bits-budget", type=float, default=None,
+                   help="choose layer_bits by measured sensitivity: 8-bit weights for at most this share of them")
     p.add_argument("--start", type=json.loads, default=None,
                    help='the PTQ start, QuantConfig fields as JSON (default: the last PTQ variant, '
                         f'{json.dumps(PTQ_VARIANTS[-1][1])})')
@@ -570,10 +589,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              "quantizer_lr_mode": a.quantizer_lr_mode}
     if a.layer_bits:
         extra.update(layer_bits=a.layer_bits, label="mixed")
+    if a.layer_bits_budget is not None:
+        extra.update(layer_bits_budget=a.layer_bits_budget, label="mixed by sensitivity")
     setup = RealVisionSetup(a.size, a.train_crops, a.test_crops, Budget(a.steps, 16, a.lr, weight_decay=0.0, seed=a.seed),
                             [(a.method, *a.bits, extra)], eval_every=a.eval_every, val_crops=a.val_crops,
                             other_crops=a.other_crops, photos=a.photos, start=a.start)
-    row = _sqakd_row(setup, parse_setting(setup.budget, setup.settings[0]), _context(setup))
+    ctx = _context(setup)
+    row = _sqakd_row(setup, resolve_layer_bits(setup, parse_setting(setup.budget, setup.settings[0]), ctx), ctx)
     print(json.dumps(row, indent=1))
     return row
 

@@ -28,6 +28,8 @@ _EXPORTS: Dict[str, str] = {
     "get_quant_config": ".injection",
     "calibrate": ".calibration",
     "refresh_quantizer_state": ".calibration",
+    "layer_sensitivity": ".mixed_precision",
+    "choose_layer_bits": ".mixed_precision",
     "QuantLayer": ".modules",
     "QuantLinear": ".modules",
     "QuantConv2d": ".modules",

