@@ -26,6 +26,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("injection",),
     ("smoothing", "bias_correction", "gptq"),
     ("calibration",),
+    ("mixed_precision",),
     ("serialization",),
     ("integrations",),
     ("checkpoint",),
