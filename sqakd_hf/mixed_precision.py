@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .calibration import calibrate, model_forward
 from .config import QuantConfig
 from .injection import named_quantizers, quant_layers, quantize_model
-from .model_io import output_tensor
+from .model_io import output_tensor, to_device
 from .modules import QuantEmbedding
 from .quantizers import bypassing
 
@@ -46,13 +46,14 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
     ``config`` says (bits, granularity, method, its range initialisation; BatchNorm folded first with ``fold_bn``);
     GPTQ rounding and bias correction are left out, so the number is the layer's own rounding error as the rest of
     the network carries it to the output. ``model`` is not modified (a copy is quantized). Cost: one forward over
-    the batches per layer."""
+    the batches per layer; the full-precision outputs of the batches are kept in memory meanwhile."""
     batches = list(batches)[:num_batches]
     if not batches:
         raise ValueError("layer_sensitivity needs at least one batch of inputs")
     fields = {**config.to_dict(), "gptq": False, "bias_correction": False}
     student = quantize_model(copy.deepcopy(model), QuantConfig.from_dict(fields))
-    was_training = student.training
+    device = next(student.parameters()).device
+    batches = [to_device(b, device) for b in batches]
     student.eval()
     with torch.no_grad():
         calibrate(student, batches)
@@ -64,7 +65,6 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
         for name, layer in tqdm(layers, desc="layer sensitivity", disable=not progress, leave=False):
             with bypassing(q for q in quantizers if q is not layer.weight_quantizer):
                 out[name] = _relative_error(_outputs(student, batches), refs)
-    student.train(was_training)
     return out
 
 
