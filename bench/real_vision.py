@@ -18,7 +18,8 @@ ImageNet labels (the teacher's own predictions would make it KD).
 
 Each SQAKD row trains from exactly the model its PTQ row measured (``calibrate`` on the same batches, then
 ``SQAKDTrainer``, which skips calibration when every quantizer is initialised). A setting may be mixed precision
-(``QuantConfig(layer_bits=...)``); its rows report the share of quantized weight elements at each bit-width.
+(``QuantConfig(layer_bits=...)``, given, or chosen by ``sqakd_hf.layer_sensitivity`` within a share of the weights:
+``layer_bits_budget``); its rows report the share of quantized weight elements at each bit-width.
 
     python -m bench --sections real_vision
 """
