@@ -32,10 +32,17 @@ def _outputs(model: nn.Module, batches: List[Any]) -> List[torch.Tensor]:
     return [output_tensor(model_forward(model, b)).float() for b in batches]
 
 
-def _relative_error(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> float:
-    diff = sum(float((o - r).pow(2).sum()) for o, r in zip(outs, refs))
-    ref = sum(float(r.pow(2).sum()) for r in refs)
-    return (diff / max(ref, torch.finfo(torch.float32).tiny)) ** 0.5
+def _squared_distance(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> torch.Tensor:
+    return sum((o - r).double().pow(2).sum() for o, r in zip(outs, refs))
+
+
+def _all_reduced(sums: torch.Tensor) -> torch.Tensor:
+    """``sums`` added over the processes of a running DDP group (unchanged for one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    return sums
 
 
 def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[Any],
@@ -46,7 +53,9 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
     ``config`` says (bits, granularity, method, its range initialisation; BatchNorm folded first with ``fold_bn``);
     GPTQ rounding and bias correction are left out, so the number is the layer's own rounding error as the rest of
     the network carries it to the output. ``model`` is not modified (a copy is quantized). Cost: one forward over
-    the batches per layer; the full-precision outputs of the batches are kept in memory meanwhile."""
+    the batches per layer; the full-precision outputs of the batches are kept in memory meanwhile. Under DDP, call
+    it on every rank with that rank's batches (as :func:`~sqakd_hf.calibrate`): the calibration statistics and the
+    error sums are all-reduced, so every rank gets the same map."""
     batches = list(batches)[:num_batches]
     if not batches:
         raise ValueError("layer_sensitivity needs at least one batch of inputs")
@@ -61,11 +70,13 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
         layers = [(n, m) for n, m in quant_layers(student) if not isinstance(m, QuantEmbedding)]
         with bypassing(quantizers):
             refs = _outputs(student, batches)
-        out: Dict[str, float] = {}
-        for name, layer in tqdm(layers, desc="layer sensitivity", disable=not progress, leave=False):
+        sums = [sum(r.double().pow(2).sum() for r in refs)]  # ||z_fp||^2, then ||z - z_fp||^2 per layer
+        for _, layer in tqdm(layers, desc="layer sensitivity", disable=not progress, leave=False):
             with bypassing(q for q in quantizers if q is not layer.weight_quantizer):
-                out[name] = _relative_error(_outputs(student, batches), refs)
-    return out
+                sums.append(_squared_distance(_outputs(student, batches), refs))
+        sums = _all_reduced(torch.stack(sums))
+        errors = (sums[1:] / sums[0].clamp_min(torch.finfo(torch.float32).tiny)).sqrt().tolist()  # one host sync
+    return {name: err for (name, _), err in zip(layers, errors)}
 
 
 def choose_layer_bits(model: nn.Module, sensitivity: Dict[str, float], budget: float,

@@ -159,8 +159,10 @@ def test_train_then_push_to_hub(assets, tmp_path, local_hub):
 
 
 def test_accelerate_launch_two_processes(assets, tmp_path):
-    """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config."""
-    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, per_device_train_batch_size=8)
+    """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config; the
+    layers kept at 8 bits by ``layer_bits_budget`` are measured once (rank 0) and used by both ranks."""
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, per_device_train_batch_size=8,
+                          layer_bits_budget=0.2)
     recipe = write_recipe(tmp_path / "ddp.yaml", **values)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
@@ -172,6 +174,7 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     assert proc.returncode == 0, output[-4000:]
     assert "sqakd-hf: process 0/2" in output and "sqakd-hf: process 1/2" in output  # both ranks ran
     assert output.count("SQAKD lsq-W4A4 student") == 1  # the summary is printed by rank 0 only
+    assert output.count("measuring each layer's sensitivity") == 1 and output.count("most sensitive layer(s)") == 1
     # every parameter of the student gets a gradient: DDP runs without the unused-parameter search (and its warning)
     assert "find_unused_parameters=True was specified" not in output and "get no gradient" not in output
     out = tmp_path / "out"
@@ -179,6 +182,8 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     assert "teacher_agreement" in state["student"]
     model = from_pretrained_timm(out)
     packed = load_quantized(out / "packed")
+    chosen = json.loads((out / RUN_RECORD).read_text())["chosen_layer_bits"]["layers"]
+    assert chosen and {n for n, b in _weight_bits(model).items() if b == 8} == set(chosen)
     x = _batch(assets)
     with torch.no_grad():
         a, b = model(x), packed(x)
@@ -221,6 +226,58 @@ def test_output_dir_rules_resume_and_overwrite(assets, tmp_path, capsys):
     assert os.listdir(foreign) == ["notes.txt"]
 
 
+def _weight_bits(model) -> dict:
+    from sqakd_hf.injection import quant_layers
+
+    return {name: layer.weight_quantizer.bits for name, layer in quant_layers(model)}
+
+
+def test_layer_bits_budget_chooses_by_measured_sensitivity_and_resume_reuses_it(assets, tmp_path, monkeypatch,
+                                                                                capsys):
+    """``--layer_bits_budget``: the layers the measurement ranks most sensitive get 8-bit weights within the budget;
+    the choice is printed, recorded, saved with the model (training and packed forms) and reused on resume."""
+    import sqakd_hf.app.layer_choice as layer_choice
+    from sqakd_hf import choose_layer_bits
+
+    seen, measure = {}, layer_choice.layer_sensitivity
+
+    def spy(model, config, batches, **kwargs):  # the real measurement, its inputs and result kept
+        seen.update(teacher=model, config=config, batches=list(batches))
+        seen["sensitivity"] = measure(model, config, seen["batches"], **kwargs)
+        return seen["sensitivity"]
+
+    monkeypatch.setattr(layer_choice, "layer_sensitivity", spy)
+    values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, save_strategy="steps",
+                          save_steps=2, calibration_batches=2, layer_bits_budget=0.3)
+    recipe = write_recipe(tmp_path / "mixed.yaml", **values)
+    assert main(["train", str(recipe)]) == 0
+    out = tmp_path / "out"
+    choice = json.loads((out / RUN_RECORD).read_text())["chosen_layer_bits"]
+
+    # measured on the calibration batches of training inputs (2 x 16 images), with the run's W4A4 config
+    assert [tuple(b.shape) for b in seen["batches"]] == [(16, 3, 32, 32)] * 2
+    assert seen["config"].weight_bits == 4 and seen["config"].layer_bits == {}
+    # the greedy choice of the measured ranking; at most 30% of the weights, and the top layer is in it
+    sensitivity = seen["sensitivity"]
+    assert choice["layer_bits"] == choose_layer_bits(seen["teacher"], sensitivity, 0.3)
+    assert max(sensitivity, key=sensitivity.get) in choice["layers"]
+    assert 0 < choice["share"] <= 0.3 and 0 < len(choice["layers"]) < len(sensitivity)
+    printed = capsys.readouterr().out
+    assert f"8-bit weights for the {len(choice['layers'])} most sensitive layer(s)" in printed
+    assert ", ".join(choice["layers"]) in printed
+
+    # the saved student (training and packed form) has exactly those 8-bit layers, all others at 4 bits
+    expected = {name: 8 if name in choice["layers"] else 4 for name in sensitivity}
+    assert _weight_bits(from_pretrained_timm(out)) == expected
+    assert _weight_bits(load_quantized(out / "packed")) == expected
+
+    # resume: the recorded choice is reused (no second measurement), and kept in the record
+    monkeypatch.setattr(layer_choice, "layer_sensitivity", lambda *a, **k: pytest.fail("measured again on resume"))
+    assert main(["train", str(recipe), "--resume_from_checkpoint", "true", "--max_steps", "3"]) == 0
+    assert json.loads((out / RUN_RECORD).read_text())["chosen_layer_bits"] == choice
+    assert _weight_bits(from_pretrained_timm(out)) == expected
+
+
 # ---- bad input: a clear error before any work ---------------------------------------------------------------
 BAD_INPUTS = {
     "unknown recipe key": ({"learning_rat": 0.1},
@@ -243,6 +300,10 @@ BAD_INPUTS = {
     "streaming without max_steps": ({"streaming": True, "max_steps": -1}, ["streaming: true needs max_steps > 0"]),
     "resume without checkpoint": ({"resume_from_checkpoint": "true"}, ["holds no checkpoint-* folder"]),
     "ce_weight without labels": ({"ce_weight": 0.5, "use_labels": False}, ["ce_weight > 0 needs labels"]),
+    "layer_bits_budget outside (0, 1)": ({"layer_bits_budget": 1.5},
+                                         ["layer_bits_budget is a share of the quantized weight elements, in (0, 1)"]),
+    "sensitive_layer_bits out of range": ({"layer_bits_budget": 0.1, "sensitive_layer_bits": 12},
+                                          ["sensitive_layer_bits must be an integer in 1..8; got 12"]),
     "eval strategy without eval split": ({"eval_split": None, "eval_strategy": "steps"},
                                          ["eval_strategy 'steps' needs an eval_split"]),
 }
@@ -433,7 +494,7 @@ def test_bad_text_data_is_one_line(case, tweets, monkeypatch, capsys):
     recipe = _tweet_recipe(tweets, "bad-run", **change)
     text = recipe.read_text()
     recipe.write_text("\n".join(line for line in text.splitlines() if not line.endswith(": null")) + "\n")
-    monkeypatch.setattr("sqakd_hf.app.train.load_teacher_and_student",
+    monkeypatch.setattr("sqakd_hf.app.train.load_fp_teacher",
                         lambda *a, **k: pytest.fail("a model was loaded before the data was checked"))
     assert main([command, str(recipe)]) == 2
     err = capsys.readouterr().err

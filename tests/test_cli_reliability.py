@@ -58,7 +58,7 @@ def no_model_loads(monkeypatch):
     def boom(*args, **kwargs):
         pytest.fail("a model was loaded before the input was checked")
 
-    monkeypatch.setattr("sqakd_hf.app.train.load_teacher_and_student", boom)
+    monkeypatch.setattr("sqakd_hf.app.train.load_fp_teacher", boom)
     monkeypatch.setattr("sqakd_hf.app.evaluate.load_fp_teacher", boom)
 
 

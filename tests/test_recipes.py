@@ -161,15 +161,18 @@ def test_unknown_and_invalid_keys_are_clear_errors(tmp_path):
 
 
 def test_quant_arguments_are_quant_config_arguments():
-    """QuantArguments is generated from QuantConfig: same names, same defaults, documented."""
+    """QuantArguments is generated from QuantConfig: same names, same defaults, documented; plus the fields that
+    choose layer_bits by measurement (not passed to QuantConfig)."""
     import dataclasses
     import inspect
 
-    from sqakd_hf.app.arguments import QuantArguments
+    from sqakd_hf.app.arguments import LAYER_CHOICE_FIELDS, QuantArguments
     from sqakd_hf.config import STORAGE_FIELDS
 
     params = {n: p.default for n, p in inspect.signature(QuantConfig.__init__).parameters.items()
               if n not in ("self", "kwargs", *STORAGE_FIELDS)}
+    params.update({"layer_bits_budget": None, "sensitive_layer_bits": 8})
+    assert {name for name, _, _ in LAYER_CHOICE_FIELDS} == {"layer_bits_budget", "sensitive_layer_bits"}
     fields = {f.name: f for f in dataclasses.fields(QuantArguments)}
     assert {n: f.default for n, f in fields.items()} == params
     assert all(f.metadata["help"] for f in fields.values())

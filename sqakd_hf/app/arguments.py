@@ -248,10 +248,33 @@ def _bool_or_auto(name: str, value: Any) -> Any:
         raise RecipeError(f"{name} must be true, false or auto; got {value!r}") from None
 
 
+#: quantization fields that are not :class:`QuantConfig` arguments: how the run chooses ``layer_bits`` itself
+LAYER_CHOICE_FIELDS = [
+    ("layer_bits_budget", Optional[float], field(default=None, metadata={"help": (
+        "Mixed precision by measurement: before training, rank every quantized layer by how far the teacher's output "
+        "moves when only that layer's weights are quantized (on the calibration batches), and keep the most sensitive "
+        "layers' weights at sensitive_layer_bits while their weight elements stay within this share of all quantized "
+        "weight elements (a fraction in (0, 1), e.g. 0.02). Added after layer_bits (your own patterns win); the "
+        "choice is printed, stored in the run record and the model config, and reused on resume. Default: off.")})),
+    ("sensitive_layer_bits", int, field(default=8, metadata={"help": (
+        "Weight bit-width (1..8) of the layers layer_bits_budget chooses.")})),
+]
+
+
 class _QuantArgumentsMethods:
+    def __post_init__(self) -> None:
+        budget, bits = self.layer_bits_budget, self.sensitive_layer_bits
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < 1):
+            raise RecipeError(f"layer_bits_budget is a share of the quantized weight elements, in (0, 1) (e.g. 0.02); "
+                              f"got {budget!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise RecipeError(f"sensitive_layer_bits must be an integer in 1..8; got {bits!r}")
+
     def to_quant_config(self) -> QuantConfig:
         """The :class:`QuantConfig`; an invalid value raises :class:`RecipeError` naming the field."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        choice = {name for name, _, _ in LAYER_CHOICE_FIELDS}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in choice}
         values["bias_correction"] = _bool_or_auto("bias_correction", values["bias_correction"])
         if isinstance(values.get("layer_bits"), str):
             import yaml
@@ -274,11 +297,12 @@ def _quant_arguments() -> type:
         (name, _argument_type(hints[name]), field(default=param.default, metadata={"help": helps.get(name, "")}))
         for name, param in inspect.signature(QuantConfig.__init__).parameters.items()
         if param.kind is param.POSITIONAL_OR_KEYWORD and name != "self" and name not in STORAGE_FIELDS
-    ]
+    ] + LAYER_CHOICE_FIELDS
     return dataclasses.make_dataclass(
         "QuantArguments", fields, bases=(_QuantArgumentsMethods,),
         namespace={"__module__": __name__,
-                   "__doc__": "The :class:`~sqakd_hf.QuantConfig` of the student: its arguments, names and defaults."},
+                   "__doc__": "The :class:`~sqakd_hf.QuantConfig` of the student (its arguments, names and defaults), "
+                              "and how the run may choose layer_bits by measured sensitivity."},
     )
 
 

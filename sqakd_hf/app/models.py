@@ -2,8 +2,8 @@
 
 :func:`inspect_teacher` reads only the teacher's config (no weights) and decides the library
 (timm or transformers), the task and the input modality, so a recipe whose data does not
-fit the model fails before anything heavy is loaded. :func:`load_teacher_and_student`
-then builds the FP teacher and its quantized copy (the student).
+fit the model fails before anything heavy is loaded. :func:`load_fp_teacher`
+then loads the FP teacher and :func:`load_student` its quantized copy (the student).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from torch import nn
 
@@ -31,8 +31,8 @@ __all__ = [
     "TeacherInfo",
     "inspect_teacher",
     "inspect_checkpoint",
-    "load_teacher_and_student",
     "load_fp_teacher",
+    "load_student",
     "load_processor",
     "task_from_architecture",
 ]
@@ -189,17 +189,15 @@ def load_fp_teacher(info: TeacherInfo, args: Optional[ModelArguments] = None) ->
     return model.eval()
 
 
-def load_teacher_and_student(
-    info: TeacherInfo, quant_config: QuantConfig, args: Optional[ModelArguments] = None
-) -> Tuple[nn.Module, nn.Module]:
-    """``(teacher, student)``: the FP teacher and its quantized copy, trainable, weights copied from the teacher.
+def load_student(info: TeacherInfo, quant_config: QuantConfig, teacher: nn.Module,
+                 args: Optional[ModelArguments] = None) -> nn.Module:
+    """The quantized copy of ``teacher`` (the FP model :func:`load_fp_teacher` loaded for ``info``), trainable.
 
-    transformers: the student is ``AutoModelFor<task>.from_pretrained(teacher, quantization_config=...)``;
-    timm: ``quantize_model`` on a copy of the teacher. Activation quantizers still need
+    transformers: ``AutoModelFor<task>.from_pretrained(teacher, quantization_config=...)``;
+    timm: ``quantize_model`` on a copy of ``teacher``. Activation quantizers still need
     calibration (``SQAKDTrainer`` does it on the first batches).
     """
     args = args or ModelArguments(teacher=info.name)
-    teacher = load_fp_teacher(info, args)
     if info.library == "timm":
         student = quantize_model(copy.deepcopy(teacher), quant_config)
     else:
@@ -207,7 +205,7 @@ def load_teacher_and_student(
                                   revision=args.revision, cache_dir=args.cache_dir)
     student.requires_grad_(True)  # a copy of a frozen teacher would otherwise train only its quantizers
     student.train()
-    return teacher, student
+    return student
 
 
 def load_processor(source: str, info: TeacherInfo, fallback: Optional[str] = None) -> Any:

@@ -16,7 +16,8 @@ from ..config import QuantConfig
 from ..errors import RecipeError
 from .data import dataset_length
 from .distributed import barrier, say, setup_distributed
-from .models import TeacherInfo, inspect_teacher, load_processor, load_teacher_and_student
+from .layer_choice import RECORD_KEY, choose_student_layer_bits
+from .models import TeacherInfo, inspect_teacher, load_fp_teacher, load_processor, load_student
 from .checks import check_training_ranges
 from .recipe import Recipe
 from .report import train_summary
@@ -92,9 +93,17 @@ def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
     processor = load_processor(recipe.model.teacher, info)
     barrier()  # every rank passed every check
     with training.main_process_first(desc="loading the models and preparing the data"):
-        teacher, student = load_teacher_and_student(info, quant_config, recipe.model)
+        teacher = load_fp_teacher(info, recipe.model)
         train_ds, eval_ds, collator = preprocess(raw, recipe.data, info, teacher, processor,
                                                  raw.train_label_map(info.id2label))
+    choice = None
+    if recipe.quant.layer_bits_budget is not None:
+        recorded = (read_run_record(Path(training.output_dir)) or {}).get(RECORD_KEY) if resume else None
+        quant_config, choice = choose_student_layer_bits(
+            teacher, quant_config, train_ds, collator, training, recipe.quant.layer_bits_budget,
+            recipe.quant.sensitive_layer_bits, recorded)
+    with training.main_process_first(desc="building the student"):
+        student = load_student(info, quant_config, teacher, recipe.model)
     if info.modality == "image":
         training.remove_unused_columns = False  # images are transformed on the fly from their raw column
     out = Path(training.output_dir)
@@ -106,7 +115,7 @@ def run_train(recipe: Recipe, mode: str = TRAIN) -> Dict[str, Any]:
     if training.should_save:
         _start_run_record(recipe, out, resume, mode=mode, teacher=teacher_reference(info),
                           teacher_on_hub=info.local_dir is None, data=resolved_data_arguments(recipe.data),
-                          sources=source_records(raw))
+                          sources=source_records(raw), **({RECORD_KEY: choice} if choice else {}))
     examples = dataset_length(train_ds) or "streamed"
     if mode == PTQ:
         say(f"sqakd-hf: PTQ {quant_config.short_name} of {info.name} ({info.library}, {info.task}): calibration "

@@ -116,6 +116,30 @@ class _Distill:
     labels: Optional[Tensor]
 
 
+def calibration_samples(dataset: Any, args: SQAKDTrainingArguments, limit: Optional[int] = None) -> List[Any]:
+    """This rank's share of ``args.calibration_batches`` global batches of seeded-random samples of ``dataset``
+    (the first samples of a stream), uncollated; at most its first ``limit``.
+
+    A global batch is one optimizer step's data (per-device batch x accumulation x processes); every rank draws
+    the same samples and takes every ``world_size``-th, so all-reduced statistics do not depend on the number of
+    processes or on accumulation. Raises ``ValueError`` for an empty dataset.
+    """
+    per_device = max(1, args.train_batch_size)
+    world, rank = max(1, args.world_size), args.process_index
+    total = args.calibration_batches * per_device * args.gradient_accumulation_steps * world
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
+        samples = list(itertools.islice(iter(dataset), total))
+        order = None
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        order = torch.randperm(len(dataset), generator=gen)[:total].tolist()
+    count = len(samples) if order is None else len(order)
+    if count == 0:
+        raise ValueError("the calibration data is empty: SQAKD needs (unlabeled) training inputs")
+    mine = (list(range(rank, count, world)) or [rank % count])[:limit]
+    return [samples[i] for i in mine] if order is None else [dataset[order[i]] for i in mine]
+
+
 class SQAKDTrainer(Trainer):
     """Trainer for SQAKD: the student (a model with fake-quant layers) learns from the teacher only.
 
@@ -665,30 +689,11 @@ class SQAKDTrainer(Trainer):
         return dataset, loader.collate_fn
 
     def _calibration_batches(self, data: Any, first_only: bool = False) -> List[Dict[str, Any]]:
-        """This rank's share of ``calibration_batches`` global batches of seeded-random samples.
-
-        A global batch is one optimizer step's data (per-device batch x accumulation x processes);
-        every rank draws the same samples and takes every ``world_size``-th, so the all-reduced
-        statistics do not depend on the number of processes or on accumulation.
-        """
-        args = self.args
+        """This rank's share of ``calibration_batches`` global batches (:func:`calibration_samples`), collated and
+        on the device; ``first_only``: only its first batch."""
         dataset, collator = self._calibration_source(data)
-        per_device = max(1, args.train_batch_size)
-        world, rank = max(1, args.world_size), args.process_index
-        total = args.calibration_batches * per_device * args.gradient_accumulation_steps * world
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
-            samples = list(itertools.islice(iter(dataset), total))
-        else:
-            gen = torch.Generator().manual_seed(args.seed)
-            order = torch.randperm(len(dataset), generator=gen)[:total].tolist()
-            samples = None
-        count = len(samples) if samples is not None else len(order)
-        if count == 0:
-            raise ValueError("the calibration data is empty: SQAKD needs (unlabeled) training inputs")
-        mine = list(range(rank, count, world)) or [rank % count]
-        if first_only:  # only the output check needs data
-            mine = mine[:per_device]
-        pick = [samples[i] for i in mine] if samples is not None else [dataset[order[i]] for i in mine]
+        per_device = max(1, self.args.train_batch_size)
+        pick = calibration_samples(dataset, self.args, limit=per_device if first_only else None)
         batches = [collator(pick[i : i + per_device]) for i in range(0, len(pick), per_device)]
         return [self._to_device(split_cached(b)[0]) for b in batches]
 
