@@ -278,6 +278,28 @@ def test_layer_bits_budget_chooses_by_measured_sensitivity_and_resume_reuses_it(
     assert _weight_bits(from_pretrained_timm(out)) == expected
 
 
+def test_ptq_of_a_transformers_teacher_with_layer_bits_budget(assets, tmp_path, capsys):
+    """``sqakd-hf ptq --layer_bits_budget`` on a BERT classifier: the chosen linears are 8-bit in the reloaded
+    training and packed forms (their config carries the pattern), every other quantized linear 4-bit."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "bert-ptq"
+    recipe = write_recipe(
+        tmp_path / "ptq.yaml", teacher=str(assets.bert_teacher), dataset_name=str(assets.text), train_split="train",
+        max_length=16, output_dir=str(out), per_device_train_batch_size=8, calibration_batches=2, report_to="none",
+        disable_tqdm=True, weight_bits=4, act_bits=8, layer_bits_budget=0.25)
+    assert main(["ptq", str(recipe)]) == 0
+    choice = json.loads((out / RUN_RECORD).read_text())["chosen_layer_bits"]
+    assert choice["layers"] and 0 < choice["share"] <= 0.25
+    assert "most sensitive layer(s)" in capsys.readouterr().out
+    for folder in (out, out / "packed"):
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        bits = _weight_bits(model)
+        assert {n for n, b in bits.items() if b == 8} == set(choice["layers"]), folder
+        assert set(bits.values()) == {4, 8}
+        assert model.config.quantization_config.layer_bits == choice["layer_bits"]
+
+
 # ---- bad input: a clear error before any work ---------------------------------------------------------------
 BAD_INPUTS = {
     "unknown recipe key": ({"learning_rat": 0.1},
