@@ -375,7 +375,8 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, log: Callable
     main = ctx.main
     row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
            "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
-           "steps": b.steps, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr, "temperature": st.temperature,
+           "steps": b.steps, "batch_size": b.batch_size, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
+           "temperature": st.temperature,
            "quantizer_lr_mode": args.quantizer_lr_mode, "quant_config": st.config(**setup.sqakd_start).to_dict(),
            "ptq": {**_public(ptq[main]), "sets": {k: _public(v) for k, v in ptq.items() if k != main}},
            "sqakd": {**_public(sqakd[main]), "train_s": tt.s, "curve_set": curve_set,
@@ -499,7 +500,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
                   f"({sec['teacher']['distinct_top1_classes_on_test']} distinct teacher classes)."
                   + (f" Other photos: {sec['data']['other']}." if sec["data"].get("other_crops_per_photo") else "")
                   + (f" Validation: {sec['data']['val']}." if sec["data"].get("val_crops") else "") + " SQAKD: "
-                  f"steps × {b['batch_size']} per row, AdamW (weight decay {b['weight_decay']}), cosine, "
+                  f"steps × {b['batch_size']} per row (unless the steps column says another batch), AdamW (weight decay {b['weight_decay']}), cosine, "
                   f"T = {b['temperature']}, {b['calibration_batches']} calibration batches, lr per row (quantizer "
                   f"parameters at the same lr unless the row says otherwise).", ""] + ([me["note"], ""] if me.get("note") else [])
         if sec.get("ptq_rows"):
@@ -536,9 +537,11 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
             lr = f"{lr}, {r['quantizer_lr_mode']} quantizer updates" if r.get("quantizer_lr_mode") else lr
             ps, ss = p.get("sets", {}), s.get("sets", {})
             od = r["paired"].get("sqakd_minus_ptq_other")
+            steps = r.get("steps", b["steps"])
+            steps = steps if r.get("batch_size", b["batch_size"]) == b["batch_size"] else f"{steps} × {r['batch_size']}"
             other_d = "-" if od is None else f"{100 * od['delta']:+.1f} ± {200 * od['se']:.1f}"
             lines.append(_table_row(
-                [r["method"], r["bits"], _shares(r.get("weight_bit_shares")), r.get("steps", b["steps"]), lr,
+                [r["method"], r["bits"], _shares(r.get("weight_bit_shares")), steps, lr,
                  f"{100 * p['top1_agreement']:.1f} → {100 * s['top1_agreement']:.1f} (±{200 * s['top1_agreement_se']:.1f})",
                  f"{100 * d['delta']:+.1f} ± {200 * d['se']:.1f}"]
                 + ([f"{_pct(ps.get('old_protocol'), False)} → {_pct(ss.get('old_protocol'), False)}"] if old else [])
@@ -570,6 +573,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         f'{json.dumps(PTQ_VARIANTS[-1][1])})')
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=16, help="training batch (calibration keeps 16)")
     p.add_argument("--quantizer-lr", type=float, default=None)
     p.add_argument("--quantizer-lr-mode", choices=("absolute", "relative"), default=None)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
@@ -587,7 +591,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     runner_setup(1, False)
     extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr, "temperature": a.temperature,
-                             "quantizer_lr_mode": a.quantizer_lr_mode}
+                             "quantizer_lr_mode": a.quantizer_lr_mode, "batch_size": a.batch_size}
     if a.layer_bits:
         extra.update(layer_bits=a.layer_bits, label="mixed")
     if a.layer_bits_budget is not None:

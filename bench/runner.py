@@ -13,9 +13,10 @@ OWN_FILES = ("real_text", "real_vision", "deploy")
 #: sections run when ``--sections`` is not given: the real-task sections only in full mode (~1 h on 2 CPU cores)
 DEFAULT_SECTIONS = {"full": SECTIONS, "quick": SECTIONS[:4], "micro": SECTIONS[:4]}
 METHODS = ("lsq", "pact", "dorefa", "ewgs")
-#: Lite0 mixed precision: 8-bit weights for the layers whose 4-bit weights alone move the output most, at most 2.1%
-#: of the weights (``sqakd_hf.layer_sensitivity`` on the calibration batches, then ``choose_layer_bits``)
-LITE0_W8 = {"layer_bits_budget": 0.021, "label": "the most sensitive layers at W8, by measurement"}
+#: Lite0 mixed precision: 8-bit weights for the layers whose 4-bit weights alone move the output most, at most 4%
+#: of the weights (``sqakd_hf.layer_sensitivity`` on the calibration batches, then ``choose_layer_bits``; val after
+#: 300 steps: 89.6% at 4%, 87.2% at 2.1%)
+LITE0_W8 = {"layer_bits_budget": 0.04, "label": "the most sensitive layers at W8, by measurement"}
 
 
 def presets(mode: str, seed: int) -> Dict[str, Any]:
