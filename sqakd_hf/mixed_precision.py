@@ -10,7 +10,9 @@ rank layers by the loss change their quantization causes); here the change is me
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import re
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -26,6 +28,20 @@ from .modules import QuantEmbedding
 from .quantizers import bypassing
 
 __all__ = ["layer_sensitivity", "choose_layer_bits"]
+
+
+@contextlib.contextmanager
+def _info_silenced(*functions: Any):
+    """The INFO records of the modules defining ``functions`` left out (their warnings still shown)."""
+    loggers = [logging.getLogger(f.__module__) for f in functions]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _outputs(model: nn.Module, batches: List[Any]) -> List[torch.Tensor]:
@@ -60,12 +76,14 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
     if not batches:
         raise ValueError("layer_sensitivity needs at least one batch of inputs")
     fields = {**config.to_dict(), "gptq": False, "bias_correction": False}
-    student = quantize_model(copy.deepcopy(model), QuantConfig.from_dict(fields))
-    device = next(student.parameters()).device
-    batches = [to_device(b, device) for b in batches]
-    student.eval()
+    with _info_silenced(quantize_model, calibrate):  # the copy's own build reports would read as the model's
+        student = quantize_model(copy.deepcopy(model), QuantConfig.from_dict(fields))
+        device = next(student.parameters()).device
+        batches = [to_device(b, device) for b in batches]
+        student.eval()
+        with torch.no_grad():
+            calibrate(student, batches)
     with torch.no_grad():
-        calibrate(student, batches)
         quantizers = [q for _, q in named_quantizers(student)]
         layers = [(n, m) for n, m in quant_layers(student) if not isinstance(m, QuantEmbedding)]
         with bypassing(quantizers):

@@ -43,6 +43,22 @@ def test_sensitivity_is_each_layers_weight_rounding_alone(digits, digits_teacher
     assert (out - ref).norm().item() / ref.norm().item() == pytest.approx(sens2[name], rel=1e-4)
 
 
+def test_sensitivity_does_not_report_its_private_copy_as_a_quantized_model(digits, digits_teacher, caplog):
+    """The copy's "quantized N layers" / "calibrated" INFO lines are left out (they would read as the user's model);
+    the loggers' levels are restored, so the real quantization still reports."""
+    import logging
+
+    names = ("sqakd_hf.injection", "sqakd_hf.calibration")
+    levels = [logging.getLogger(n).level for n in names]
+    with caplog.at_level(logging.INFO):
+        layer_sensitivity(digits_teacher, QuantConfig(weight_bits=4, act_bits=8), _batches(digits), progress=False)
+        assert not [r for r in caplog.records if r.name in names and r.levelno == logging.INFO]
+        assert [logging.getLogger(n).level for n in names] == levels
+        calibrate(quantize_model(copy.deepcopy(digits_teacher), QuantConfig(weight_bits=4, act_bits=8)),
+                  _batches(digits))
+    assert set(names) <= {r.name for r in caplog.records if "sqakd: " in r.getMessage()}
+
+
 def test_choose_layer_bits_takes_the_most_sensitive_layers_that_fit(digits_teacher):
     student = quantize_model(copy.deepcopy(digits_teacher), QuantConfig(weight_bits=2, act_bits=4))
     sizes = {n: m.weight.numel() for n, m in quant_layers(student)}
