@@ -159,8 +159,8 @@ def test_train_then_push_to_hub(assets, tmp_path, local_hub):
 
 
 def test_accelerate_launch_two_processes(assets, tmp_path):
-    """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config; the
-    layers kept at 8 bits by ``layer_bits_budget`` are measured once (rank 0) and used by both ranks."""
+    """A real 2-process DDP run (gloo on CPU) of the unchanged command, with the shipped accelerate config; with
+    ``layer_bits_budget`` both ranks measure their share (error sums all-reduced), rank 0 reports the choice once."""
     values = image_recipe(tmp_path, assets.timm_teacher, assets.imgs, max_steps=2, per_device_train_batch_size=8,
                           layer_bits_budget=0.2)
     recipe = write_recipe(tmp_path / "ddp.yaml", **values)
