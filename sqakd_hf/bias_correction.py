@@ -22,13 +22,13 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .folding import CONVS, conv_bn_pairs
 from .injection import quant_layers
 from .modules import QuantEmbedding, QuantLayer
+from .process_group import all_reduce_
 from .quantizers import bypassing
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,7 @@ def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[
         return []
     flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(counts[n]) for n in names], dtype=torch.float64,
                                                                 device=sums[names[0]].device)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat)
+    all_reduce_(flat)
     sizes = [sums[n].numel() for n in names]
     parts = flat.split(sizes + [len(names)])
     layer_of = dict(layers)

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .bias_correction import auto_corrects, correct_biases
@@ -23,12 +22,11 @@ from .config import QuantConfig
 from .gptq import gptq_round
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
+from .process_group import all_reduce_, world_size
 from .quantizers.base import STAT_OPS
 from .smoothing import SmoothingGroup, smooth_model
 
 logger = logging.getLogger(__name__)
-
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 def model_forward(model: nn.Module, batch: Any) -> Any:
@@ -52,14 +50,14 @@ def _is_empty(batch: Any) -> bool:
 
 def _all_reduce_stats(stats: dict) -> dict:
     """All-reduce a stats dict across ranks with each statistic's own merge op."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return stats
     out = {}
     for op in ("sum", "min", "max"):
         keys = [k for k, o in STAT_OPS.items() if o == op]
         parts = [stats[k].float() for k in keys]  # scalars and histograms: one flat buffer per op
         flat = torch.cat([p.reshape(-1) for p in parts])
-        dist.all_reduce(flat, op=_REDUCE_OPS[op])
+        all_reduce_(flat, op)
         out.update(zip(keys, (v.reshape(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts))))
     return out
 
@@ -99,9 +97,7 @@ def _watch_activations(acts: List[Tuple[str, nn.Module]], device: torch.device):
 
 def _check_activations(acts: List[Tuple[str, nn.Module]], first: torch.Tensor, seen: int) -> None:
     """Raise naming the first batch and the first layer whose calibration activations are NaN/inf (on any rank)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-    values = first.tolist()
+    values = all_reduce_(first, "min").tolist()
     bad = [(b, i) for i, b in enumerate(values) if b < _NEVER]
     if not bad:
         return

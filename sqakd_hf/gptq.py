@@ -20,13 +20,13 @@ import logging
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bias_correction import eval_pass
 from .injection import quant_layers
 from .modules import QuantConv2d, QuantLinear
+from .process_group import all_reduce_
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ def gptq_round(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.M
     for name, layer, kind in layers:
         if name not in sums:
             continue
-        hessian = sums[name]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(hessian)
+        hessian = all_reduce_(sums[name])
         if _round_layer(layer, kind, hessian):
             rounded.append(name)
     skipped = len(sums) - len(rounded)

@@ -25,6 +25,7 @@ from .config import QuantConfig
 from .injection import named_quantizers, quant_layers, quantize_model
 from .model_io import output_tensor, to_device
 from .modules import QuantEmbedding
+from .process_group import all_reduce_
 from .quantizers import bypassing
 
 __all__ = ["layer_sensitivity", "choose_layer_bits"]
@@ -50,15 +51,6 @@ def _outputs(model: nn.Module, batches: List[Any]) -> List[torch.Tensor]:
 
 def _squared_distance(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> torch.Tensor:
     return sum((o - r).double().pow(2).sum() for o, r in zip(outs, refs))
-
-
-def _all_reduced(sums: torch.Tensor) -> torch.Tensor:
-    """``sums`` added over the processes of a running DDP group (unchanged for one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    return sums
 
 
 def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[Any],
@@ -92,7 +84,7 @@ def layer_sensitivity(model: nn.Module, config: QuantConfig, batches: Iterable[A
         for _, layer in tqdm(layers, desc="layer sensitivity", disable=not progress, leave=False):
             with bypassing(q for q in quantizers if q is not layer.weight_quantizer):
                 sums.append(_squared_distance(_outputs(student, batches), refs))
-        sums = _all_reduced(torch.stack(sums))
+        sums = all_reduce_(torch.stack(sums))
         errors = (sums[1:] / sums[0].clamp_min(torch.finfo(torch.float32).tiny)).sqrt().tolist()  # one host sync
     return {name: err for (name, _), err in zip(layers, errors)}
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .injection import named_quantizers
 from .modules import QuantEmbedding, QuantLayer
+from .process_group import all_reduce_
 from .quantizers import bypassing
 
 logger = logging.getLogger(__name__)
@@ -175,9 +175,8 @@ def _group_tensors(model: nn.Module, group: SmoothingGroup) -> List[Tensor]:
 
 
 def _all_reduce_max(stats: Dict[str, Tensor]) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for v in stats.values():
-            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    for v in stats.values():
+        all_reduce_(v, "max")
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sqakd_hf"
 
 #: lowest first; a module may import its own layer (without cycles) or lower ones
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("errors", "model_io", "quantizers", "version"),
+    ("errors", "model_io", "process_group", "quantizers", "version"),
     ("config",),
     ("modules", "folding", "equalization"),
     ("deploy_mode",),

@@ -45,5 +45,7 @@ def barrier() -> None:
     """Wait for every process (no-op for a single process)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    from ..process_group import world_size
+
+    if world_size() > 1:
         dist.barrier()

@@ -19,10 +19,10 @@ import contextlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..injection import named_quantizers
+from ..process_group import all_reduce_, world_size
 from ..quantizers.ewgs import EWGSQuantizer
 
 
@@ -115,12 +115,12 @@ def _estimate(named, loss_fn: Callable[[], Tensor], num_samples: int, seed: int)
 
 def all_reduce_deltas(deltas: Dict[str, float], device: Optional[torch.device] = None) -> Dict[str, float]:
     """Average deltas over ranks (each rank estimated them on its own batch) so all ranks agree."""
-    if not deltas or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    world = world_size()
+    if not deltas or world == 1:
         return deltas
     names = sorted(deltas)
     t = torch.tensor([deltas[n] for n in names], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= dist.get_world_size()
+    all_reduce_(t).div_(world)
     return dict(zip(names, t.tolist()))
 
 

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import NonFiniteError
+from ..process_group import all_reduce_
 
 __all__ = ["CAUSES", "NONFINITE_POLICIES", "FiniteGuard", "NonFiniteError", "all_finite", "is_finite"]
 
@@ -160,10 +160,8 @@ class FiniteGuard:
         """``({cause: first step}, skipped batches)`` over all processes; causes never seen are left out."""
         if self._first is None:
             return {}, 0
-        first, skipped = self._first.clone(), self._skipped.clone().view(1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
-            dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
+        first = all_reduce_(self._first.clone(), "min")
+        skipped = all_reduce_(self._skipped.clone().view(1))
         values = torch.cat([first, skipped]).tolist()
         return {c: s for c, s in zip(CAUSES, values[:-1]) if s < _NEVER}, int(values[-1])
 

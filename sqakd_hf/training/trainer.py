@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor, nn
@@ -62,6 +61,7 @@ from ..injection import is_quantized, quant_layers, quantizer_parameters, named_
 from ..quantizers import bypassing, cpu_fused
 from ..model_io import call_input, call_model, output_tensor, padding_mask, split_labels
 from ..model_io import unwrap as _core
+from ..process_group import all_reduce_, world_size
 from .args import SQAKDTrainingArguments
 from .ddp import unused_parameters
 from .batchnorm import batchnorm_modules, resolve_policy, set_batchnorm_eval, stats_frozen
@@ -364,10 +364,9 @@ class SQAKDTrainer(Trainer):
         d = self._distill(model, inputs, with_ce_labels=use_ce, guard=True)
         num = (d.per_position * d.mask).sum() if d.mask is not None else d.per_position.sum()
         den = d.mask.sum() if d.mask is not None else torch.tensor(float(d.per_position.numel()), device=num.device)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = world_size()
         if world > 1 and self.args.average_tokens_across_devices and model.training:
-            den = den.detach().clone()
-            dist.all_reduce(den, op=dist.ReduceOp.SUM)
+            den = all_reduce_(den.detach().clone())
             kd = num * world / den.clamp_min(1.0)  # DDP averages gradients over ranks
         else:
             kd = num / den.clamp_min(1.0)
