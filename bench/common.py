@@ -139,6 +139,8 @@ class Budget:
     quantizer_lr: Optional[float] = None
     calibration_batches: int = 4
     seed: int = 0
+    #: share of the steps with a linear learning-rate warmup before the cosine decay (0: none)
+    warmup_ratio: float = 0.0
 
     def describe(self) -> Dict[str, Any]:
         return {"steps": self.steps, "batch_size": self.batch_size, "optimizer": "AdamW (Trainer default)",
@@ -151,6 +153,7 @@ def _args(budget: Budget, out: str, kd_weight: float, ce_weight: float) -> SQAKD
     return SQAKDTrainingArguments(
         output_dir=out, max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
         learning_rate=budget.lr, weight_decay=budget.weight_decay, lr_scheduler_type="cosine",
+        warmup_steps=budget.warmup_ratio,  # transformers 5: a float < 1 is a share of the steps
         quantizer_learning_rate=budget.quantizer_lr, calibration_batches=budget.calibration_batches,
         temperature=TEMPERATURE, kd_weight=kd_weight, ce_weight=ce_weight, seed=budget.seed,
         data_seed=budget.seed, save_strategy="no", report_to="none", logging_strategy="no",

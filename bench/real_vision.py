@@ -146,13 +146,14 @@ class Setting:
 
 def parse_setting(budget: Budget, setting: Sequence[Any]) -> Setting:
     """A :class:`Setting` from a ``RealVisionSetup.settings`` entry (a bare 4th float is the lr; besides the text
-    benchmark's row fields a row may set its training ``batch_size``)."""
+    benchmark's row fields a row may set its training ``batch_size`` and ``warmup_ratio``)."""
     method, wb, ab = setting[:3]
     extra = setting[3] if len(setting) > 3 else {}
     extra = {"lr": extra} if isinstance(extra, (int, float)) else dict(extra)
     mixed = {k: extra.pop(k) for k in MIXED_FIELDS if k in extra}
     batch = extra.pop("batch_size", budget.batch_size)  # a row's own training batch (calibration keeps the setup's)
-    row = dataclasses.replace(row_budget(budget, (method, wb, ab, extra)), batch_size=batch)
+    warmup = extra.pop("warmup_ratio", budget.warmup_ratio)
+    row = dataclasses.replace(row_budget(budget, (method, wb, ab, extra)), batch_size=batch, warmup_ratio=warmup)
     return Setting(method, wb, ab, row, **mixed)
 
 
@@ -378,7 +379,8 @@ def _sqakd_row(setup: RealVisionSetup, st: Setting, ctx: _Context, log: Callable
     main = ctx.main
     row = {"method": st.method, "bits": st.bits, "weight_bits": st.weight_bits, "act_bits": st.act_bits,
            "layer_bits": st.layer_bits, "weight_bit_shares": weight_bit_shares(trainer.model),
-           "steps": b.steps, "batch_size": b.batch_size, "lr": b.lr, "quantizer_lr": b.quantizer_lr or b.lr,
+           "steps": b.steps, "batch_size": b.batch_size, "warmup_ratio": b.warmup_ratio, "lr": b.lr,
+           "quantizer_lr": b.quantizer_lr or b.lr,
            "temperature": st.temperature,
            "quantizer_lr_mode": args.quantizer_lr_mode, "quant_config": st.config(**setup.sqakd_start).to_dict(),
            "ptq": {**_public(ptq[main]), "sets": {k: _public(v) for k, v in ptq.items() if k != main}},
@@ -538,6 +540,7 @@ def write(results_dir: Path, mode: str, section: Dict[str, Any], meta: Dict[str,
             lr = r["lr"] if r.get("quantizer_lr", r["lr"]) == r["lr"] else f"{r['lr']} (quantizers {r['quantizer_lr']})"
             lr = lr if r.get("temperature", b["temperature"]) == b["temperature"] else f"{lr}, T = {r['temperature']}"
             lr = f"{lr}, {r['quantizer_lr_mode']} quantizer updates" if r.get("quantizer_lr_mode") else lr
+            lr = f"{lr}, warmup {r['warmup_ratio']:.0%}" if r.get("warmup_ratio") else lr
             ps, ss = p.get("sets", {}), s.get("sets", {})
             od = r["paired"].get("sqakd_minus_ptq_other")
             steps = r.get("steps", b["steps"])
@@ -577,6 +580,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=16, help="training batch (calibration keeps 16)")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the steps warming the lr up")
     p.add_argument("--quantizer-lr", type=float, default=None)
     p.add_argument("--quantizer-lr-mode", choices=("absolute", "relative"), default=None)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
@@ -594,7 +598,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     runner_setup(1, False)
     extra: Dict[str, Any] = {"lr": a.lr, "steps": a.steps, "quantizer_lr": a.quantizer_lr, "temperature": a.temperature,
-                             "quantizer_lr_mode": a.quantizer_lr_mode, "batch_size": a.batch_size}
+                             "quantizer_lr_mode": a.quantizer_lr_mode, "batch_size": a.batch_size,
+                             "warmup_ratio": a.warmup_ratio}
     if a.layer_bits:
         extra.update(layer_bits=a.layer_bits, label="mixed")
     if a.layer_bits_budget is not None:
