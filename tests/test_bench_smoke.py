@@ -117,6 +117,20 @@ def test_real_vision_probe_trains_from_the_start_it_is_given(capsys):
     assert (config["fold_bn"], config["equalize"], config["bias_correction"], config["gptq"]) == (True, True, False, False)
 
 
+def test_real_vision_row_warmup_reaches_the_trainer(tmp_path):
+    """A row's ``warmup_ratio`` (probe ``--warmup-ratio``) becomes that share of its steps of linear warmup in the
+    Trainer; rows without one keep no warmup."""
+    from bench.common import Budget, _args
+    from bench.real_vision import parse_setting
+
+    budget = Budget(200, 16, 1e-5)
+    warm = parse_setting(budget, ("lsq", 8, 8, {"lr": 2e-5, "warmup_ratio": 0.1})).budget
+    plain = parse_setting(budget, ("lsq", 8, 8, 2e-5)).budget
+    assert (warm.warmup_ratio, warm.lr, plain.warmup_ratio) == (0.1, 2e-5, 0.0)
+    assert _args(warm, str(tmp_path), 1.0, 0.0).get_warmup_steps(warm.steps) == 20
+    assert _args(plain, str(tmp_path), 1.0, 0.0).get_warmup_steps(plain.steps) == 0
+
+
 def test_real_vision_probe_chooses_mixed_precision_by_sensitivity():
     """``--layer-bits-budget``: the 8-bit layers are the most sensitive ones that fit the share, chosen on the
     calibration batches, and the row reports the pattern and the shares it gave."""
