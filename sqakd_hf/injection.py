@@ -237,26 +237,41 @@ def _embedding_tables(model: nn.Module, report: QuantizationReport) -> List[str]
     owners: Dict[int, List[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name.rpartition(".")[0])
-    # transformers ties the LM head to the input embedding after loading: a skeleton is not tied yet
-    names = _module_name_map(model)
-    head = _call_getter(model, "get_output_embeddings")
-    tied_by_config = (getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None
-                      and id(head) in names)
+    # a skeleton built from a config is not tied yet (transformers ties after loading): add the ties it declares
+    for target, source in _declared_ties(model).items():
+        if not (target.endswith(".weight") and source.endswith(".weight")):
+            continue
+        t, s = target[: -len(".weight")], source[: -len(".weight")]
+        for a, b in ((t, s), (s, t)):
+            try:
+                owners.setdefault(id(model.get_parameter(f"{a}.weight")), []).append(b)
+            except AttributeError:
+                pass
     tables = []
     for name, module in model.named_modules():
         if type(module) not in EMBEDDING_WRAPPERS:
             continue
-        tied = [n for n in owners.get(id(module.weight), []) if n != name]
-        if not tied and tied_by_config and module is _call_getter(model, "get_input_embeddings"):
-            tied = [names[id(head)]]
+        tied = [n for n in dict.fromkeys(owners.get(id(module.weight), [])) if n != name]
         if tied:
             report.kept_fp.append(LayerEntry(name, type(module).__name__,
                                              reason=f"tied to {tied[0]} (shares its weight), kept full precision"))
             logger.warning("sqakd: embedding %s shares its weight with %s (tied); kept full precision. Untie them "
-                           "(tie_word_embeddings=False) to quantize the table", name, tied[0])
+                           "(for an LM head: tie_word_embeddings=False) to quantize the table", name, tied[0])
         else:
             tables.append(name)
     return tables
+
+
+def _declared_ties(model: nn.Module) -> Dict[str, str]:
+    """``{target: source}`` parameter names that transformers ties in ``model`` (its ``_tied_weights_keys`` as
+    the config enables them, every sub-model included); empty for other models."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not callable(expand):
+        return {}
+    try:
+        return dict(expand(all_submodels=True))
+    except (ValueError, AttributeError, TypeError):  # a declared pattern that matches nothing in this model
+        return {}
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

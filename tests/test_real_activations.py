@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from sqakd_hf import QuantConfig, calibrate, load_quantized, quantize_model, save_packed, save_quantized
 from sqakd_hf.injection import named_quantizers
@@ -107,6 +107,24 @@ def test_tied_embeddings_stay_one_full_precision_tensor(tmp_path):
         got = reloaded(ids).logits
     assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_declared_ties_keep_encoder_decoder_tables_full_precision(tmp_path):
+    """T5 ties ``encoder.embed_tokens`` and ``decoder.embed_tokens`` to ``shared`` by declaration: a model built from
+    the saved config (not tied yet) must choose the same tables as the tied model, so the checkpoint loads."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=64,
+                                                decoder_start_token_id=0)).eval()
+    student = quantize_model(model, QuantConfig(weight_bits=4, act_bits=8, embedding_bits=4))
+    kept = {e.name: e.reason for e in student.sqakd_report.kept_fp}
+    assert {"shared", "encoder.embed_tokens", "decoder.embed_tokens"} <= {n for n, r in kept.items() if "tied" in r}
+    batch = {"input_ids": torch.randint(1, 64, (2, 8)), "decoder_input_ids": torch.randint(1, 64, (2, 5))}
+    calibrate(student, [batch])
+    student.save_pretrained(tmp_path / "t5")
+    with torch.no_grad():
+        expected = student(**batch).logits
+        for reloaded in (load_quantized(tmp_path / "t5"), T5ForConditionalGeneration.from_pretrained(tmp_path / "t5")):
+            assert torch.equal(reloaded.eval()(**batch).logits, expected)
 
 
 def test_embedding_bits_patterns_and_per_row_grid():
