@@ -27,6 +27,7 @@ from .bias_correction import eval_pass
 from .injection import quant_layers
 from .modules import QuantConv2d, QuantLinear
 from .process_group import all_reduce_
+from .quantizers.functional import safe_divisor
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def _round_layer(layer: nn.Module, kind: str, hessian: Tensor) -> bool:
     zero = zero.reshape(-1).expand(g * n).reshape(g, n) if zero.numel() in (1, g * n) else None
     if scale is None or zero is None:
         return False
+    divisor = safe_divisor(scale)
     h = hessian.clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)  # a view: writes go to h
     dead = diag <= 0  # inputs that are always zero: their weights do not matter
@@ -105,7 +107,7 @@ def _round_layer(layer: nn.Module, kind: str, hessian: Tensor) -> bool:
     q = torch.empty_like(w)
     for j in range(k):
         col = w[:, :, j]
-        qj = (torch.clamp(torch.round(col / scale + zero), 0, levels) - zero) * scale
+        qj = (torch.clamp(torch.round(col / divisor + zero), 0, levels) - zero) * scale
         q[:, :, j] = qj
         err = (col - qj) / u[:, j, j][:, None]
         w[:, :, j:] -= err[:, :, None] * u[:, None, j, j:]

@@ -87,3 +87,34 @@ def test_activation_quantizers_stay_finite(method, bits, dtype, init):
             _check_finite(q, torch.randn_like(x))  # data unlike the calibration sample
         except AssertionError as err:
             raise AssertionError(f"{method} A{bits} {dtype} init={init} on {case}: {err}") from None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_zero_weight_channels_pack_and_reload_finite(method, tmp_path):
+    """A conv whose weights are all zero (a folded BatchNorm with gamma 0, as timm's ``zero_init_last`` leaves
+    residual blocks) or with one dead output channel has a grid step of 0 there: codes, the packed form and its
+    reload stay finite and give the training form's outputs."""
+    import timm
+
+    from sqakd_hf import QuantConfig, calibrate, load_quantized, quantize_model, save_packed
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][2:4]
+    with torch.no_grad():
+        model.get_submodule(names[0]).weight.zero_()
+        model.get_submodule(names[1]).weight[1].zero_()
+    student = quantize_model(model, QuantConfig(method=method, weight_bits=4, act_bits=8))
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(student, [x])
+    for name in names:
+        layer = student.get_submodule(name)
+        scale, zero, _, _ = layer.weight_quantizer.grid(layer.weight.detach())
+        codes = layer.weight_quantizer.codes(layer.weight.detach()).float()
+        assert torch.equal(scale * (codes - zero), layer.quantized_weight().detach())  # 0 where the step is 0
+    save_packed(student, tmp_path / "packed")
+    reloaded = load_quantized(tmp_path / "packed").eval()
+    with torch.no_grad():
+        expected, got = student(x), reloaded(x)
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()  # the FP16 head and biases of the packed form

@@ -25,7 +25,7 @@ from typing import ClassVar, Dict, Iterable, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .functional import fake_quantize
+from .functional import fake_quantize, safe_divisor
 from .ranges import histogram_stats, mse_activation_clip
 
 #: statistic name -> how to merge it across batches/ranks ("sum", "min" or "max")
@@ -148,7 +148,7 @@ class Quantizer(nn.Module):
     def codes(self, w: Tensor) -> Tensor:
         """Integer codes ``0 .. 2**bits - 1`` of a weight under the current parameters."""
         scale, zero_point, _, _ = self.grid(w)
-        return torch.round(self(w).detach() / scale + zero_point).clamp_(0, self.levels).to(torch.uint8)
+        return torch.round(self(w).detach() / safe_divisor(scale) + zero_point).clamp_(0, self.levels).to(torch.uint8)
 
     # ---- state ------------------------------------------------------------------------------
     def set_signed(self, signed: bool) -> None:

@@ -190,6 +190,12 @@ def fake_quantize(
     return _FakeQuantize.apply(x, scale, zero, float(qmin), float(qmax), delta, binary, scale_grad == "pact")
 
 
+def safe_divisor(scale: Tensor) -> Tensor:
+    """``scale`` with zeros replaced by 1, to divide by: a grid of step 0 (an all-zero weight channel, e.g. a conv
+    whose folded BatchNorm has gamma 0) maps every value to the zero point's code and back to exactly 0, not 0/0."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def grad_scale(t: Tensor, factor: float) -> Tensor:
     """Identity in forward (bit-exact: ``t + (u - u)``, not ``(t - u) + u``, which can move ``t`` by one ulp and
     the grid of the packed export with it); multiplies the gradient reaching ``t`` by ``factor`` (LSQ's g)."""

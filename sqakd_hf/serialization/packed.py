@@ -41,7 +41,7 @@ from ..config import QuantConfig
 from ..errors import SQAKDCheckpointError
 from ..injection import get_quant_config, quant_layers
 from ..quantizers import Quantizer
-from ..quantizers.functional import round_delta
+from ..quantizers.functional import round_delta, safe_divisor
 from .files import LAYERS_KEY, CheckpointHeader
 from .manifest import check_finite, check_metadata, local_name, non_finite, quant_metadata
 from .packing import pack_codes, packed_num_bytes, unpack_codes
@@ -99,7 +99,7 @@ class PackedWeightQuantizer(Quantizer):
         raise TypeError("PackedWeightQuantizer quantizes weights only")
 
     def quantize(self, w: Tensor) -> Tensor:
-        codes = round_delta(w / self.scale + self.zero_point).clamp(0, self.levels)
+        codes = round_delta(w / safe_divisor(self.scale) + self.zero_point).clamp(0, self.levels)
         return self.scale * (codes - self.zero_point)
 
     def grid(self, w: Tensor):
