@@ -201,6 +201,24 @@ def test_minmax_weights_absmax_per_channel_by_hand():
     assert list(q.parameters()) == []
 
 
+def test_minmax_static_activation_step_mse_observer_or_absmax():
+    """init="mse": the step of the clip with the least squared error on the calibration histogram (one outlier
+    does not set the range); init="paper": the plain range."""
+    torch.manual_seed(0)
+    x = torch.randn(4096).abs()
+    x[0] = 40.0  # one outlier far above the bulk
+    steps = {}
+    for init in ("mse", "paper"):
+        q = build_quantizer("minmax", 4, "act", init=init)
+        q.observe(x)
+        q.init_from_stats(q.pop_stats())
+        steps[init] = q.scale.item()
+    assert steps["paper"] == pytest.approx(40.0 / 15, rel=1e-6)
+    assert steps["mse"] < steps["paper"] / 2  # the outlier is clipped
+    err = {k: (fake_quantize(x, torch.tensor(s), 0, 15) - x).square().sum().item() for k, s in steps.items()}
+    assert err["mse"] < err["paper"] / 2, err
+
+
 # ----------------------------------------------------------------------------------------- generic
 @pytest.mark.parametrize("method", ["lsq", "pact", "dorefa", "ewgs", "minmax"])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

@@ -224,7 +224,7 @@ def test_minilm_every_method_is_finite(minilm_setup, method):
     ("lsq", (8, 8), "per_tensor", 0.975),       # measured 0.9863
     ("pact", (8, 8), "per_tensor", 0.975),      # measured 0.9863
     ("ewgs", (8, 8), "per_tensor", 0.98),       # measured 0.9902
-    ("minmax", (8, 8), "per_tensor", 0.975),    # measured 0.984 (plain absmax weights: 0.981)
+    ("minmax", (8, 8), "per_tensor", 0.98),     # measured 0.9864 (absmax activations: 0.984; plain absmax: 0.981)
 ])
 def test_minilm_calibration_stays_close(minilm_setup, method, bits, granularity, threshold):
     cosine = _min_cosine(minilm_setup, method, *bits, act_granularity=granularity)

@@ -18,8 +18,9 @@ class MinMaxQuantizer(Quantizer):
     learned) is 1 under ``init="paper"`` (plain absmax) and under ``init="mse"`` the fraction of
     ``absmax`` whose grid has the least squared error on the calibrated weight (an MSE observer): at
     4 bits one outlier weight per channel otherwise leaves most weights on 2-3 levels.
-    Activations: a fixed step from the calibration range (``max / (2^b - 1)`` unsigned, ``absmax / Qp``
-    signed); per token that is each token's own ``max|x_t| / Qp`` (dynamic absmax). Nothing is learned."""
+    Activations: a fixed step from the calibration sample: under ``init="paper"`` its range (``max / (2^b - 1)``
+    unsigned, ``absmax / Qp`` signed), under ``init="mse"`` the clip of least squared error on its histogram (an
+    MSE observer); per token it is each token's own ``max|x_t| / Qp`` (dynamic absmax). Nothing is learned."""
 
     method = "minmax"
 
@@ -68,8 +69,11 @@ class MinMaxQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_act(self, stats: ActStats) -> None:
-        top = torch.maximum(stats.max.abs(), stats.min.abs()) if self.signed else stats.max
-        self.scale.copy_((top / self.qmax).clamp_min(1e-8))
+        if self.init_mode == "mse" and not self.binary:  # the MSE observer, as for the weights
+            top = stats.mse_clip(self.qmax, -self.qmin)
+        else:
+            top = torch.maximum(stats.max.abs(), stats.min.abs()) if self.signed else stats.max
+        self.scale.copy_((top / self.qmax).clamp_min(1e-8).reshape(self.scale.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
         if self.role == "act":
