@@ -16,6 +16,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bias_correction import auto_corrects, correct_biases
 from .config import QuantConfig
@@ -23,6 +24,7 @@ from .gptq import gptq_round
 from .injection import get_quant_config, named_quantizers, quant_layers
 from .model_io import split_labels, to_device
 from .process_group import all_reduce_, world_size
+from .ptq_guard import OutputErrorProbe, keep_if_better
 from .quantizers.base import STAT_OPS
 from .smoothing import SmoothingGroup, smooth_model
 
@@ -193,17 +195,36 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
             q.init_from_stats(reduced[name])
     if unused:
         logger.warning("these activation quantizers saw no data during calibration (layer unused?): %s", unused)
+    if gptq or bias_correction:  # each step stays only if it lowers the model's output error (see ptq_guard)
+        _guarded_weight_steps(model, layers, [to_device(b, device) for b in batches], gptq, bias_correction)
+    logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
+    return model
+
+
+def _guarded_weight_steps(model: nn.Module, layers: List[Tuple[str, nn.Module]], batches: List[Any], gptq: bool,
+                          bias_correction: Any) -> None:
+    """GPTQ rounding, then bias correction, each undone when it raises the model's output error."""
+    probe = OutputErrorProbe(model, batches, model_forward)
     reference = {}
     if gptq:  # the grids are set: choose each weight's grid value from the layer's inputs
         if bias_correction:  # the shift is measured against the full-precision weights GPTQ replaces
             reference = {name: layer.weight.detach().clone() for name, layer in layers}
-        model.sqakd_gptq_rounded = gptq_round(model, [to_device(b, device) for b in batches], model_forward)
+        rounded: List[str] = []
+        weights = {name: layer.weight for name, layer in layers}
+        if not keep_if_better(probe, "GPTQ rounding", weights,
+                              lambda: rounded.extend(gptq_round(model, batches, model_forward))):
+            rounded.clear()
+            reference = {}
+        model.sqakd_gptq_rounded = rounded
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
-        corrected = correct_biases(model, [to_device(b, device) for b in batches], model_forward, reference,
-                                   auto=bias_correction == "auto")
+        corrected: List[str] = []
+        shifted = {f"{name}.bias": layer.bias for name, layer in layers if layer.bias is not None}
+        shifted.update({f"{name}.running_mean": m.running_mean for name, m in model.named_modules()
+                        if isinstance(m, _BatchNorm) and m.running_mean is not None})
+        if not keep_if_better(probe, "bias correction", shifted, lambda: corrected.extend(correct_biases(
+                model, batches, model_forward, reference, auto=bias_correction == "auto"))):
+            corrected.clear()
         model.sqakd_bias_corrected = corrected
-    logger.info("sqakd: calibrated %d layers on %d batch(es)", len(layers), seen)
-    return model
 
 
 def _config_or_none(model: nn.Module) -> Optional[QuantConfig]:

@@ -24,7 +24,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("modules", "folding", "equalization"),
     ("deploy_mode",),
     ("injection",),
-    ("smoothing", "bias_correction", "gptq"),
+    ("smoothing", "bias_correction", "gptq", "ptq_guard"),
     ("calibration",),
     ("mixed_precision",),
     ("serialization",),
