@@ -124,7 +124,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: Optional[in
     is initialised, each quantized layer's mean output shift over the batches is added to its bias, or removed
     through the BatchNorm after it (see :mod:`sqakd_hf.bias_correction`); those layers are listed in
     ``model.sqakd_bias_corrected``. With ``gptq`` set, before that, weights are GPTQ-rounded on their grids
-    (see :mod:`sqakd_hf.gptq`; the layers in ``model.sqakd_gptq_rounded``).
+    (see :mod:`sqakd_hf.gptq`; the layers in ``model.sqakd_gptq_rounded``). Each of these two steps is undone (with a
+    warning) when it raises the model's relative output error on the first calibration batches
+    (:mod:`sqakd_hf.ptq_guard`).
     Weight quantizers are initialised from the current weights. Activation
     quantizers observe the full-precision activations of ``batches`` (at most
     ``num_batches``), then derive their parameters (each method's own initialisation) and their grid's

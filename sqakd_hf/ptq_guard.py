@@ -52,6 +52,7 @@ class OutputErrorProbe:
         self.batches = [to_device(b, device) for b in batches[:PROBE_BATCHES]]
         with bypassing(q for _, q in named_quantizers(model)):
             self.reference = self._outputs()
+        self.last: Optional[float] = None  # the error of the model as it is now, once measured
 
     @torch.no_grad()
     def _outputs(self) -> List[Optional[Tensor]]:
@@ -71,23 +72,25 @@ class OutputErrorProbe:
             sums[0] += (out.double() - ref.double()).square().sum()
             sums[1] += ref.double().square().sum()
         all_reduce_(sums)
-        return float(sums[0] / sums[1]) if sums[1] > 0 else 0.0
+        self.last = float(sums[0] / sums[1]) if sums[1] > 0 else 0.0
+        return self.last
 
 
 def keep_if_better(probe: OutputErrorProbe, step: str, tensors: Dict[str, Tensor], run: Callable[[], Any]) -> bool:
-    """Run ``run()`` (which may modify ``tensors`` in place); if the model's output error did not drop, copy the
-    saved values back and return False (with a warning naming ``step`` and both errors)."""
+    """Run ``run()`` (which may modify ``tensors`` in place); if the model's output error grew, copy the saved
+    values back and return False (with a warning naming ``step`` and both errors)."""
     saved = {name: t.detach().clone() for name, t in tensors.items()}
-    before = probe.error()
+    before = probe.error() if probe.last is None else probe.last
     run()
     after = probe.error()
-    if after < before:
-        logger.info("sqakd: %s lowered the relative output error on the calibration batches: %.3g -> %.3g",
+    if after <= before:
+        logger.info("sqakd: %s kept: relative output error on the calibration batches %.3g -> %.3g",
                     step, before, after)
         return True
     with torch.no_grad():
         for name, t in tensors.items():
             t.copy_(saved[name])
+    probe.last = before
     logger.warning("sqakd: %s was undone: it raised the model's relative output error on the calibration batches "
                    "(%.3g -> %.3g)", step, before, after)
     return False
