@@ -131,3 +131,16 @@ def padding_mask(model_inputs: Mapping, per_position: Tensor) -> Optional[Tensor
     if per_position.dim() >= 2 and isinstance(mask, Tensor) and mask.shape == per_position.shape:
         return mask.to(per_position.dtype)
     return None
+
+
+def first_float_tensor(output: Any) -> Optional[Tensor]:
+    """A model's main output: the tensor itself, or the first floating tensor of a ModelOutput / dict / tuple
+    (``logits``, ``last_hidden_state``...); None when there is none."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        found = first_float_tensor(value)
+        if found is not None:
+            return found
+    return None

@@ -13,14 +13,13 @@ and after each step, and undoes the step when the error grew.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .injection import named_quantizers
-from .model_io import to_device
+from .model_io import first_float_tensor, to_device
 from .process_group import all_reduce_
 from .quantizers.base import bypassing
 
@@ -28,19 +27,6 @@ logger = logging.getLogger(__name__)
 
 #: calibration batches the output error is measured on (the reference outputs are kept in memory)
 PROBE_BATCHES = 2
-
-
-def first_tensor(output: Any) -> Optional[Tensor]:
-    """The model's main output: the tensor itself, or the first floating tensor of a ModelOutput / dict / tuple
-    (``logits``, ``last_hidden_state``...)."""
-    if isinstance(output, Tensor):
-        return output if output.is_floating_point() else None
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
 
 
 class OutputErrorProbe:
@@ -59,7 +45,7 @@ class OutputErrorProbe:
         was_training = self.model.training
         self.model.eval()
         try:
-            return [first_tensor(self.forward(self.model, b)) for b in self.batches]
+            return [first_float_tensor(self.forward(self.model, b)) for b in self.batches]
         finally:
             self.model.train(was_training)
 

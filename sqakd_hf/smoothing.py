@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .injection import named_quantizers
+from .model_io import first_float_tensor
 from .modules import QuantEmbedding, QuantLayer
 from .process_group import all_reduce_
 from .quantizers import bypassing
@@ -77,17 +78,6 @@ def _in_features(linear: nn.Module) -> int:
 
 def _out_features(linear: nn.Module) -> int:
     return linear.weight.shape[1 - _in_axis(linear)]
-
-
-def _first_tensor(out: Any) -> Optional[Tensor]:
-    if isinstance(out, Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    for v in values:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
 
 
 class _Trace:
@@ -195,7 +185,7 @@ def smooth_model(model: nn.Module, batches: Sequence[Any], alpha: float,
             try:
                 reference = None
                 for i, batch in enumerate(batches):
-                    out = _first_tensor(forward(model, batch))
+                    out = first_float_tensor(forward(model, batch))
                     if i == 0:
                         reference = out.detach().float().clone() if out is not None else None
                     trace.end_batch()
@@ -229,7 +219,7 @@ def _preserves_function(model: nn.Module, group: SmoothingGroup, batch: Any, ref
     s = torch.empty(channels).uniform_(-1.0, 1.0, generator=gen).exp_()
     try:
         _fold(model, group, s.to(saved[0].device))
-        out = _first_tensor(forward(model, batch))
+        out = first_float_tensor(forward(model, batch))
         err = (out.float() - reference).norm() / reference.norm().clamp_min(1e-30)
         return bool(err < FOLD_TOLERANCE)
     finally:

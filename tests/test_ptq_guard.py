@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sqakd_hf import QuantConfig, calibrate, quantize_model
-from sqakd_hf.ptq_guard import OutputErrorProbe, first_tensor, keep_if_better
+from sqakd_hf.model_io import first_float_tensor
+from sqakd_hf.ptq_guard import OutputErrorProbe, keep_if_better
 
 from test_real_weights import _embed, minilm_setup  # noqa: F401  (the shared MiniLM fixture)
 
@@ -52,5 +53,5 @@ def test_keep_if_better_restores_the_saved_values_exactly():
     assert not keep_if_better(probe, "scaling", {"w": weight}, lambda: weight.data.mul_(3.0))
     assert torch.equal(weight, saved)
     assert keep_if_better(probe, "no change", {"w": weight}, lambda: None)
-    assert first_tensor({"ids": torch.ones(2, dtype=torch.long), "logits": torch.zeros(2, 3)}).shape == (2, 3)
-    assert first_tensor((None, [torch.zeros(1)])) is not None and first_tensor(torch.ones(2, dtype=torch.long)) is None
+    assert first_float_tensor({"ids": torch.ones(2, dtype=torch.long), "logits": torch.zeros(2, 3)}).shape == (2, 3)
+    assert first_float_tensor((None, [torch.zeros(1)])) is not None and first_float_tensor(torch.ones(2, dtype=torch.long)) is None
