@@ -266,7 +266,12 @@ def _declared_ties(model: nn.Module) -> Dict[str, str]:
     """``{target: source}`` parameter names that transformers ties in ``model`` (its ``_tied_weights_keys`` as
     the config enables them, every sub-model included); empty for other models."""
     expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    if not callable(expand):
+    if not callable(expand):  # a transformers release without it: the LM head tied to the input embedding
+        names = _module_name_map(model)
+        head, table = _call_getter(model, "get_output_embeddings"), _call_getter(model, "get_input_embeddings")
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        if tied and head is not None and table is not None and id(head) in names and id(table) in names:
+            return {f"{names[id(head)]}.weight": f"{names[id(table)]}.weight"}
         return {}
     try:
         return dict(expand(all_submodels=True))
