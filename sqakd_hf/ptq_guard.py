@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .injection import named_quantizers
-from .model_io import first_float_tensor, to_device
+from .model_io import first_float_tensor
 from .process_group import all_reduce_
 from .quantizers.base import bypassing
 
@@ -34,8 +34,7 @@ class OutputErrorProbe:
 
     def __init__(self, model: nn.Module, batches: List[Any], forward: Callable[[nn.Module, Any], Any]) -> None:
         self.model, self.forward = model, forward
-        device = next(model.parameters()).device
-        self.batches = [to_device(b, device) for b in batches[:PROBE_BATCHES]]
+        self.batches = batches[:PROBE_BATCHES]  # already on the model's device (calibrate moved them)
         with bypassing(q for _, q in named_quantizers(model)):
             self.reference = self._outputs()
         self.last: Optional[float] = None  # the error of the model as it is now, once measured
