@@ -77,5 +77,5 @@ def keep_if_better(probe: OutputErrorProbe, step: str, tensors: Dict[str, Tensor
             t.copy_(saved[name])
     probe.last = before
     logger.warning("sqakd: %s was undone: it raised the model's relative output error on the calibration batches "
-                   "(%.3g -> %.3g)", step, before, after)
+                   "(%.4g -> %.4g)", step, before, after)
     return False
