@@ -5,8 +5,14 @@ Quantizing a layer's weight and input shifts the mean of its output: ``E[W_q Q(x
 quantized layer with a bias, over the calibration batches, the per-output-channel mean of the full-precision
 output ``W x + b`` minus that of the quantized output ``W_q Q(x) + b`` (both from the same input ``x``, the one
 the quantized network gives the layer) is added to the bias, so the next layer sees the mean the teacher's did.
-A conv without a bias whose output only a BatchNorm reads is corrected through that norm instead: adding ``d``
-before ``gamma (x - mean) / sigma + beta`` is the same as subtracting ``d`` from its running mean.
+A conv without a bias whose output only a BatchNorm reads is corrected through that norm instead, and there the
+correction is affine: per channel, the least-squares fit ``y ~ a y_q + d`` of the full-precision output ``y`` on the
+quantized one ``y_q`` (``a = cov(y, y_q) / var(y_q)``, ``d = E[y] - a E[y_q]``; ``a = 1`` is plain bias correction).
+Feeding ``a y_q + d`` to ``gamma (x - mean) / sigma + beta`` is the same as running mean ``(mean - d) / a`` and
+running variance ``(var + eps) / a^2 - eps``, so only the norm's statistics change. ``a < 1`` shrinks channels whose
+quantization noise is large against their signal (rounded nearly constant inputs summed by a depthwise filter);
+on EfficientNet-Lite W8A8 (lsq defaults, 416 crops) it raised top-1 agreement with FP from 90.6 / 88.5 / 89.7% to
+92.8 / 89.7 / 90.9% (Lite0 / Lite1 / Lite2) over the mean-only correction.
 
 The correction assumes the shift is about the same for every sample. That holds for convolutions (one mean per
 channel over many positions), not for transformer linears whose errors sit on a few tokens with massive
@@ -73,11 +79,26 @@ def _norms_after_biasless_convs(model: nn.Module, layers: List[Tuple[str, nn.Mod
     return {conv: model.get_submodule(norm) for conv, norm in pairs if conv in biasless}
 
 
+def _affine_into_norm(norm: _BatchNorm, mean_q: Tensor, mean_fp: Tensor, sq_q: Tensor, q_fp: Tensor) -> None:
+    """Fold the per-channel least-squares fit ``y ~ a y_q + d`` (from the moments ``E[y_q]``, ``E[y]``, ``E[y_q^2]``,
+    ``E[y_q y]``) into ``norm``'s running statistics. ``a`` is kept in [0.5, 2] (1 where ``y_q`` is constant) and
+    below ``sqrt((var + eps) / eps)`` so the new variance stays >= 0."""
+    var_q = sq_q - mean_q * mean_q
+    slope = torch.where(var_q > 1e-12 * (1 + sq_q), (q_fp - mean_q * mean_fp) / var_q.clamp_min(1e-30),
+                        torch.ones_like(var_q))
+    var = norm.running_var.double()
+    slope = torch.minimum(slope.nan_to_num(1.0).clamp(0.5, 2.0), ((var + norm.eps) / norm.eps).sqrt())
+    shift = mean_fp - slope * mean_q
+    mean = norm.running_mean
+    mean.copy_(((mean.double() - shift) / slope).to(mean.dtype))
+    norm.running_var.copy_(((var + norm.eps) / slope.square() - norm.eps).clamp_min(0).to(norm.running_var.dtype))
+
+
 @torch.no_grad()
 def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
                    reference: Optional[Dict[str, Tensor]] = None, auto: bool = False) -> List[str]:
-    """Add the mean output shift of every calibrated quantized layer with a bias to that bias, or subtract it
-    from the running mean of the BatchNorm after a conv without one (in place), measured in one pass of
+    """Add the mean output shift of every calibrated quantized layer with a bias to that bias, or fold the affine
+    fit of the output into the statistics of the BatchNorm after a conv without one (in place), measured in one pass of
     ``forward(model, batch)`` over ``batches``; returns the corrected layers' names. ``auto``: only the layers
     :func:`auto_corrects` accepts. ``reference``: full-precision weights by layer name, for layers whose master
     weight was already replaced by grid values (GPTQ); otherwise the master weight is the reference. Statistics
@@ -103,8 +124,12 @@ def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[
                     fp = layer.forward(*args)  # the same input, full precision (forward: no hooks)
             finally:
                 layer.weight.data = master
-            diff, n = _channel_sum(fp - out, layer.features_last)
-            sums[name] = sums[name] + diff if name in sums else diff
+            if name in norm_after:  # moments for the affine fit: sum y_q, y, y_q^2, y_q y per channel
+                q, f = out.detach().transpose(0, 1).flatten(1).double(), fp.detach().transpose(0, 1).flatten(1).double()
+                part, n = torch.cat([q.sum(1), f.sum(1), (q * q).sum(1), (q * f).sum(1)]), q.shape[1]
+            else:
+                part, n = _channel_sum(fp - out, layer.features_last)
+            sums[name] = sums[name] + part if name in sums else part
             counts[name] = counts.get(name, 0) + n
 
         return after
@@ -121,11 +146,10 @@ def correct_biases(model: nn.Module, batches: Iterable[Any], forward: Callable[[
     parts = flat.split(sizes + [len(names)])
     layer_of = dict(layers)
     for name, total, count in zip(names, parts[:-1], parts[-1].tolist()):
-        shift, bias = total / count, layer_of[name].bias
-        if bias is not None:
-            bias.add_(shift.to(bias.dtype))
+        if name in norm_after:
+            _affine_into_norm(norm_after[name], *(total / count).view(4, -1))
         else:
-            mean = norm_after[name].running_mean
-            mean.sub_(shift.to(mean.dtype))
+            bias = layer_of[name].bias
+            bias.add_((total / count).to(bias.dtype))
     logger.info("sqakd: bias correction applied to %d layers", len(names))
     return names

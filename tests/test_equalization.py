@@ -140,6 +140,35 @@ def test_a_conv_without_bias_is_corrected_through_the_batchnorm_after_it(setting
     assert torch.equal(on[6].bias, off[6].bias) is (setting == "auto")
 
 
+def test_the_correction_through_a_batchnorm_is_the_least_squares_affine_fit():
+    """conv (no bias) -> BatchNorm: the corrected norm maps the quantized conv output ``y_q`` to ``a y_q + d``
+    normalised with the teacher's affine, the per-channel least-squares fit of the FP output on the calibration data:
+    the residual has zero mean and is uncorrelated with ``y_q``, and its error is below the mean-only correction's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(32, 3, 8, 8) + 0.5
+    cfg = QuantConfig(weight_bits=2, act_bits=3, act_granularity="per_tensor", modules_to_not_convert=[],
+                      bias_correction=True)
+    student = calibrate(quantize_model(copy.deepcopy(model), cfg), [x[:16], x[16:]]).eval()
+    assert student.sqakd_bias_corrected == ["0"]
+    with torch.no_grad():
+        ref, y_q, out = model(x), student[0](x), student(x)
+    residual = (ref - out).transpose(0, 1).flatten(1).double()
+    centred = y_q.transpose(0, 1).flatten(1).double()
+    centred = centred - centred.mean(1, keepdim=True)
+    scale = ref.transpose(0, 1).flatten(1).double().std(1)
+    assert (residual.mean(1).abs() <= 1e-4 * scale).all()
+    assert ((residual * centred).mean(1).abs() <= 1e-4 * scale * centred.std(1)).all()
+    assert not torch.allclose(student[1].running_var, model[1].running_var)  # the slope is not 1
+    mean_only = residual + out.transpose(0, 1).flatten(1).double()  # ref, then the mean-only corrected output:
+    shifted = student[1].weight.double()[:, None] * (y_q.transpose(0, 1).flatten(1).double() - y_q.transpose(0, 1)
+              .flatten(1).double().mean(1, keepdim=True)) / (model[1].running_var.double()[:, None] + 1e-5).sqrt()
+    shifted = shifted + mean_only.mean(1, keepdim=True)
+    assert residual.square().sum() < (mean_only - shifted).square().sum()
+
+
 @pytest.mark.parametrize("make_model, method", [
     (lambda: nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)), "lsq"),  # no convs
     (lambda: nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU(), nn.Conv2d(6, 3, 1)), "dorefa"),  # inputs clipped to [0, 1]
