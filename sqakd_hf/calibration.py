@@ -221,8 +221,9 @@ def _guarded_weight_steps(model: nn.Module, layers: List[Tuple[str, nn.Module]],
     if bias_correction:  # the quantizers are set: measure each layer's mean output shift and remove it
         corrected: List[str] = []
         shifted = {f"{name}.bias": layer.bias for name, layer in layers if layer.bias is not None}
-        shifted.update({f"{name}.running_mean": m.running_mean for name, m in model.named_modules()
-                        if isinstance(m, _BatchNorm) and m.running_mean is not None})
+        shifted.update({f"{name}.{stat}": getattr(m, stat) for name, m in model.named_modules()
+                        if isinstance(m, _BatchNorm) for stat in ("running_mean", "running_var")
+                        if getattr(m, stat) is not None})
         if not keep_if_better(probe, "bias correction", shifted, lambda: corrected.extend(correct_biases(
                 model, batches, model_forward, reference, auto=bias_correction == "auto"))):
             corrected.clear()

@@ -55,3 +55,30 @@ def test_keep_if_better_restores_the_saved_values_exactly():
     assert keep_if_better(probe, "no change", {"w": weight}, lambda: None)
     assert first_float_tensor({"ids": torch.ones(2, dtype=torch.long), "logits": torch.zeros(2, 3)}).shape == (2, 3)
     assert first_float_tensor((None, [torch.zeros(1)])) is not None and first_float_tensor(torch.ones(2, dtype=torch.long)) is None
+
+
+def test_undone_bias_correction_restores_the_batchnorm_statistics(monkeypatch):
+    """Through a BatchNorm the correction moves its running mean and variance: undoing it restores both exactly."""
+    import sqakd_hf.calibration as calibration
+
+    real = calibration.correct_biases
+
+    def harmful(model, *args, **kw):  # the real correction, then a shift that certainly raises the output error
+        names = real(model, *args, **kw)
+        model[1].running_var.mul_(100.0)
+        return names
+
+    monkeypatch.setattr(calibration, "correct_biases", harmful)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    x = torch.randn(16, 3, 8, 8) + 0.5
+    cfg = QuantConfig(weight_bits=2, act_bits=8, act_granularity="per_tensor", modules_to_not_convert=[])
+    student = calibrate(quantize_model(model, cfg), [x[:8], x[8:]])
+    assert student.sqakd_bias_corrected == []
+    for k, v in before.items():
+        assert torch.equal(student[1].state_dict()[k], v), k
